@@ -1,0 +1,8 @@
+"""Lightning callbacks: thin adapters that pick hooks and cadence and call ``healthmon.numerics``."""
+
+from healthmon.monitors.base import Monitor
+from healthmon.monitors.gradient_norm import GradientNormMonitor
+from healthmon.monitors.health import HealthMonitor, default_monitors
+from healthmon.monitors.nonfinite import NonFiniteMonitor
+
+__all__ = ["GradientNormMonitor", "HealthMonitor", "Monitor", "NonFiniteMonitor", "default_monitors"]

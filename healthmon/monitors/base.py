@@ -1,0 +1,162 @@
+"""The base of healthmon's callbacks: cadence, the shared hub, alert policy and checkpoint state.
+
+Subclasses override Lightning hooks and call ``super()``: first in ``on_before_backward`` (the hub
+records the loss), last in ``on_before_optimizer_step`` (a ``stop`` policy drops the step) and in
+``on_train_batch_end``. When a monitor is used on its own it owns its hub and drives it; inside
+``HealthMonitor`` the bundle drives the shared hub and the monitor only reads and writes through it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+from torch import Tensor
+from typing_extensions import override
+
+from healthmon import _checks
+from healthmon._checks import Cadence
+from healthmon.alerts import Alert, AlertPolicy, OnAlert, Severity
+from healthmon.monitors.hub import Hub
+
+
+class Monitor(Callback):
+    """Common machinery of the healthmon monitors.
+
+    Args:
+        every_n_steps: run the check every N optimizer steps, or a callable ``step -> bool``.
+        on_alert: "warn" (record and warn), "raise" (:class:`NumericalHealthError` inside ``fit``)
+            or "stop" (skip the offending step and stop the Trainer cleanly). Used only when the
+            monitor runs on its own; inside ``HealthMonitor`` the bundle's policy applies.
+        fail_on: lowest severity that raises or stops.
+        log_every_n_steps: how often scalars are written; None follows the Trainer's
+            ``log_every_n_steps``.
+    """
+
+    def __init__(
+        self,
+        *,
+        every_n_steps: Cadence = 1,
+        on_alert: OnAlert = "warn",
+        fail_on: Severity = "warning",
+        log_every_n_steps: int | None = None,
+    ) -> None:
+        self.every_n_steps = _checks.check_cadence(every_n_steps)
+        self._schedule = _checks.cadence(every_n_steps)
+        self.policy = AlertPolicy(on_alert, fail_on)
+        if log_every_n_steps is not None:
+            _checks.positive_int(log_every_n_steps, "log_every_n_steps")
+        self.log_every_n_steps = log_every_n_steps
+        self._hub: Hub | None = None
+        self._owns_hub = False
+
+    # ---- public --------------------------------------------------------------------------
+    @property
+    def hub(self) -> Hub:
+        if self._hub is None:
+            raise RuntimeError(f"{type(self).__name__} is not attached to a Trainer yet.")
+        return self._hub
+
+    @property
+    def alerts(self) -> list[Alert]:
+        """Alerts in the order detected (de-duplicated; see ``Alert.count``)."""
+        return [] if self._hub is None else self._hub.book.alerts
+
+    @property
+    def report_path(self) -> str | None:
+        return None if self._hub is None else self._hub.report_path
+
+    def config(self) -> dict[str, Any]:
+        """The settings recorded in the report and TensorBoard's hparams."""
+        every = self.every_n_steps
+        return {"every_n_steps": every if isinstance(every, int) else getattr(every, "__name__", repr(every))}
+
+    def bind(self, hub: Hub) -> None:
+        """Share a hub owned by a bundle (``HealthMonitor``)."""
+        self._hub = hub
+        self._owns_hub = False
+
+    def should_run(self, trainer: pl.Trainer) -> bool:
+        return bool(self._schedule(int(trainer.global_step)))
+
+    def declare_layout(self, hub: Hub) -> None:
+        """Add this monitor's charts to the custom-scalars layout (override)."""
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(every_n_steps=str(self.every_n_steps))
+
+    # ---- Lightning hooks -----------------------------------------------------------------
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._hub is None:
+            self._hub = Hub(self.policy, log_every_n_steps=self.log_every_n_steps)
+            self._owns_hub = True
+        if self._owns_hub:
+            self._hub.setup(trainer, pl_module)
+            self._hub.config[type(self).__name__] = self.config()
+        self.declare_layout(self._hub)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._owns_hub:
+            self.hub.start(trainer)
+
+    @override
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        if self._owns_hub:
+            self.hub.add_loss(loss)
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self._owns_hub:
+            self.hub.skip_step_if_stopping(optimizer)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._owns_hub:
+            self.hub.end_step()
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._owns_hub:
+            self.hub.finish(trainer, "stopped" if self.hub.stop_requested else "completed")
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if self._owns_hub:
+            self.hub.finish(trainer, "exception", exception)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._owns_hub:
+            self.hub.close()
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        state = self.monitor_state()
+        if self._owns_hub and self._hub is not None:
+            state["hub"] = self._hub.state_dict()
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "hub" in state_dict:
+            if self._hub is None:
+                self._hub = Hub(self.policy, log_every_n_steps=self.log_every_n_steps)
+                self._owns_hub = True
+            self._hub.load_state_dict(state_dict["hub"])
+        self.load_monitor_state(state_dict)
+
+    def monitor_state(self) -> dict[str, Any]:
+        """Resumable state of this monitor (override): running statistics, warm starts..."""
+        return {}
+
+    def load_monitor_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`monitor_state` (override)."""

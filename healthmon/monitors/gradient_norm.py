@@ -1,0 +1,259 @@
+"""GradientNormMonitor: gradient norm against loss, per-layer norms, update ratios, trend alerts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+from typing_extensions import override
+
+from healthmon import _checks
+from healthmon._checks import Cadence
+from healthmon.alerts import OnAlert, Severity
+from healthmon.monitors.base import Monitor
+from healthmon.monitors.hub import Hub
+from healthmon.numerics.gradients import global_norm, grouped_norms, tensor_norms
+from healthmon.numerics.trends import (
+    CollapseRule,
+    DivergenceRule,
+    OpposingTrendRule,
+    SpikeRule,
+    load_rule_state,
+    rule_state,
+)
+
+TAG_LOSS = "healthmon/loss"
+TAG_NORM = "healthmon/grad/norm"
+TAG_NORM_CLIPPED = "healthmon/grad/norm_clipped"
+TAG_LAYER = "healthmon/grad/layer/"
+TAG_GROUP = "healthmon/grad/group/"
+TAG_UPDATE_RATIO = "healthmon/update_ratio/"
+
+
+class GradientNormMonitor(Monitor):
+    """Global and per-layer gradient L2 norms, the loss, update/weight ratios, and trend alerts.
+
+    Norms are measured in ``on_before_optimizer_step``: after gradients are final (accumulation
+    done) and AMP-unscaled, before clipping. When clipping is on, the norm after clipping is
+    logged too (``healthmon/grad/norm_clipped``, measured right before ``optimizer.step``).
+
+    Alerts: ``grad.explosion`` (norm > ``spike_factor`` x its running level), ``grad.vanishing``
+    (norm fell ``collapse_orders`` orders of magnitude below its peak while the loss is still
+    above half its initial level), ``loss.divergence`` (loss > ``blowup_factor`` x its initial
+    value, or a steady rise of ``divergence_rise`` over ``divergence_window`` steps) and
+    ``grad.norm_rising`` (info: norm rising while the loss falls, as in Goodfellow's figure).
+
+    Args:
+        every_n_steps: steps at which the statistics are computed (default every step: the trend
+            rules need the series).
+        spike_factor: how far above the running level a norm is an explosion.
+        warmup_steps: steps before the spike and collapse rules judge.
+        collapse_orders: orders of magnitude of decay that count as a collapse.
+        blowup_factor: loss / initial loss that counts as blowing up.
+        divergence_window: steps over which a steady loss rise is judged.
+        divergence_rise: relative rise over the window that counts as divergence.
+        update_ratios: log ||update|| / ||weight|| per layer on logged steps.
+        on_alert: see :class:`~healthmon.monitors.base.Monitor`.
+        fail_on: see :class:`~healthmon.monitors.base.Monitor`.
+        log_every_n_steps: see :class:`~healthmon.monitors.base.Monitor`.
+    """
+
+    def __init__(
+        self,
+        *,
+        every_n_steps: Cadence = 1,
+        spike_factor: float = 10.0,
+        warmup_steps: int = 20,
+        collapse_orders: float = 3.0,
+        blowup_factor: float = 10.0,
+        divergence_window: int = 50,
+        divergence_rise: float = 0.5,
+        update_ratios: bool = True,
+        on_alert: OnAlert = "warn",
+        fail_on: Severity = "warning",
+        log_every_n_steps: int | None = None,
+    ) -> None:
+        super().__init__(
+            every_n_steps=every_n_steps, on_alert=on_alert, fail_on=fail_on, log_every_n_steps=log_every_n_steps
+        )
+        self.spike_factor = _checks.positive_float(spike_factor, "spike_factor", above=1.0)
+        self.warmup_steps = _checks.positive_int(warmup_steps, "warmup_steps", minimum=0)
+        self.collapse_orders = _checks.positive_float(collapse_orders, "collapse_orders")
+        self.blowup_factor = _checks.positive_float(blowup_factor, "blowup_factor", above=1.0)
+        self.divergence_window = _checks.positive_int(divergence_window, "divergence_window", minimum=3)
+        self.divergence_rise = _checks.positive_float(divergence_rise, "divergence_rise")
+        if not isinstance(update_ratios, bool):
+            raise TypeError(f"`update_ratios`: expected True or False, got {update_ratios!r}.")
+        self.update_ratios = update_ratios
+        self._reset_rules()
+        self._hooks: list[Any] = []
+        self._snapshot: list[Tensor] | None = None
+        self._snapshot_params: list[Tensor] = []
+        self._pending_ratios: tuple[int, Tensor] | None = None
+        self._clip_on = False
+        self._snapshot_step = 0
+        self._pending_clipped: list[tuple[int, Tensor]] = []
+
+    def _reset_rules(self) -> None:
+        self.spike = SpikeRule(factor=self.spike_factor, warmup=self.warmup_steps)
+        self.collapse = CollapseRule(orders=self.collapse_orders, warmup=self.warmup_steps)
+        self.divergence = DivergenceRule(
+            blowup=self.blowup_factor, window=self.divergence_window, rise=self.divergence_rise
+        )
+        self.opposing = OpposingTrendRule()
+
+    @override
+    def config(self) -> dict[str, Any]:
+        return {
+            **super().config(),
+            "spike_factor": self.spike_factor,
+            "warmup_steps": self.warmup_steps,
+            "collapse_orders": self.collapse_orders,
+            "blowup_factor": self.blowup_factor,
+            "divergence_window": self.divergence_window,
+            "divergence_rise": self.divergence_rise,
+            "update_ratios": self.update_ratios,
+        }
+
+    @override
+    def declare_layout(self, hub: Hub) -> None:
+        hub.declare_layout(
+            "healthmon: gradients",
+            {
+                "gradient norm vs loss": [TAG_NORM, TAG_LOSS],
+                "gradient norm before / after clipping": [TAG_NORM, TAG_NORM_CLIPPED],
+                "per-layer gradient norms": [TAG_LAYER + ".*"],
+                "update / weight ratio per layer": [TAG_UPDATE_RATIO + ".*"],
+            },
+        )
+
+    # ---- hooks -------------------------------------------------------------------------------
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._clip_on = bool(trainer.gradient_clip_val) if pl_module.automatic_optimization else False
+        for optimizer in trainer.optimizers:
+            self._hooks.append(optimizer.register_step_pre_hook(self._before_step))
+            self._hooks.append(optimizer.register_step_post_hook(self._after_step))
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self.should_run(trainer):
+            self._check(trainer, optimizer)
+        super().on_before_optimizer_step(trainer, pl_module, optimizer)
+
+    def _check(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> None:
+        hub = self.hub
+        stats = hub.grad_step(trainer, optimizer)
+        step = stats.step
+        values: dict[str, float] = {}
+        if stats.layer_norms is not None:  # a logged step
+            values[TAG_NORM] = stats.norm
+            if stats.loss is not None:
+                values[TAG_LOSS] = stats.loss
+            values.update({TAG_LAYER + name: v for name, v in stats.layer_norms.items()})
+            if len(optimizer.param_groups) > 1 and stats.group_norms is not None:
+                values.update({f"{TAG_GROUP}{i}": v for i, v in enumerate(stats.group_norms)})
+            self._flush_pending(trainer)
+            if self.update_ratios and stats.params:
+                self._snapshot_step = step
+                self._snapshot_params = stats.params
+                self._snapshot = []  # filled right before optimizer.step, after clipping
+        hub.log(trainer, values, step)
+        self._judge(trainer, stats.norm, stats.loss)
+
+    def _judge(self, trainer: pl.Trainer, norm: float, loss: float | None) -> None:
+        hub = self.hub
+        ratio = self.spike.update(norm)
+        if ratio is not None:
+            hub.alert(
+                trainer, "grad.explosion",
+                f"Gradient norm {norm:.3g} is {ratio:.3g}x its running level.", value=norm,
+            )
+        drop = self.collapse.update(norm, loss)
+        if drop is not None:
+            hub.alert(
+                trainer, "grad.vanishing",
+                f"Gradient norm {norm:.3g} collapsed {drop:.1f} orders of magnitude below its peak "
+                "while the loss is still high.", value=norm,
+            )
+        if loss is None:
+            return
+        reason = self.divergence.update(loss)
+        if reason is not None:
+            hub.alert(trainer, "loss.divergence", f"The loss {reason}.", value=loss)
+        trend = self.opposing.update(norm, loss)
+        if trend is not None:
+            hub.alert(
+                trainer, "grad.norm_rising",
+                f"Over the last {self.opposing.window} steps the gradient norm rose "
+                f"(correlation {trend[0]:.2f}) while the loss fell ({trend[1]:.2f}).",
+            )
+
+    # ---- optimizer step hooks: after clipping, and the update itself ---------------------------
+    def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self._hub is None:
+            return
+        if self._snapshot is not None and not self._snapshot:
+            self._snapshot_params = [p for p in self._snapshot_params if p.grad is not None]
+            self._snapshot = [p.detach().clone() for p in self._snapshot_params]
+            if self._clip_on and self._snapshot_params:
+                grads = [p.grad for p in self._snapshot_params]
+                self._pending_clipped.append((self._snapshot_step, global_norm(tensor_norms(grads))))
+
+    def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if not self._snapshot or self._hub is None or self._hub.params is None:
+            self._snapshot = None
+            return
+        params, before = self._snapshot_params, self._snapshot
+        updates = torch._foreach_sub([p.detach() for p in params], before)
+        index = self._hub.params
+        layer_idx = torch.tensor([index.layer_of.get(id(p), 0) for p in params])
+        n = len(index.layers)
+        update_norms = grouped_norms(tensor_norms(updates), layer_idx, n)
+        weight_norms = grouped_norms(tensor_norms(before), layer_idx, n)
+        ratio = update_norms / weight_norms.clamp_min(torch.finfo(torch.float32).tiny)
+        self._pending_ratios = (self._snapshot_step, ratio)  # fetched at the next logged step
+        self._snapshot, self._snapshot_params = None, []
+
+    def _flush_pending(self, trainer: pl.Trainer) -> None:
+        """Log the device values held back from earlier steps (no extra synchronisation per step)."""
+        hub = self.hub
+        if self._pending_ratios is not None and hub.params is not None:
+            step, ratio = self._pending_ratios
+            self._pending_ratios = None
+            layers = hub.params.layers
+            hub.log(trainer, {TAG_UPDATE_RATIO + layers[i]: v for i, v in enumerate(ratio.tolist()) if v > 0}, step)
+        for step, norm in self._pending_clipped:
+            hub.log(trainer, {TAG_NORM_CLIPPED: float(norm)}, step)
+        self._pending_clipped.clear()
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._hub is not None:
+            self._flush_pending(trainer)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+        super().teardown(trainer, pl_module, stage)
+
+    @override
+    def monitor_state(self) -> dict[str, Any]:
+        return {
+            "spike": rule_state(self.spike),
+            "collapse": rule_state(self.collapse),
+            "divergence": rule_state(self.divergence),
+            "opposing": rule_state(self.opposing),
+        }
+
+    @override
+    def load_monitor_state(self, state: dict[str, Any]) -> None:
+        for name in ("spike", "collapse", "divergence", "opposing"):
+            if name in state:
+                load_rule_state(getattr(self, name), state[name])

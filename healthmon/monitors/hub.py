@@ -1,0 +1,327 @@
+"""The hub a set of monitors shares: alert book and policy, sinks, parameter names, step statistics.
+
+``HealthMonitor`` owns one hub and hands it to its monitors; a monitor used on its own makes its
+own. The hub computes the per-step gradient statistics once (one fused kernel, one host
+synchronisation) so that several monitors reading them cost no more than one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from lightning_utilities.core.rank_zero import rank_zero_warn
+from torch import Tensor
+
+from healthmon.alerts import Alert, AlertBook, AlertPolicy, NumericalHealthError, make_alert
+from healthmon.numerics.gradients import global_norm, grouped_norms, tensor_norms
+from healthmon.sinks.console import summary_lines
+from healthmon.sinks.report import CRASH_NAME, REPORT_NAME, build_report, write_json_atomic
+from healthmon.sinks.tensorboard import TensorBoardSink
+
+ALERT_TEXT_TAG = "healthmon/alerts"
+ALERT_RECORD_TAG = "healthmon/alert_records"
+
+
+def layer_of(param_name: str) -> str:
+    """The module path that owns a parameter ("net.0.weight" -> "net.0"; "scale" -> "(root)")."""
+    head, _, _ = param_name.rpartition(".")
+    return head or "(root)"
+
+
+class ParamIndex:
+    """Names of a module's parameters and the layer each belongs to, in registration order."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.names: dict[int, str] = {}
+        self.layers: list[str] = []
+        self.layer_of: dict[int, int] = {}
+        layer_ids: dict[str, int] = {}
+        for name, param in module.named_parameters():
+            self.names[id(param)] = name
+            layer = layer_of(name)
+            if layer not in layer_ids:
+                layer_ids[layer] = len(self.layers)
+                self.layers.append(layer)
+            self.layer_of[id(param)] = layer_ids[layer]
+
+    def name(self, param: Tensor) -> str:
+        return self.names.get(id(param), f"<unnamed {tuple(param.shape)}>")
+
+
+@dataclass
+class GradStep:
+    """Gradient statistics of one optimizer step, shared by the monitors.
+
+    ``per_tensor`` stays on the device; the floats were fetched with one host synchronisation.
+    Norms are measured after AMP unscaling and before gradient clipping.
+    """
+
+    step: int
+    params: list[Tensor]
+    per_tensor: Tensor
+    norm: float
+    loss: float | None
+    layer_norms: dict[str, float] | None
+    group_norms: list[float] | None
+
+
+def optimizer_params_with_grad(optimizer: Any) -> tuple[list[Tensor], list[int]]:
+    """The optimizer's parameters that have a gradient this step, and each one's group index."""
+    params, groups = [], []
+    for gi, group in enumerate(optimizer.param_groups):
+        for p in group["params"]:
+            if p.grad is not None:
+                params.append(p)
+                groups.append(gi)
+    return params, groups
+
+
+class Hub:
+    """Shared alerting, logging and step statistics for a set of monitors."""
+
+    def __init__(
+        self,
+        policy: AlertPolicy,
+        *,
+        log_every_n_steps: int | None = None,
+        write_report: bool = True,
+        print_summary: bool = True,
+        config: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.policy = policy
+        self.log_every_n_steps = log_every_n_steps
+        self.write_report = write_report
+        self.print_summary = print_summary
+        self.config: dict[str, Any] = dict(config or {})
+        self.book = AlertBook()
+        self.sink: TensorBoardSink | None = None
+        self.log_dir: str | None = None
+        self.report_path: str | None = None
+        self.crash_path: str | None = None
+        self.params: ParamIndex | None = None
+        self.layout: dict[str, dict[str, list[Any]]] = {}
+        self.last: dict[str, float] = {}
+        self.stop_requested = False
+        self._skip_step = False
+        self._loss_sum: Tensor | None = None
+        self._grad_cache: dict[int, GradStep] = {}
+        self._cache_step = -1
+        self._started_at = 0.0
+        self._finished = False
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def setup(self, trainer: Any, pl_module: torch.nn.Module) -> None:
+        """Resolve where to write and index the parameters; called once per fit/validate run."""
+        self.params = ParamIndex(pl_module)
+        self._finished = False
+        self.stop_requested = False
+        self._started_at = time.time()
+        if trainer.is_global_zero and self.sink is None:
+            self.sink = TensorBoardSink(trainer)
+            self.log_dir = self.sink.log_dir
+            self.report_path = os.path.join(self.log_dir, REPORT_NAME)
+
+    def start(self, trainer: Any) -> None:
+        """Write the custom-scalars layout (at the start of training, once monitors declared it)."""
+        if self.sink is not None:
+            self.sink.layout(self.layout)
+            self.sink.flush()
+
+    def finish(self, trainer: Any, status: str, error: BaseException | None = None) -> None:
+        """Write the report and print the summary (rank zero), once per fit."""
+        if self._finished:
+            return
+        self._finished = True
+        if self.sink is None:
+            return
+        self.sink.flush()
+        if self.write_report and self.report_path is not None:
+            write_json_atomic(self.report_path, self._report(trainer, status, error))
+        if self.print_summary:
+            print("\n".join(summary_lines(self.book.alerts, log_dir=self.log_dir)), flush=True)
+
+    def close(self) -> None:
+        if self.sink is not None:
+            self.sink.close()
+            self.sink = None
+
+    def _report(self, trainer: Any, status: str, error: BaseException | None) -> dict[str, Any]:
+        import healthmon
+
+        run = {
+            "status": status,
+            "global_step": int(trainer.global_step),
+            "epoch": int(trainer.current_epoch),
+            "started": self._started_at,
+            "finished": time.time(),
+            "precision": str(getattr(trainer, "precision", "")),
+            "world_size": int(trainer.world_size),
+            "strategy": type(trainer.strategy).__name__,
+            "log_dir": self.log_dir,
+            "versions": {
+                "healthmon": healthmon.__version__,
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+            },
+        }
+        if error is not None:
+            run["error"] = f"{type(error).__name__}: {error}"
+        return build_report(
+            run=run, config=self.config, alerts=self.book.alerts, dropped=self.book.dropped, last=self.last
+        )
+
+    # ---- per-step state --------------------------------------------------------------------
+    def is_log_step(self, trainer: Any) -> bool:
+        every = self.log_every_n_steps or max(int(getattr(trainer, "log_every_n_steps", 50)), 1)
+        return trainer.global_step % every == 0
+
+    def add_loss(self, loss: Tensor) -> None:
+        """Accumulate the (accumulation-normalised) loss handed to backward; no host sync."""
+        loss = loss.detach().float()
+        self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
+
+    def grad_step(self, trainer: Any, optimizer: Any) -> GradStep:
+        """Gradient statistics of this optimizer step, computed once and shared.
+
+        One fused norm kernel and one host synchronisation; per-layer and per-group norms are
+        included on logged steps only.
+        """
+        step = int(trainer.global_step)
+        if step != self._cache_step:
+            self._grad_cache.clear()
+            self._cache_step = step
+        cached = self._grad_cache.get(id(optimizer))
+        if cached is not None:
+            return cached
+        params, groups = optimizer_params_with_grad(optimizer)
+        per_tensor = tensor_norms([p.grad for p in params])
+        device = per_tensor.device if len(params) else torch.device("cpu")
+        loss = self._loss_sum
+        parts = [
+            global_norm(per_tensor).reshape(1),
+            (loss.to(device) if loss is not None else torch.full((), math.nan, device=device)).reshape(1),
+        ]
+        log_step = self.is_log_step(trainer) and self.params is not None and len(params) > 0
+        if log_step:
+            assert self.params is not None
+            layer_idx = torch.tensor([self.params.layer_of.get(id(p), 0) for p in params])
+            parts.append(grouped_norms(per_tensor, layer_idx, len(self.params.layers)))
+            parts.append(grouped_norms(per_tensor, torch.tensor(groups), len(optimizer.param_groups)))
+        host = torch.cat(parts).tolist()  # the one host synchronisation of this step
+        layer_norms = group_norms = None
+        if log_step:
+            assert self.params is not None
+            n_layers = len(self.params.layers)
+            present = {self.params.layer_of.get(id(p), 0) for p in params}
+            layer_norms = {
+                self.params.layers[i]: host[2 + i] for i in range(n_layers) if i in present
+            }
+            group_norms = host[2 + n_layers :]
+        result = GradStep(
+            step=step,
+            params=params,
+            per_tensor=per_tensor,
+            norm=host[0],
+            loss=None if loss is None else host[1],
+            layer_norms=layer_norms,
+            group_norms=group_norms,
+        )
+        self._grad_cache[id(optimizer)] = result
+        return result
+
+    def end_step(self) -> None:
+        """Forget the accumulated loss once the optimizer step has been taken."""
+        self._loss_sum = None
+
+    # ---- output ----------------------------------------------------------------------------
+    def log(self, trainer: Any, values: Mapping[str, float], step: int | None = None) -> None:
+        """Write scalars (rank zero) and remember the last value of each tag for the report."""
+        if not values:
+            return
+        clean = {k: float(v) for k, v in values.items()}
+        self.last.update(clean)
+        if self.sink is not None:
+            self.sink.scalars(clean, trainer.global_step if step is None else step)
+
+    def declare_layout(self, category: str, charts: Mapping[str, list[str]]) -> None:
+        """Add charts to the custom-scalars layout: {title: [tags on one chart]}."""
+        section = self.layout.setdefault(category, {})
+        for title, tags in charts.items():
+            section[title] = ["Multiline", list(tags)]
+
+    def alert(
+        self,
+        trainer: Any,
+        code: str,
+        message: str,
+        *,
+        where: str | None = None,
+        hint: str | None = None,
+        severity: str | None = None,
+        value: float | None = None,
+    ) -> Alert:
+        """Record an alert; warn on the first occurrence; raise or stop as the policy says."""
+        alert = make_alert(
+            code, int(trainer.global_step), message, where=where, hint=hint,
+            severity=severity, value=value,  # type: ignore[arg-type]
+        )
+        new = self.book.record(alert)
+        if new is not None:
+            rank_zero_warn(f"healthmon: {alert.line()} Hint: {alert.hint}", category=HealthWarning)
+            if self.sink is not None:
+                self.sink.text(ALERT_TEXT_TAG, _alert_markdown(alert), alert.step)
+                self.sink.text(ALERT_RECORD_TAG, json.dumps(alert.to_dict()), alert.step)
+        if self.policy.escalates(alert):
+            if self.policy.on_alert == "raise":
+                raise NumericalHealthError(new or alert)
+            self.stop_requested = True
+            self._skip_step = True
+            trainer.should_stop = True
+        return new or alert
+
+    def skip_step_if_stopping(self, optimizer: Any) -> bool:
+        """Under ``on_alert="stop"``, keep the step that triggered the stop from being applied.
+
+        The gradients are dropped (set to None); torch optimizers skip parameters without a
+        gradient, so the weights keep their last healthy values.
+        """
+        if not self._skip_step:
+            return False
+        self._skip_step = False
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = None
+        return True
+
+    def write_crash_record(self, trainer: Any, record: Mapping[str, Any]) -> str | None:
+        """A small JSON file beside the report to reproduce a failure (rank zero)."""
+        if self.log_dir is None:
+            return None
+        self.crash_path = os.path.join(self.log_dir, CRASH_NAME)
+        write_json_atomic(self.crash_path, dict(record))
+        return self.crash_path
+
+    # ---- checkpoints -----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"alerts": self.book.state_dict(), "last": dict(self.last)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.book.load_state_dict(state.get("alerts", {}))
+        self.last.update(state.get("last", {}))
+
+
+class HealthWarning(UserWarning):
+    """The warning category of healthmon alerts (filter it with ``warnings.filterwarnings``)."""
+
+
+def _alert_markdown(alert: Alert) -> str:
+    where = f" at `{alert.where}`" if alert.where else ""
+    return f"**{alert.severity}** `{alert.code}` step {alert.step}{where}: {alert.message}  \n*Fix:* {alert.hint}"

@@ -1,0 +1,64 @@
+"""Fused gradient statistics: per-tensor and global L2 norms, grouped norms, non-finite flags.
+
+All functions keep their results on the device as tensors; the caller decides when (and whether)
+to synchronise with the host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def _as_real_dense(t: Tensor) -> Tensor:
+    """A dense real view of a gradient with the same L2 norm (sparse -> values, complex -> real)."""
+    if t.is_sparse:
+        t = t.coalesce().values()
+    elif t.layout != torch.strided:  # sparse CSR and friends
+        t = t.values()
+    if t.is_complex():
+        t = torch.view_as_real(t)
+    return t
+
+
+def tensor_norms(tensors: Sequence[Tensor]) -> Tensor:
+    """Per-tensor L2 norms as one float32 vector, computed with one fused foreach kernel per device.
+
+    Norms are accumulated in float32 whatever the tensors' dtype, so a float16 gradient whose
+    squared entries overflow float16 still gets a finite norm. A tensor holding NaN/Inf gets a
+    NaN/Inf norm, which is what the non-finite checks rely on.
+    """
+    if not tensors:
+        return torch.zeros(0)
+    dense = [_as_real_dense(t) for t in tensors]
+    norms = torch._foreach_norm(dense, 2, dtype=torch.float32)
+    device = norms[0].device
+    return torch.stack([n if n.device == device else n.to(device) for n in norms])
+
+
+def global_norm(per_tensor_norms: Tensor) -> Tensor:
+    """Global L2 norm of the concatenated tensors from their per-tensor norms.
+
+    This is sqrt(sum of squares), not the sum of the per-tensor norms.
+    """
+    return torch.linalg.vector_norm(per_tensor_norms)
+
+
+def grouped_norms(per_tensor_norms: Tensor, group_index: Tensor, num_groups: int) -> Tensor:
+    """L2 norm of each group of tensors (layer, parameter group) from per-tensor norms.
+
+    Args:
+        per_tensor_norms: float vector, one norm per tensor.
+        group_index: int64 vector of the same length; entry i is the group of tensor i.
+        num_groups: number of groups.
+    """
+    squares = per_tensor_norms.square()
+    sums = torch.zeros(num_groups, dtype=squares.dtype, device=squares.device)
+    return sums.index_add_(0, group_index.to(squares.device), squares).sqrt()
+
+
+def nonfinite_indices(per_tensor_norms: Sequence[float]) -> list[int]:
+    """Indices of tensors whose norm (and hence some entry) is NaN or Inf, from host values."""
+    return [i for i, n in enumerate(per_tensor_norms) if n != n or n in (float("inf"), float("-inf"))]

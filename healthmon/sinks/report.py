@@ -1,0 +1,100 @@
+"""The JSON report written beside the event files at the end of fit (and on exception).
+
+Schema ``healthmon.report`` version 1::
+
+    {"schema": "healthmon.report", "version": 1,
+     "run": {"status": "completed" | "stopped" | "exception", "global_step": int, ...},
+     "config": {...}, "alerts": [Alert.to_dict(), ...], "dropped_alerts": int,
+     "counts": {"info": n, "warning": n, "error": n}, "last": {tag: value}}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from healthmon.alerts import SEVERITIES, Alert
+
+SCHEMA = "healthmon.report"
+VERSION = 1
+REPORT_NAME = "healthmon_report.json"
+CRASH_NAME = "healthmon_crash.json"
+
+
+class ReportError(ValueError):
+    """A report file that cannot be read: missing, not JSON, or not a healthmon report."""
+
+
+def write_json_atomic(path: str, data: Mapping[str, Any]) -> None:
+    """Write JSON through a temp file in the same folder and an atomic rename.
+
+    A crash mid-write leaves the previous file intact, never a truncated one.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".healthmon-", suffix=".json.tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, sort_keys=False, default=_jsonable)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    if callable(value):
+        return getattr(value, "__name__", repr(value))
+    return repr(value)
+
+
+def build_report(
+    *,
+    run: Mapping[str, Any],
+    config: Mapping[str, Any],
+    alerts: Iterable[Alert],
+    dropped: int,
+    last: Mapping[str, float],
+) -> dict[str, Any]:
+    alerts = list(alerts)
+    counts = {s: sum(1 for a in alerts if a.severity == s) for s in SEVERITIES}
+    return {
+        "schema": SCHEMA,
+        "version": VERSION,
+        "run": dict(run),
+        "config": dict(config),
+        "alerts": [a.to_dict() for a in alerts],
+        "dropped_alerts": dropped,
+        "counts": counts,
+        "last": {k: float(v) for k, v in last.items()},
+    }
+
+
+def read_report(path: str) -> dict[str, Any]:
+    """Load and validate a report; raises :class:`ReportError` with a one-line reason."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise ReportError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ReportError(f"{path}: cannot read ({exc.__class__.__name__}: {exc})") from None
+    except json.JSONDecodeError as exc:
+        raise ReportError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        raise ReportError(f"{path}: not a healthmon report (missing \"schema\": \"{SCHEMA}\")")
+    if not isinstance(data.get("version"), int) or data["version"] > VERSION:
+        raise ReportError(f"{path}: unsupported report version {data.get('version')!r} (this healthmon reads <= {VERSION})")
+    try:
+        data["alerts"] = [Alert.from_dict(a) for a in data.get("alerts", [])]
+    except (TypeError, ValueError) as exc:
+        raise ReportError(f"{path}: malformed alert record ({exc})") from None
+    return data
