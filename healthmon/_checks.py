@@ -51,7 +51,5 @@ def check_cadence(value: Any, name: str = "every_n_steps") -> Cadence:
     if callable(value):
         return value
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(
-            f"`{name}`: expected an integer >= 1 or a callable step -> bool, got {value!r}."
-        )
+        raise ValueError(f"`{name}`: expected an integer >= 1 or a callable step -> bool, got {value!r}.")
     return value

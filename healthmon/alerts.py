@@ -46,25 +46,32 @@ def _codes(*infos: CodeInfo) -> dict[str, CodeInfo]:
 #: The registry of alert codes. Codes are stable ids; see DESIGN.md for the contract.
 CODES: dict[str, CodeInfo] = _codes(
     CodeInfo(
-        "loss.nonfinite", "error", "The loss is NaN or Inf.",
+        "loss.nonfinite",
+        "error",
+        "The loss is NaN or Inf.",
         "Look for log(0), division by zero or overflow in the loss; lower the learning rate; "
         "use F.cross_entropy / log_softmax instead of hand-written formulas.",
         "Overflow and underflow",
     ),
     CodeInfo(
-        "grad.nonfinite", "error", "A gradient holds NaN or Inf.",
+        "grad.nonfinite",
+        "error",
+        "A gradient holds NaN or Inf.",
         "Clip gradients (Trainer(gradient_clip_val=1.0)), lower the learning rate, or use loss "
         "scaling / bf16 instead of plain fp16.",
         "Overflow and underflow",
     ),
     CodeInfo(
-        "activation.nonfinite", "error", "A module's forward output holds NaN or Inf.",
+        "activation.nonfinite",
+        "error",
+        "A module's forward output holds NaN or Inf.",
         "Inspect the named module's inputs; guard log/sqrt/division against 0 and use the "
         "numerically stable functional forms (log_softmax, logsumexp).",
         "Overflow and underflow",
     ),
     CodeInfo(
-        "grad.zero", "warning",
+        "grad.zero",
+        "warning",
         "Gradients are exactly zero while the loss is not near zero: they were rounded or flushed "
         "to zero, or the units are dead.",
         "Check for saturated activations (sigmoid/tanh, dead ReLUs), probabilities fed to a loss "
@@ -72,96 +79,118 @@ CODES: dict[str, CodeInfo] = _codes(
         "Rounding the gradient to zero",
     ),
     CodeInfo(
-        "grad.underflow", "warning",
+        "grad.underflow",
+        "warning",
         "Gradient magnitudes fall in or below the subnormal range of their dtype.",
         "Use loss scaling (precision='16-mixed') or bf16-mixed, or keep this layer in float32.",
         "Underflow",
     ),
     CodeInfo(
-        "grad.dead_units", "warning",
+        "grad.dead_units",
+        "warning",
         "Most units of a ReLU-family layer received zero gradient for the whole batch (dying ReLU).",
         "Lower the learning rate, check the bias initialisation, or use LeakyReLU/GELU.",
         "Rounding the gradient to zero",
     ),
     CodeInfo(
-        "update.stale", "warning",
+        "update.stale",
+        "warning",
         "Optimizer steps are smaller than half an ulp of the weights: the step changes nothing.",
         "Keep float32 master weights (mixed precision instead of pure bf16/fp16 weights) or raise "
         "the learning rate.",
         "Rounding: (a + 1e-8) == a in float32",
     ),
     CodeInfo(
-        "grad.vanishing", "warning",
+        "grad.vanishing",
+        "warning",
         "The gradient norm collapsed, or decays by orders of magnitude along depth.",
         "Use ReLU-family activations with He/Kaiming init, residual connections or normalisation "
         "layers; check for saturating sigmoid/tanh stacks.",
         "Gradient descent halts where the gradient is ~0",
     ),
     CodeInfo(
-        "grad.explosion", "warning", "The gradient norm spiked far above its running level.",
+        "grad.explosion",
+        "warning",
+        "The gradient norm spiked far above its running level.",
         "Lower the learning rate or clip gradients (Trainer(gradient_clip_val=1.0)).",
         "Too high a learning rate usually causes explosion",
     ),
     CodeInfo(
-        "grad.norm_rising", "info",
+        "grad.norm_rising",
+        "info",
         "The gradient norm rises while the loss falls: training is not near a critical point.",
         "Nothing to fix: this is normal early in training (Goodfellow fig.: gradient norm vs "
         "classification error). It means the optimizer is not converging to a minimum yet.",
         "Gradient norm grows during successful training",
     ),
     CodeInfo(
-        "loss.divergence", "error", "The loss rises steadily or blows up.",
+        "loss.divergence",
+        "error",
+        "The loss rises steadily or blows up.",
         "Lower the learning rate (try 10x smaller), add warm-up, or clip gradients.",
         "Too high a learning rate usually causes explosion",
     ),
     CodeInfo(
-        "logits.probabilities", "error", "A loss that expects logits received probabilities.",
+        "logits.probabilities",
+        "error",
+        "A loss that expects logits received probabilities.",
         "Remove the softmax/sigmoid before the loss: F.cross_entropy(logits, y) or "
         "nn.BCEWithLogitsLoss()(logits, y).",
         "Computing cross-entropy using probabilities instead of logits",
     ),
     CodeInfo(
-        "logits.naive_log_softmax", "warning", "log(softmax(x)) instead of log_softmax(x).",
+        "logits.naive_log_softmax",
+        "warning",
+        "log(softmax(x)) instead of log_softmax(x).",
         "Use F.log_softmax(x, dim=-1) (and F.nll_loss), or F.cross_entropy on the logits.",
         "Softmax / log-softmax stability",
     ),
     CodeInfo(
-        "logits.naive_logsumexp", "warning", "log(sum(exp(x))) without subtracting the max.",
+        "logits.naive_logsumexp",
+        "warning",
+        "log(sum(exp(x))) without subtracting the max.",
         "Use torch.logsumexp(x, dim=...).",
         "logsumexp: subtract the max",
     ),
     CodeInfo(
-        "logits.naive_softmax", "warning", "A softmax written as exp(x) / exp(x).sum() without the max.",
+        "logits.naive_softmax",
+        "warning",
+        "A softmax written as exp(x) / exp(x).sum() without the max.",
         "Use torch.softmax(x, dim=-1) (or F.log_softmax for log-probabilities).",
         "Softmax: subtract the max",
     ),
     CodeInfo(
-        "logits.sigmoid_bce", "info",
+        "logits.sigmoid_bce",
+        "info",
         "BCELoss on sigmoid outputs: legal, but less stable than the logits form.",
         "Use nn.BCEWithLogitsLoss()(logits, y) on the pre-sigmoid values.",
         "Computing cross-entropy using probabilities instead of logits",
     ),
     CodeInfo(
-        "softmax.saturated", "warning",
+        "softmax.saturated",
+        "warning",
         "Probabilities that are exactly 0 or 1 reach a log or a loss: their gradient is lost.",
         "Work in log space: F.log_softmax / F.logsigmoid, or the logits forms of the losses.",
         "Underflow: exp(-large) rounds to 0",
     ),
     CodeInfo(
-        "hessian.sharpness", "warning",
+        "hessian.sharpness",
+        "warning",
         "The top Hessian eigenvalue is above the optimizer's stability limit (2/lr for SGD).",
         "Lower the learning rate below 2/lambda_max, or add warm-up.",
         "Big eigenvalues slow you down; lr must stay below 2/lambda_max",
     ),
     CodeInfo(
-        "hessian.negative_curvature", "info",
+        "hessian.negative_curvature",
+        "info",
         "A significantly negative Hessian eigenvalue: the run is in a saddle region.",
-        "Usually harmless for SGD-type optimizers (they escape saddles); worth knowing when "
-        "progress stalls.",
+        "Usually harmless for SGD-type optimizers (they escape saddles); worth knowing when progress stalls.",
         "Saddle points and negative curvature",
     ),
     CodeInfo(
-        "monitor.skipped", "info", "A check was skipped because the run does not support it.",
+        "monitor.skipped",
+        "info",
+        "A check was skipped because the run does not support it.",
         "See the message; nothing is wrong with the run itself.",
     ),
 )

@@ -28,7 +28,9 @@ def digits() -> tuple[torch.Tensor, torch.Tensor]:
     return _DIGITS
 
 
-def digits_loader(batch_size: int = 64, *, n: int | None = None, shuffle: bool = True, seed: int = 0) -> DataLoader:
+def digits_loader(
+    batch_size: int = 64, *, n: int | None = None, shuffle: bool = True, seed: int = 0
+) -> DataLoader:
     x, y = digits()
     if n is not None:
         x, y = x[:n], y[:n]
@@ -86,7 +88,9 @@ class DigitsClassifier(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
 
 
-def trainer(root: Any, callbacks: list[Any], *, max_steps: int = 30, tensorboard: bool = True, **kwargs: Any) -> pl.Trainer:
+def trainer(
+    root: Any, callbacks: list[Any], *, max_steps: int = 30, tensorboard: bool = True, **kwargs: Any
+) -> pl.Trainer:
     """A quiet CPU Trainer writing TensorBoard logs under ``root``."""
     logger: Any = TensorBoardLogger(str(root), name="run") if tensorboard else False
     options: dict[str, Any] = dict(

@@ -129,7 +129,9 @@ class Monitor(Callback):
             self.hub.finish(trainer, "stopped" if self.hub.stop_requested else "completed")
 
     @override
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
         if self._owns_hub:
             self.hub.finish(trainer, "exception", exception)
 

@@ -76,7 +76,10 @@ class GradientNormMonitor(Monitor):
         log_every_n_steps: int | None = None,
     ) -> None:
         super().__init__(
-            every_n_steps=every_n_steps, on_alert=on_alert, fail_on=fail_on, log_every_n_steps=log_every_n_steps
+            every_n_steps=every_n_steps,
+            on_alert=on_alert,
+            fail_on=fail_on,
+            log_every_n_steps=log_every_n_steps,
         )
         self.spike_factor = _checks.positive_float(spike_factor, "spike_factor", above=1.0)
         self.warmup_steps = _checks.positive_int(warmup_steps, "warmup_steps", minimum=0)
@@ -170,15 +173,19 @@ class GradientNormMonitor(Monitor):
         ratio = self.spike.update(norm)
         if ratio is not None:
             hub.alert(
-                trainer, "grad.explosion",
-                f"Gradient norm {norm:.3g} is {ratio:.3g}x its running level.", value=norm,
+                trainer,
+                "grad.explosion",
+                f"Gradient norm {norm:.3g} is {ratio:.3g}x its running level.",
+                value=norm,
             )
         drop = self.collapse.update(norm, loss)
         if drop is not None:
             hub.alert(
-                trainer, "grad.vanishing",
+                trainer,
+                "grad.vanishing",
                 f"Gradient norm {norm:.3g} collapsed {drop:.1f} orders of magnitude below its peak "
-                "while the loss is still high.", value=norm,
+                "while the loss is still high.",
+                value=norm,
             )
         if loss is None:
             return
@@ -188,7 +195,8 @@ class GradientNormMonitor(Monitor):
         trend = self.opposing.update(norm, loss)
         if trend is not None:
             hub.alert(
-                trainer, "grad.norm_rising",
+                trainer,
+                "grad.norm_rising",
                 f"Over the last {self.opposing.window} steps the gradient norm rose "
                 f"(correlation {trend[0]:.2f}) while the loss fell ({trend[1]:.2f}).",
             )
@@ -226,7 +234,11 @@ class GradientNormMonitor(Monitor):
             step, ratio = self._pending_ratios
             self._pending_ratios = None
             layers = hub.params.layers
-            hub.log(trainer, {TAG_UPDATE_RATIO + layers[i]: v for i, v in enumerate(ratio.tolist()) if v > 0}, step)
+            hub.log(
+                trainer,
+                {TAG_UPDATE_RATIO + layers[i]: v for i, v in enumerate(ratio.tolist()) if v > 0},
+                step,
+            )
         for step, norm in self._pending_clipped:
             hub.log(trainer, {TAG_NORM_CLIPPED: float(norm)}, step)
         self._pending_clipped.clear()

@@ -65,7 +65,9 @@ class HealthMonitor(Callback):
             kinds = [type(m).__name__ for m in monitors]
             duplicates = sorted({k for k in kinds if kinds.count(k) > 1})
             if duplicates:
-                raise ValueError(f"`monitors`: expected at most one monitor of each kind, got two of {duplicates}.")
+                raise ValueError(
+                    f"`monitors`: expected at most one monitor of each kind, got two of {duplicates}."
+                )
         self.monitors: list[Monitor] = list(monitors)
         self.hub = Hub(
             self.policy, log_every_n_steps=log_every_n_steps, write_report=report, print_summary=summary
@@ -119,7 +121,9 @@ class HealthMonitor(Callback):
         self.hub.start(trainer)
 
     @override
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         for m in self.monitors:
             m.on_train_batch_start(trainer, pl_module, batch, batch_idx)
 
@@ -174,7 +178,9 @@ class HealthMonitor(Callback):
         self.hub.finish(trainer, "stopped" if self.hub.stop_requested else "completed")
 
     @override
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
         for m in self.monitors:
             m.on_exception(trainer, pl_module, exception)
         self.hub.finish(trainer, "exception", exception)

@@ -221,9 +221,7 @@ class Hub:
             assert self.params is not None
             n_layers = len(self.params.layers)
             present = {self.params.layer_of.get(id(p), 0) for p in params}
-            layer_norms = {
-                self.params.layers[i]: host[2 + i] for i in range(n_layers) if i in present
-            }
+            layer_norms = {self.params.layers[i]: host[2 + i] for i in range(n_layers) if i in present}
             group_norms = host[2 + n_layers :]
         result = GradStep(
             step=step,
@@ -270,8 +268,13 @@ class Hub:
     ) -> Alert:
         """Record an alert; warn on the first occurrence; raise or stop as the policy says."""
         alert = make_alert(
-            code, int(trainer.global_step), message, where=where, hint=hint,
-            severity=severity, value=value,  # type: ignore[arg-type]
+            code,
+            int(trainer.global_step),
+            message,
+            where=where,
+            hint=hint,
+            severity=severity,
+            value=value,  # type: ignore[arg-type]
         )
         new = self.book.record(alert)
         if new is not None:

@@ -18,7 +18,9 @@ import torch
 def preserved_rng() -> Iterator[None]:
     """Save and restore the CPU and every CUDA device's RNG state."""
     cpu = torch.get_rng_state()
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    cuda = (
+        torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    )
     try:
         yield
     finally:

@@ -98,7 +98,10 @@ class NonFiniteMonitor(Monitor):
         log_every_n_steps: int | None = None,
     ) -> None:
         super().__init__(
-            every_n_steps=every_n_steps, on_alert=on_alert, fail_on=fail_on, log_every_n_steps=log_every_n_steps
+            every_n_steps=every_n_steps,
+            on_alert=on_alert,
+            fail_on=fail_on,
+            log_every_n_steps=log_every_n_steps,
         )
         if not isinstance(find_module, bool):
             raise TypeError(f"`find_module`: expected True or False, got {find_module!r}.")
@@ -114,7 +117,9 @@ class NonFiniteMonitor(Monitor):
         return {**super().config(), "find_module": self.find_module, "max_replays": self.max_replays}
 
     @override
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._batch, self._batch_idx = batch, batch_idx
 
     @override
@@ -125,7 +130,9 @@ class NonFiniteMonitor(Monitor):
             self._check(trainer, pl_module, optimizer)
         super().on_before_optimizer_step(trainer, pl_module, optimizer)
 
-    def _check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
+    def _check(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
         hub = self.hub
         stats = hub.grad_step(trainer, optimizer)
         loss_bad = stats.loss is not None and not math.isfinite(stats.loss)
@@ -136,24 +143,36 @@ class NonFiniteMonitor(Monitor):
         if grads_bad and hub.params is not None:
             bad = nonfinite_indices(stats.per_tensor.tolist())
             names = [hub.params.name(stats.params[i]) for i in bad]
-        corrupted = [hub.params.name(p) for p in pl_module.parameters() if not bool(torch.isfinite(p).all())] if hub.params else []
+        corrupted = (
+            [hub.params.name(p) for p in pl_module.parameters() if not bool(torch.isfinite(p).all())]
+            if hub.params
+            else []
+        )
         module, inputs_finite = (None, True) if corrupted else self._replay(trainer, pl_module)
         self._write_crash_record(trainer, stats.loss, names, module)
         if module is not None:
             cause = "" if inputs_finite else " Its inputs were already non-finite: the batch holds NaN/Inf."
             hub.alert(
-                trainer, "activation.nonfinite",
+                trainer,
+                "activation.nonfinite",
                 f"The output of {module} is the first non-finite activation in the forward pass.{cause}",
                 where=module.split(" ")[0],
             )
         if loss_bad:
             hub.alert(trainer, "loss.nonfinite", f"The loss is {stats.loss}.", value=stats.loss)
         if grads_bad:
-            shown = ", ".join(names[:MAX_NAMES]) + (f" and {len(names) - MAX_NAMES} more" if len(names) > MAX_NAMES else "")
+            shown = ", ".join(names[:MAX_NAMES]) + (
+                f" and {len(names) - MAX_NAMES} more" if len(names) > MAX_NAMES else ""
+            )
             hub.alert(
-                trainer, "grad.nonfinite",
+                trainer,
+                "grad.nonfinite",
                 f"{len(names)} parameter gradient(s) hold NaN/Inf: {shown}."
-                + (f" {len(corrupted)} weight tensor(s) are already non-finite (corrupted by an earlier step)." if corrupted else ""),
+                + (
+                    f" {len(corrupted)} weight tensor(s) are already non-finite (corrupted by an earlier step)."
+                    if corrupted
+                    else ""
+                ),
                 where=names[0] if names else None,
             )
 

@@ -196,7 +196,11 @@ class OpposingTrendRule:
         _, loss_corr = linear_trend(list(self.losses))
         q = self.window // 4
         growth = 10 ** (sum(list(self.norms)[-q:]) / q - sum(list(self.norms)[:q]) / q)
-        if norm_corr > self.min_correlation and loss_corr < -self.min_correlation and growth >= self.min_growth:
+        if (
+            norm_corr > self.min_correlation
+            and loss_corr < -self.min_correlation
+            and growth >= self.min_growth
+        ):
             return norm_corr, loss_corr
         return None
 

@@ -90,9 +90,11 @@ def read_report(path: str) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise ReportError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
     if not isinstance(data, dict) or data.get("schema") != SCHEMA:
-        raise ReportError(f"{path}: not a healthmon report (missing \"schema\": \"{SCHEMA}\")")
+        raise ReportError(f'{path}: not a healthmon report (missing "schema": "{SCHEMA}")')
     if not isinstance(data.get("version"), int) or data["version"] > VERSION:
-        raise ReportError(f"{path}: unsupported report version {data.get('version')!r} (this healthmon reads <= {VERSION})")
+        raise ReportError(
+            f"{path}: unsupported report version {data.get('version')!r} (this healthmon reads <= {VERSION})"
+        )
     try:
         data["alerts"] = [Alert.from_dict(a) for a in data.get("alerts", [])]
     except (TypeError, ValueError) as exc:
