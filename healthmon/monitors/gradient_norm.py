@@ -94,10 +94,8 @@ class GradientNormMonitor(Monitor):
         self._hooks: list[Any] = []
         self._snapshot: list[Tensor] | None = None
         self._snapshot_params: list[Tensor] = []
-        self._pending_ratios: tuple[int, Tensor] | None = None
         self._clip_on = False
         self._snapshot_step = 0
-        self._pending_clipped: list[tuple[int, Tensor]] = []
 
     def _reset_rules(self) -> None:
         self.spike = SpikeRule(factor=self.spike_factor, warmup=self.warmup_steps)
@@ -135,9 +133,9 @@ class GradientNormMonitor(Monitor):
     # ---- hooks -------------------------------------------------------------------------------
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._trainer = trainer
         self._clip_on = bool(trainer.gradient_clip_val) if pl_module.automatic_optimization else False
         for optimizer in trainer.optimizers:
-            self._hooks.append(optimizer.register_step_pre_hook(self._before_step))
             self._hooks.append(optimizer.register_step_post_hook(self._after_step))
 
     @override
@@ -160,11 +158,12 @@ class GradientNormMonitor(Monitor):
             values.update({TAG_LAYER + name: v for name, v in stats.layer_norms.items()})
             if len(optimizer.param_groups) > 1 and stats.group_norms is not None:
                 values.update({f"{TAG_GROUP}{i}": v for i, v in enumerate(stats.group_norms)})
-            self._flush_pending(trainer)
-            if self.update_ratios and stats.params:
+            if (self.update_ratios or self._clip_on) and stats.params:
+                # Weights before the update; the post-step hook measures the update and, with
+                # clipping on, the clipped gradient (clipping runs after this hook, in place).
                 self._snapshot_step = step
                 self._snapshot_params = stats.params
-                self._snapshot = []  # filled right before optimizer.step, after clipping
+                self._snapshot = [p.detach().clone() for p in stats.params] if self.update_ratios else []
         hub.log(trainer, values, step)
         self._judge(trainer, stats.norm, stats.loss)
 
@@ -201,52 +200,39 @@ class GradientNormMonitor(Monitor):
                 f"(correlation {trend[0]:.2f}) while the loss fell ({trend[1]:.2f}).",
             )
 
-    # ---- optimizer step hooks: after clipping, and the update itself ---------------------------
-    def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if self._hub is None:
-            return
-        if self._snapshot is not None and not self._snapshot:
-            self._snapshot_params = [p for p in self._snapshot_params if p.grad is not None]
-            self._snapshot = [p.detach().clone() for p in self._snapshot_params]
-            if self._clip_on and self._snapshot_params:
-                grads = [p.grad for p in self._snapshot_params]
-                self._pending_clipped.append((self._snapshot_step, global_norm(tensor_norms(grads))))
-
+    # ---- optimizer step hook: the update itself, and the gradient after clipping ----------------
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if not self._snapshot or self._hub is None or self._hub.params is None:
-            self._snapshot = None
-            return
         params, before = self._snapshot_params, self._snapshot
-        updates = torch._foreach_sub([p.detach() for p in params], before)
-        index = self._hub.params
-        layer_idx = torch.tensor([index.layer_of.get(id(p), 0) for p in params])
-        n = len(index.layers)
-        update_norms = grouped_norms(tensor_norms(updates), layer_idx, n)
-        weight_norms = grouped_norms(tensor_norms(before), layer_idx, n)
-        ratio = update_norms / weight_norms.clamp_min(torch.finfo(torch.float32).tiny)
-        self._pending_ratios = (self._snapshot_step, ratio)  # fetched at the next logged step
         self._snapshot, self._snapshot_params = None, []
+        if before is None or self._hub is None or self._hub.params is None or not params:
+            return
+        hub, step = self._hub, self._snapshot_step
+        if self._clip_on:
+            grads = [p.grad for p in params if p.grad is not None]
+            if grads:
+                norm = global_norm(tensor_norms(grads))
+                hub.defer(norm, lambda v: hub.log(self._trainer, {TAG_NORM_CLIPPED: v[0]}, step))
+        if not before:
+            return
+        updates = torch._foreach_sub([p.detach() for p in params], before)
+        idx = [hub.params.layer_of.get(id(p), 0) for p in params]
+        layer_idx, layers = torch.tensor(idx), hub.params.layers
+        update_norms = grouped_norms(tensor_norms(updates), layer_idx, len(layers))
+        weight_norms = grouped_norms(tensor_norms(before), layer_idx, len(layers))
+        ratio = update_norms / weight_norms.clamp_min(torch.finfo(torch.float32).tiny)
+        present = sorted(set(idx))
 
-    def _flush_pending(self, trainer: pl.Trainer) -> None:
-        """Log the device values held back from earlier steps (no extra synchronisation per step)."""
-        hub = self.hub
-        if self._pending_ratios is not None and hub.params is not None:
-            step, ratio = self._pending_ratios
-            self._pending_ratios = None
-            layers = hub.params.layers
-            hub.log(
-                trainer,
-                {TAG_UPDATE_RATIO + layers[i]: v for i, v in enumerate(ratio.tolist()) if v > 0},
-                step,
-            )
-        for step, norm in self._pending_clipped:
-            hub.log(trainer, {TAG_NORM_CLIPPED: float(norm)}, step)
-        self._pending_clipped.clear()
+        def log_ratios(values: list[float]) -> None:
+            hub.log(self._trainer, {TAG_UPDATE_RATIO + layers[i]: values[i] for i in present}, step)
+
+        hub.defer(ratio, log_ratios)
 
     @override
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._hub is not None:
-            self._flush_pending(trainer)
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._snapshot, self._snapshot_params = None, []  # the step was skipped (AMP inf) if still set
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

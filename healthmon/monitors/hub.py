@@ -12,7 +12,7 @@ import math
 import os
 import platform
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,6 +113,7 @@ class Hub:
         self._skip_step = False
         self._loss_sum: Tensor | None = None
         self._grad_cache: dict[int, GradStep] = {}
+        self._deferred: list[tuple[Tensor, Callable[[list[float]], None]]] = []
         self._cache_step = -1
         self._started_at = 0.0
         self._finished = False
@@ -140,6 +141,7 @@ class Hub:
         if self._finished:
             return
         self._finished = True
+        self.flush_deferred()
         if self.sink is None:
             return
         self.sink.flush()
@@ -215,7 +217,15 @@ class Hub:
             layer_idx = torch.tensor([self.params.layer_of.get(id(p), 0) for p in params])
             parts.append(grouped_norms(per_tensor, layer_idx, len(self.params.layers)))
             parts.append(grouped_norms(per_tensor, torch.tensor(groups), len(optimizer.param_groups)))
+        deferred, self._deferred = self._deferred, []
+        parts.extend(t.detach().reshape(-1).to(device=device, dtype=torch.float32) for t, _ in deferred)
         host = torch.cat(parts).tolist()  # the one host synchronisation of this step
+        end = len(host)
+        for t, callback in reversed(deferred):
+            start = end - t.numel()
+            callback(host[start:end])
+            end = start
+        host = host[:end]
         layer_norms = group_norms = None
         if log_step:
             assert self.params is not None
@@ -234,6 +244,20 @@ class Hub:
         )
         self._grad_cache[id(optimizer)] = result
         return result
+
+    def defer(self, values: Tensor, callback: Callable[[list[float]], None]) -> None:
+        """Fetch device ``values`` with the next step's synchronisation and hand them to ``callback``.
+
+        Lets a monitor log numbers computed after the optimizer step (update ratios, clipped norms)
+        without a synchronisation of its own.
+        """
+        self._deferred.append((values, callback))
+
+    def flush_deferred(self) -> None:
+        """Fetch what is still deferred (end of training)."""
+        deferred, self._deferred = self._deferred, []
+        for values, callback in deferred:
+            callback(values.detach().reshape(-1).float().tolist())
 
     def end_step(self) -> None:
         """Forget the accumulated loss once the optimizer step has been taken."""
@@ -327,4 +351,5 @@ class HealthWarning(UserWarning):
 
 def _alert_markdown(alert: Alert) -> str:
     where = f" at `{alert.where}`" if alert.where else ""
-    return f"**{alert.severity}** `{alert.code}` step {alert.step}{where}: {alert.message}  \n*Fix:* {alert.hint}"
+    head = f"**{alert.severity}** `{alert.code}` step {alert.step}{where}"
+    return f"{head}: {alert.message}  \n*Fix:* {alert.hint}"

@@ -169,7 +169,8 @@ class NonFiniteMonitor(Monitor):
                 "grad.nonfinite",
                 f"{len(names)} parameter gradient(s) hold NaN/Inf: {shown}."
                 + (
-                    f" {len(corrupted)} weight tensor(s) are already non-finite (corrupted by an earlier step)."
+                    f" {len(corrupted)} weight tensor(s) are already non-finite"
+                    " (corrupted by an earlier step)."
                     if corrupted
                     else ""
                 ),

@@ -24,16 +24,27 @@ def _as_real_dense(t: Tensor) -> Tensor:
 
 
 def tensor_norms(tensors: Sequence[Tensor]) -> Tensor:
-    """Per-tensor L2 norms as one float32 vector, computed with one fused foreach kernel per device.
+    """Per-tensor L2 norms as one vector, computed with one fused foreach kernel per device.
 
-    Norms are accumulated in float32 whatever the tensors' dtype, so a float16 gradient whose
-    squared entries overflow float16 still gets a finite norm. A tensor holding NaN/Inf gets a
-    NaN/Inf norm, which is what the non-finite checks rely on.
+    Norms are accumulated in float32 (float64 when a tensor is float64) whatever the tensors'
+    dtype, so a float16 gradient whose squared entries overflow float16 still gets a finite norm.
+    A tensor holding NaN/Inf gets a NaN/Inf norm, which is what the non-finite checks rely on.
     """
     if not tensors:
         return torch.zeros(0)
     dense = [_as_real_dense(t) for t in tensors]
-    norms = torch._foreach_norm(dense, 2, dtype=torch.float32)
+    wide = [i for i, t in enumerate(dense) if t.dtype == torch.float64]
+    if not wide:
+        norms = torch._foreach_norm(dense, 2, dtype=torch.float32)
+    else:  # float64 cannot be narrowed: accumulate everything in float64
+        narrow = [i for i, t in enumerate(dense) if t.dtype != torch.float64]
+        norms = [None] * len(dense)
+        for i, n in zip(wide, torch._foreach_norm([dense[i] for i in wide], 2), strict=True):
+            norms[i] = n
+        if narrow:
+            parts = torch._foreach_norm([dense[i] for i in narrow], 2, dtype=torch.float32)
+            for i, n in zip(narrow, parts, strict=True):
+                norms[i] = n.double()
     device = norms[0].device
     return torch.stack([n if n.device == device else n.to(device) for n in norms])
 

@@ -20,7 +20,7 @@ def summary_lines(alerts: Sequence[Alert], *, log_dir: str | None = None) -> lis
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
         fmt = "  ".join(f"{{:<{w}}}" for w in widths)
         lines.append("  " + fmt.format(*header))
-        for a, row in zip(ordered, rows):
+        for a, row in zip(ordered, rows, strict=True):
             lines.append("  " + fmt.format(*row))
             lines.append(f"      {a.message} Fix: {a.hint}")
     if log_dir:

@@ -48,6 +48,21 @@ def write_json_atomic(path: str, data: Mapping[str, Any]) -> None:
         raise
 
 
+def write_text_atomic(path: str, text: str) -> None:
+    """Write text through a temp file and an atomic rename (see :func:`write_json_atomic`)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".healthmon-", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def _jsonable(value: Any) -> Any:
     if hasattr(value, "item"):
         return value.item()

@@ -1,0 +1,192 @@
+"""Per-step overhead of HealthMonitor (default config) on CPU, one torch thread.
+
+Runs the same training three ways, interleaved in one process so machine noise hits all alike:
+plain; with ``HealthMonitor()``; and with Lightning's own ``grad_norm`` utility logged through
+``self.log_dict`` every step (the anchor: what users do today). Prints, per model, the ratio of
+median step times (steady state) and of mean step times (amortised: periodic checks count).
+
+    python benchmarks/overhead.py                     # both models, default sizes
+    python benchmarks/overhead.py --models mlp --mlp-steps 300 --repeats 2   # quick look
+
+Models: (a) MLP 64-512-512-10 on scikit-learn digits, batch 64, SGD, 1000 steps;
+(b) a small transformer language model (4 layers, d_model 256, seq 128, batch 16) on synthetic
+tokens. This is a script, not a test: wall-clock numbers belong in notes, never in asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.utilities import grad_norm
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from healthmon import HealthMonitor
+
+
+class StepTimer(pl.Callback):
+    """Wall time between consecutive batch starts: the whole iteration, every hook included."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._last: float | None = None
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        now = time.perf_counter()
+        if self._last is not None:
+            self.times.append(now - self._last)
+        self._last = now
+
+
+class Base(pl.LightningModule):
+    def __init__(self, log_grad_norm: bool) -> None:
+        super().__init__()
+        self.log_grad_norm = log_grad_norm
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.log_grad_norm:
+            self.log_dict(grad_norm(self, norm_type=2))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+class MLP(Base):
+    def __init__(self, log_grad_norm: bool) -> None:
+        super().__init__(log_grad_norm)
+        self.net = nn.Sequential(
+            nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)
+        )
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self.net(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+
+class TinyLM(Base):
+    def __init__(
+        self, log_grad_norm: bool, vocab: int = 512, d: int = 256, layers: int = 4, seq: int = 128
+    ) -> None:
+        super().__init__(log_grad_norm)
+        self.embed = nn.Embedding(vocab, d)
+        self.pos = nn.Parameter(torch.zeros(seq, d))
+        layer = nn.TransformerEncoderLayer(d, nhead=4, dim_feedforward=4 * d, dropout=0.0, batch_first=True)
+        self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d, vocab)
+        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(seq), persistent=False)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        (tokens,) = batch
+        h = self.blocks(self.embed(tokens[:, :-1]) + self.pos[:-1], mask=self.mask[:-1, :-1], is_causal=True)
+        loss = F.cross_entropy(self.head(h).reshape(-1, self.head.out_features), tokens[:, 1:].reshape(-1))
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=3e-4)
+
+
+def digits_loader(batch: int = 64) -> DataLoader:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.data, dtype=torch.float32) / 16
+    return DataLoader(
+        TensorDataset(x, torch.tensor(d.target)), batch_size=batch, shuffle=True, drop_last=True
+    )
+
+
+def token_loader(batch: int = 16, seq: int = 128, vocab: int = 512, n: int = 512) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    base = torch.randint(0, vocab, (n, 1), generator=g)
+    tokens = (base + torch.arange(seq + 1) * torch.randint(1, 7, (n, 1), generator=g)) % vocab  # learnable
+    return DataLoader(TensorDataset(tokens), batch_size=batch, shuffle=True, drop_last=True)
+
+
+def run(
+    make_model: Callable[[bool], pl.LightningModule], loader: DataLoader, steps: int, variant: str
+) -> list[float]:
+    torch.manual_seed(0)
+    timer = StepTimer()
+    callbacks: list[Any] = [timer]
+    if variant == "healthmon":
+        callbacks.append(HealthMonitor(summary=False))
+    with tempfile.TemporaryDirectory() as root:
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            max_steps=steps,
+            callbacks=callbacks,
+            logger=TensorBoardLogger(root),
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+        )
+        trainer.fit(make_model(variant == "grad_norm"), loader)
+    return timer.times[5:]  # the first iterations include start-up
+
+
+def measure(
+    name: str, make_model: Callable[[bool], pl.LightningModule], loader: DataLoader, steps: int, repeats: int
+) -> None:
+    times: dict[str, list[float]] = {"plain": [], "healthmon": [], "grad_norm": []}
+    for r in range(repeats):
+        order = list(times) if r % 2 == 0 else list(reversed(times))  # interleave, alternate order
+        for variant in order:
+            times[variant].extend(run(make_model, loader, steps, variant))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    mean = {k: statistics.fmean(v) for k, v in times.items()}
+    print(f"\n{name}: {steps} steps x {repeats} interleaved repeats, 1 torch thread")
+    print(f"  plain step: median {1e3 * med['plain']:.3f} ms, mean {1e3 * mean['plain']:.3f} ms")
+    print(f"  {'ratio':<28} {'steady (median)':>16} {'amortised (mean)':>17}")
+    for label, a, b in (
+        ("healthmon / plain", "healthmon", "plain"),
+        ("grad_norm / plain (anchor)", "grad_norm", "plain"),
+        ("healthmon / grad_norm", "healthmon", "grad_norm"),
+    ):
+        print(f"  {label:<28} {med[a] / med[b]:>16.3f} {mean[a] / mean[b]:>17.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models", default="mlp,lm", help="comma-separated: mlp, lm")
+    parser.add_argument("--mlp-steps", type=int, default=1000)
+    parser.add_argument("--lm-steps", type=int, default=60)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+    models = args.models.split(",")
+    if "mlp" in models:
+        measure(
+            "(a) MLP 64-512-512-10, digits, batch 64, SGD", MLP, digits_loader(), args.mlp_steps, args.repeats
+        )
+    if "lm" in models:
+        measure(
+            "(b) transformer LM 4x256, seq 128, batch 16, AdamW",
+            TinyLM,
+            token_loader(),
+            args.lm_steps,
+            args.repeats,
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""`import healthmon.numerics` never imports Lightning or TensorBoard; the top level loads lazily."""
+
+from __future__ import annotations
+
+import pkgutil
+import subprocess
+import sys
+
+import healthmon.numerics
+
+HEAVY = ("pytorch_lightning", "lightning", "tensorboard", "torch.utils.tensorboard")
+
+
+def _loaded_after(statement: str) -> set[str]:
+    code = f"import sys; {statement}; print(' '.join(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return set(out.split())
+
+
+def test_numerics_are_pure_torch() -> None:
+    names = [m.name for m in pkgutil.iter_modules(healthmon.numerics.__path__)]
+    assert "gradients" in names and "trends" in names
+    stmt = "; ".join(f"import healthmon.numerics.{n}" for n in names)
+    loaded = _loaded_after(stmt)
+    assert not [m for m in loaded if m.split(".")[0] in HEAVY or m in HEAVY]
+
+
+def test_top_level_import_is_lazy() -> None:
+    loaded = _loaded_after("import healthmon; healthmon.Alert; healthmon.NumericalHealthError")
+    assert "pytorch_lightning" not in loaded and "torch" not in loaded
+    loaded = _loaded_after("import healthmon; healthmon.HealthMonitor")
+    assert "pytorch_lightning" in loaded
+
+
+def test_public_names() -> None:
+    import healthmon
+
+    for name in ("HealthMonitor", "Alert", "NumericalHealthError", "GradientNormMonitor", "NonFiniteMonitor"):
+        assert getattr(healthmon, name).__name__ == name
