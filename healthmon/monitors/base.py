@@ -114,7 +114,7 @@ class Monitor(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         if self._owns_hub:
-            self.hub.skip_step_if_stopping(optimizer)
+            self.hub.enforce_policy(trainer, optimizer)
 
     @override
     def on_train_batch_end(
@@ -122,6 +122,14 @@ class Monitor(Callback):
     ) -> None:
         if self._owns_hub:
             self.hub.end_step()
+            self.hub.enforce_policy(trainer)
+            if self.hub.is_log_step(trainer):
+                self.hub.gather_alerts(trainer)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._owns_hub:
+            self.hub.gather_alerts(trainer)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

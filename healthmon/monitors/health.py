@@ -144,7 +144,7 @@ class HealthMonitor(Callback):
     ) -> None:
         for m in self.monitors:
             m.on_before_optimizer_step(trainer, pl_module, optimizer)
-        self.hub.skip_step_if_stopping(optimizer)
+        self.hub.enforce_policy(trainer, optimizer)
 
     @override
     def on_before_zero_grad(
@@ -160,6 +160,9 @@ class HealthMonitor(Callback):
         for m in self.monitors:
             m.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         self.hub.end_step()
+        self.hub.enforce_policy(trainer)
+        if self.hub.is_log_step(trainer):
+            self.hub.gather_alerts(trainer)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -170,6 +173,7 @@ class HealthMonitor(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for m in self.monitors:
             m.on_train_end(trainer, pl_module)
+        self.hub.gather_alerts(trainer)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -110,7 +110,8 @@ class Hub:
         self.layout: dict[str, dict[str, list[Any]]] = {}
         self.last: dict[str, float] = {}
         self.stop_requested = False
-        self._skip_step = False
+        self._escalation: Alert | None = None
+        self._unsent: list[Alert] = []
         self._loss_sum: Tensor | None = None
         self._grad_cache: dict[int, GradStep] = {}
         self._deferred: list[tuple[Tensor, Callable[[list[float]], None]]] = []
@@ -300,33 +301,75 @@ class Hub:
             severity=severity,
             value=value,  # type: ignore[arg-type]
         )
+        return self._record(alert)
+
+    def _record(self, alert: Alert) -> Alert:
         new = self.book.record(alert)
         if new is not None:
+            self._unsent.append(new)
             rank_zero_warn(f"healthmon: {alert.line()} Hint: {alert.hint}", category=HealthWarning)
             if self.sink is not None:
                 self.sink.text(ALERT_TEXT_TAG, _alert_markdown(alert), alert.step)
                 self.sink.text(ALERT_RECORD_TAG, json.dumps(alert.to_dict()), alert.step)
-        if self.policy.escalates(alert):
-            if self.policy.on_alert == "raise":
-                raise NumericalHealthError(new or alert)
-            self.stop_requested = True
-            self._skip_step = True
-            trainer.should_stop = True
+        if self._escalation is None and self.policy.escalates(alert):
+            self._escalation = new or alert
         return new or alert
 
-    def skip_step_if_stopping(self, optimizer: Any) -> bool:
-        """Under ``on_alert="stop"``, keep the step that triggered the stop from being applied.
+    def enforce_policy(self, trainer: Any, optimizer: Any = None) -> None:
+        """Act on an alert that the policy escalates: raise, or stop without applying the step.
 
-        The gradients are dropped (set to None); torch optimizers skip parameters without a
-        gradient, so the weights keep their last healthy values.
+        Called at fixed points of every step (end of ``on_before_optimizer_step`` and of
+        ``on_train_batch_end``) so that, under DDP, all ranks agree through one boolean
+        all-reduce and stop or raise together instead of hanging in the next collective.
+        Under ``stop`` the gradients of ``optimizer`` are dropped (set to None): torch optimizers
+        skip parameters without a gradient, so the weights keep their last healthy values.
         """
-        if not self._skip_step:
-            return False
-        self._skip_step = False
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                p.grad = None
-        return True
+        if self.policy.on_alert == "warn":
+            return
+        decision = self._escalation is not None
+        if trainer.world_size > 1:
+            decision = bool(trainer.strategy.reduce_boolean_decision(decision, all=False))
+        if not decision:
+            return
+        alert = self._escalation or make_alert(
+            "monitor.skipped",
+            int(trainer.global_step),
+            "Another rank raised an alert that stops the run.",
+            severity=self.policy.fail_on,  # type: ignore[arg-type]
+        )
+        if self.policy.on_alert == "raise":
+            self._escalation = None
+            raise NumericalHealthError(alert)
+        self.stop_requested = True
+        trainer.should_stop = True
+        if optimizer is not None:
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None
+
+    def gather_alerts(self, trainer: Any) -> None:
+        """Bring alerts first seen on other ranks to rank zero (call on every rank, same step)."""
+        if trainer.world_size <= 1:
+            self._unsent.clear()
+            return
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        mine = [a.to_dict() for a in self._unsent]
+        self._unsent.clear()
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, mine)
+        if not trainer.is_global_zero:
+            return
+        for rank, alerts in enumerate(gathered):
+            if rank == dist.get_rank():
+                continue
+            for data in alerts or []:
+                remote = Alert.from_dict(data)
+                remote.message = f"{remote.message} [rank {rank}]"
+                self._record(remote)
+        self._unsent.clear()
 
     def write_crash_record(self, trainer: Any, record: Mapping[str, Any]) -> str | None:
         """A small JSON file beside the report to reproduce a failure (rank zero)."""
