@@ -21,7 +21,7 @@ from lightning_utilities.core.rank_zero import rank_zero_warn
 from torch import Tensor
 
 from healthmon.alerts import Alert, AlertBook, AlertPolicy, NumericalHealthError, make_alert
-from healthmon.numerics.gradients import global_norm, grouped_norms, tensor_norms
+from healthmon.numerics.gradients import global_norm, grouped_norms, reduce_sharded_norms, tensor_norms
 from healthmon.sinks.console import summary_lines
 from healthmon.sinks.report import CRASH_NAME, REPORT_NAME, build_report, write_json_atomic
 from healthmon.sinks.tensorboard import TensorBoardSink
@@ -82,6 +82,31 @@ def optimizer_params_with_grad(optimizer: Any) -> tuple[list[Tensor], list[int]]
                 params.append(p)
                 groups.append(gi)
     return params, groups
+
+
+SHARDING_STRATEGIES = ("FSDPStrategy",)  # each rank's optimizer holds shards of flat parameters
+
+
+def local_gradients(grads: list[Tensor], strategy: Any) -> tuple[list[Tensor], bool]:
+    """This rank's part of each gradient, and whether the parts are shards of a larger gradient.
+
+    Plain DDP gradients are replicated (every rank has the whole, averaged gradient): their norms
+    are local. FSDP gradients and sharded ``DTensor`` gradients (``ModelParallelStrategy``) are
+    split across ranks: their norms need one all-reduce of squared local norms
+    (:func:`~healthmon.numerics.gradients.reduce_sharded_norms`).
+    """
+    sharded = type(strategy).__name__ in SHARDING_STRATEGIES
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch without distributed support
+        return grads, sharded
+    local = []
+    for g in grads:
+        if isinstance(g, DTensor):
+            sharded = sharded or any(p.is_shard() for p in g.placements)
+            g = g.to_local()
+        local.append(g)
+    return local, sharded
 
 
 class Hub:
@@ -205,7 +230,10 @@ class Hub:
         if cached is not None:
             return cached
         params, groups = optimizer_params_with_grad(optimizer)
-        per_tensor = tensor_norms([p.grad for p in params])
+        grads, sharded = local_gradients([p.grad for p in params], trainer.strategy)
+        per_tensor = tensor_norms(grads)
+        if sharded:
+            per_tensor = reduce_sharded_norms(per_tensor)
         device = per_tensor.device if len(params) else torch.device("cpu")
         loss = self._loss_sum
         parts = [

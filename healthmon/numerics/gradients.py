@@ -73,3 +73,23 @@ def grouped_norms(per_tensor_norms: Tensor, group_index: Tensor, num_groups: int
 def nonfinite_indices(per_tensor_norms: Sequence[float]) -> list[int]:
     """Indices of tensors whose norm (and hence some entry) is NaN or Inf, from host values."""
     return [i for i, n in enumerate(per_tensor_norms) if n != n or n in (float("inf"), float("-inf"))]
+
+
+def reduce_sharded_norms(local_norms: Tensor, group: object | None = None) -> Tensor:
+    """Per-tensor norms of gradients that are sharded across ranks (FSDP, tensor parallel).
+
+    Each rank holds a disjoint shard of every gradient, so the full norm of tensor i is
+    ``sqrt(sum over ranks of local_norm_i ** 2)``: one all-reduce (sum) of the squared local norms.
+    Replicated gradients (plain DDP) must NOT go through this: their squares would be counted once
+    per rank.
+
+    Args:
+        local_norms: per-tensor norms of this rank's shards (:func:`tensor_norms` of the shards).
+        group: the process group the shards are spread over (None: the default group).
+    """
+    import torch.distributed as dist
+
+    squares = local_norms.square()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(squares, op=dist.ReduceOp.SUM, group=group)
+    return squares.sqrt()
