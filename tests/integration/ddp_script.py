@@ -17,9 +17,9 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from models import DigitsClassifier, digits  # noqa: E402
+from models import DigitsClassifier, digits
 
-from healthmon import HealthMonitor, NumericalHealthError  # noqa: E402
+from healthmon import HealthMonitor, NumericalHealthError
 
 GLOBAL_BATCH = 64
 
@@ -27,7 +27,9 @@ GLOBAL_BATCH = 64
 def shard(rank: int, world: int) -> DataLoader:
     x, y = digits()
     per = GLOBAL_BATCH // world
-    idx = torch.cat([torch.arange(k * GLOBAL_BATCH + rank * per, k * GLOBAL_BATCH + (rank + 1) * per) for k in range(10)])
+    idx = torch.cat(
+        [torch.arange(k * GLOBAL_BATCH + rank * per, k * GLOBAL_BATCH + (rank + 1) * per) for k in range(10)]
+    )
     return DataLoader(TensorDataset(x[idx], y[idx]), batch_size=per, shuffle=False)
 
 
@@ -52,9 +54,17 @@ def main(out: str, mode: str) -> None:
     mon = HealthMonitor(on_alert=policy, summary=False)
     model = ShardedClassifier(nan_loss_rank=None if mode == "norms" else 1)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", max_steps=8, callbacks=[mon],
-        logger=pl.loggers.TensorBoardLogger(out, name="ddp"), enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=False, log_every_n_steps=1, use_distributed_sampler=False,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_steps=8,
+        callbacks=[mon],
+        logger=pl.loggers.TensorBoardLogger(out, name="ddp"),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        log_every_n_steps=1,
+        use_distributed_sampler=False,
     )
     raised = None
     try:

@@ -22,11 +22,15 @@ SCRIPT = os.path.join(os.path.dirname(__file__), "ddp_script.py")
 def _launch(out: str, mode: str) -> dict[int, dict[str, Any]]:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     # timeout guards against a hang (the failure this test exists to catch), it is not a speed limit
-    proc = subprocess.run([sys.executable, SCRIPT, out, mode], capture_output=True, text=True, timeout=600, env=env)
+    proc = subprocess.run(
+        [sys.executable, SCRIPT, out, mode], capture_output=True, text=True, timeout=600, env=env
+    )
     results = {}
     for rank in (0, 1):
         path = os.path.join(out, f"rank{rank}.json")
-        assert os.path.exists(path), f"rank {rank} wrote no result; rc={proc.returncode}\n{proc.stderr[-3000:]}"
+        assert os.path.exists(path), (
+            f"rank {rank} wrote no result; rc={proc.returncode}\n{proc.stderr[-3000:]}"
+        )
         results[rank] = json.load(open(path))
     return results
 
