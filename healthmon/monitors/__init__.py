@@ -3,6 +3,14 @@
 from healthmon.monitors.base import Monitor
 from healthmon.monitors.gradient_norm import GradientNormMonitor
 from healthmon.monitors.health import HealthMonitor, default_monitors
+from healthmon.monitors.logits import LogitsCheck
 from healthmon.monitors.nonfinite import NonFiniteMonitor
 
-__all__ = ["GradientNormMonitor", "HealthMonitor", "Monitor", "NonFiniteMonitor", "default_monitors"]
+__all__ = [
+    "GradientNormMonitor",
+    "HealthMonitor",
+    "LogitsCheck",
+    "Monitor",
+    "NonFiniteMonitor",
+    "default_monitors",
+]

@@ -16,12 +16,13 @@ from healthmon.alerts import Alert, AlertPolicy, OnAlert, Severity
 from healthmon.monitors.base import Monitor
 from healthmon.monitors.gradient_norm import GradientNormMonitor
 from healthmon.monitors.hub import Hub
+from healthmon.monitors.logits import LogitsCheck
 from healthmon.monitors.nonfinite import NonFiniteMonitor
 
 
 def default_monitors() -> list[Monitor]:
     """The monitors ``HealthMonitor()`` runs, each with its default (cheap) cadence."""
-    return [NonFiniteMonitor(), GradientNormMonitor()]
+    return [NonFiniteMonitor(), GradientNormMonitor(), LogitsCheck()]
 
 
 class HealthMonitor(Callback):

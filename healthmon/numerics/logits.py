@@ -1,0 +1,696 @@
+"""Catch unstable logits formulas at the line that wrote them: a ``TorchFunctionMode`` interceptor.
+
+The seed's second half is about formulas that are right on paper and wrong in floating point:
+``log(sum(exp(x)))`` overflows, ``exp(x) / exp(x).sum()`` overflows or divides 0 by 0, and a loss
+that expects logits but receives probabilities saturates and rounds its gradient to zero. These are
+bugs in *how* a number was computed, so :class:`LogitsInterceptor` watches the computation itself:
+while it is active (a sampled step's forward pass) it sees every call that goes through the torch
+function layer (``torch.*``, ``Tensor.*`` methods and operators, ``torch.nn.functional.*`` and
+hence the ``nn`` modules built on them), looks only at a small table of interesting functions and
+hands every call through untouched: ``func(*args, **kwargs)`` is returned as is.
+
+Evidence comes in two kinds:
+
+* **Provenance** -- what produced an argument. Results of the interesting functions are tagged
+  (softmax, sigmoid, exp, sum of exp, ...) in a weak, per-step table, which works with or without
+  autograd; tensors made before interception started are classified from their autograd node
+  (``SoftmaxBackward0``, ``ExpBackward0``, ...) when they have one.
+* **Values** -- only for the arguments of a loss, only when provenance is silent and there is no
+  graph: entries in [0, 1] with rows summing to 1 (softmax output), or inside (0, 1) (sigmoid
+  output). Value checks and the saturation counts are device tensors, resolved with one host
+  synchronisation in :meth:`LogitsInterceptor.findings`.
+
+Each finding names the user's own source line (``path/file.py:LINE``): the first stack frame
+outside torch, Lightning, torchmetrics, healthmon and the standard library.
+
+This module is pure torch: no Lightning, no logging.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import sysconfig
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+from torch.utils.weak import WeakIdKeyDictionary
+
+# ---- kinds of evidence (provenance tags) ------------------------------------------------------
+SOFTMAX = "softmax"  # probabilities along a dim (softmax, or exp/sum written by hand, exp(log_softmax))
+SIGMOID = "sigmoid"  # elementwise probabilities in (0, 1)
+LOG_SOFTMAX = "log_softmax"  # stable log-probabilities
+LOG_NAIVE = "log_naive"  # log of probabilities (already reported where it was computed)
+EXP = "exp"  # exp of an unshifted input
+EXP_SAFE = "exp_shifted"  # exp(x - max) or exp(x - logsumexp): cannot overflow
+SUM_EXP = "sum_exp"
+SUM_EXP_SAFE = "sum_exp_shifted"
+MAX = "max"  # max / amax / logsumexp values: what a stable formula subtracts
+SHIFTED = "shifted"  # x - max(x)
+
+PROBABILITIES = (SOFTMAX, SIGMOID)
+
+#: Packages whose frames are skipped when looking for the user's line.
+SKIPPED_PACKAGES: tuple[str, ...] = (
+    "torch",
+    "lightning",
+    "pytorch_lightning",
+    "lightning_fabric",
+    "lightning_utilities",
+    "torchmetrics",
+    "healthmon",
+)
+
+HINT_CE = "Pass the raw logits: F.cross_entropy(logits, y) (remove the softmax before the loss)."
+HINT_NLL = "Use F.log_softmax(logits, dim=1) before F.nll_loss, or F.cross_entropy(logits, y)."
+HINT_BCE_LOGITS = "Pass the pre-sigmoid values: nn.BCEWithLogitsLoss()(logits, y) (remove the sigmoid)."
+HINT_KL = "kl_div expects log-probabilities as input: F.kl_div(F.log_softmax(student, dim=-1), target)."
+HINT_LOG_SOFTMAX = "Use F.log_softmax(logits, dim=-1) instead of torch.log(F.softmax(logits, dim=-1))."
+HINT_DOUBLE_SOFTMAX = "Apply F.log_softmax to the logits, not to softmax outputs (remove the softmax)."
+HINT_LOGSUMEXP = "Use torch.logsumexp(x, dim=...) instead of torch.log(torch.exp(x).sum(...))."
+HINT_SOFTMAX = "Use torch.softmax(x, dim=-1) (or F.log_softmax for log-probabilities)."
+HINT_SIGMOID_BCE = "Use nn.BCEWithLogitsLoss()(logits, y) on the pre-sigmoid values."
+HINT_SATURATED = (
+    "Work in log space: F.log_softmax / F.logsigmoid, or the logits forms of the losses "
+    "(F.cross_entropy, BCEWithLogitsLoss)."
+)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One unstable formula seen during interception.
+
+    Attributes:
+        code: the alert code (``logits.probabilities``, ``logits.naive_log_softmax``, ...).
+        message: one sentence: what was computed and why it is unstable.
+        where: the user's source line, ``path/file.py:LINE`` (relative to the working directory
+            when inside it), or None when no frame outside the skipped packages was found.
+        hint: the exact fix for this call.
+        value: the measured number, when there is one (e.g. the fraction of saturated entries).
+        count: how many calls at this line fired during the interception window.
+    """
+
+    code: str
+    message: str
+    where: str | None
+    hint: str
+    value: float | None = None
+    count: int = 1
+
+
+# ---- the user's line --------------------------------------------------------------------------
+_SKIP_DIRS: tuple[str, ...] | None = None
+_KEEP_DIRS: tuple[str, ...] = ()
+_SKIP_CACHE: dict[str, bool] = {}
+
+
+def _skip_dirs() -> tuple[str, ...]:
+    global _SKIP_DIRS, _KEEP_DIRS
+    if _SKIP_DIRS is None:
+        dirs: list[str] = []
+        for name in SKIPPED_PACKAGES:
+            try:
+                spec = importlib.util.find_spec(name)  # locates the package without importing it
+            except (ImportError, ValueError):
+                spec = None
+            for loc in (spec.submodule_search_locations or []) if spec is not None else []:
+                dirs.append(os.path.realpath(loc) + os.sep)
+        paths = sysconfig.get_paths()
+        dirs.append(os.path.realpath(paths["stdlib"]) + os.sep)
+        _KEEP_DIRS = tuple({os.path.realpath(paths[k]) + os.sep for k in ("purelib", "platlib")})
+        _SKIP_DIRS = tuple(dirs)
+    return _SKIP_DIRS
+
+
+def _is_skipped(filename: str) -> bool:
+    known = _SKIP_CACHE.get(filename)
+    if known is not None:
+        return known
+    if filename.startswith("<"):
+        skipped = True
+    else:
+        path = os.path.realpath(filename)
+        skip_dirs = _skip_dirs()
+        skipped = any(path.startswith(d) for d in skip_dirs[:-1]) or (
+            path.startswith(skip_dirs[-1]) and not any(path.startswith(k) for k in _KEEP_DIRS)
+        )
+    _SKIP_CACHE[filename] = skipped
+    return skipped
+
+
+def user_frame_location(depth: int = 1) -> str | None:
+    """``path/file.py:LINE`` of the first caller frame outside the skipped packages.
+
+    The path is relative to the working directory when the file lies inside it, else absolute.
+    """
+    frame = sys._getframe(depth)
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        if not _is_skipped(filename):
+            path = _display_path(filename)
+            return f"{path}:{frame.f_lineno}"
+        frame = frame.f_back
+    return None
+
+
+def _display_path(filename: str) -> str:
+    cwd = os.getcwd()
+    key = (cwd, filename)
+    path = _DISPLAY_CACHE.get(key)
+    if path is None:
+        path = os.path.realpath(filename)
+        root = os.path.realpath(cwd) + os.sep
+        if path.startswith(root):
+            path = path[len(root) :]
+        _DISPLAY_CACHE[key] = path
+    return path
+
+
+_DISPLAY_CACHE: dict[tuple[str, str], str] = {}
+
+
+# ---- provenance from the autograd graph (tensors made before interception) --------------------
+_PASS_NODES = frozenset(
+    {
+        "CloneBackward0",
+        "ToCopyBackward0",
+        "ViewBackward0",
+        "UnsafeViewBackward0",
+        "ReshapeAliasBackward0",
+        "SqueezeBackward0",
+        "SqueezeBackward1",
+        "SqueezeBackward2",
+        "UnsqueezeBackward0",
+        "PermuteBackward0",
+        "TransposeBackward0",
+        "TBackward0",
+        "ExpandBackward0",
+        "ClampBackward0",
+        "ClampBackward1",
+        "ClampMinBackward0",
+        "ClampMaxBackward0",
+    }
+)
+_SCALAR_NODES = frozenset({"AddBackward0", "SubBackward0", "MulBackward0", "DivBackward0"})
+_MAX_NODES = frozenset({"MaxBackward0", "MaxBackward1", "AmaxBackward0", "LogsumexpBackward0"})
+_MAX_WALK = 12
+
+
+def _parents(node: Any) -> list[Any]:
+    return [n for n, _ in node.next_functions]
+
+
+def graph_kind(node: Any, depth: int = 0) -> str | None:
+    """The kind of value an autograd node produced (None when it says nothing about logits)."""
+    if node is None or depth > _MAX_WALK:
+        return None
+    name = type(node).__name__
+    if name in _PASS_NODES:
+        parents = _parents(node)
+        return graph_kind(parents[0], depth + 1) if parents else None
+    if name == "SoftmaxBackward0":
+        return SOFTMAX
+    if name == "SigmoidBackward0":
+        return SIGMOID
+    if name == "LogSoftmaxBackward0":
+        return LOG_SOFTMAX
+    if name in _MAX_NODES:
+        return MAX
+    parents = _parents(node)
+    if name == "ExpBackward0":
+        inner = graph_kind(parents[0], depth + 1) if parents else None
+        return _exp_kind(inner) if parents and parents[0] is not None else EXP
+    if name.startswith("SumBackward"):
+        return _sum_kind(graph_kind(parents[0], depth + 1) if parents else None)
+    if name == "LogBackward0":
+        inner = graph_kind(parents[0], depth + 1) if parents else None
+        return LOG_NAIVE if inner in PROBABILITIES else None
+    if name in _SCALAR_NODES and len(parents) == 2:
+        first, second = parents
+        if name == "SubBackward0" and first is not None:
+            # x - max(x); a detached subtrahend (x - x.max().detach()) is indistinguishable from a
+            # constant here, so it counts as a shift too: no alert without evidence.
+            if second is None or graph_kind(second, depth + 1) == MAX:
+                inner = graph_kind(first, depth + 1)
+                return SHIFTED if second is not None or inner is None else inner
+        if name == "DivBackward0" and first is not None and second is not None:
+            return _div_kind(graph_kind(first, depth + 1), graph_kind(second, depth + 1))
+        if second is None and first is not None:  # an op with a Python number
+            return graph_kind(first, depth + 1)
+    return None
+
+
+def _exp_kind(inner: str | None) -> str:
+    if inner == SHIFTED:
+        return EXP_SAFE
+    if inner in (LOG_SOFTMAX, LOG_NAIVE):
+        return SOFTMAX
+    return EXP
+
+
+def _sum_kind(inner: str | None) -> str | None:
+    return {EXP: SUM_EXP, EXP_SAFE: SUM_EXP_SAFE}.get(inner or "")
+
+
+def _div_kind(num: str | None, den: str | None) -> str | None:
+    if (num, den) in ((EXP, SUM_EXP), (EXP_SAFE, SUM_EXP_SAFE)):
+        return SOFTMAX
+    return None
+
+
+# ---- value evidence (device tensors, resolved once) -------------------------------------------
+def _row_tolerance(x: Tensor) -> float:
+    return 1e-3 if torch.finfo(x.dtype).bits >= 32 else 2e-2
+
+
+@torch.no_grad()
+def looks_like_softmax(x: Tensor, dim: int) -> Tensor:
+    """1.0 when every entry is in [0, 1] and every slice along ``dim`` sums to 1, else 0.0 (device)."""
+    x = x.detach()
+    if x.dim() == 0 or x.numel() == 0 or x.shape[dim] < 2:
+        return torch.zeros((), device=x.device)
+    in_range = ((x >= 0) & (x <= 1)).all()
+    rows = x.float().sum(dim)
+    ok = (rows - 1).abs().amax() <= _row_tolerance(x)
+    return (in_range & ok).float()
+
+
+@torch.no_grad()
+def looks_like_sigmoid(x: Tensor) -> Tensor:
+    """1.0 when every entry lies strictly inside (0, 1) (and there are at least 2), else 0.0."""
+    x = x.detach()
+    if x.numel() < 2:
+        return torch.zeros((), device=x.device)
+    return ((x > 0) & (x < 1)).all().float()
+
+
+@torch.no_grad()
+def saturated_fraction(p: Tensor) -> Tensor:
+    """Fraction of probabilities that are exactly 0 or exactly 1 (device scalar)."""
+    p = p.detach()
+    if p.numel() == 0:
+        return torch.zeros((), device=p.device)
+    return ((p == 0) | (p == 1)).float().mean()
+
+
+# ---- the interceptor --------------------------------------------------------------------------
+def _arg(args: tuple[Any, ...], kwargs: dict[str, Any], index: int, name: str) -> Any:
+    if len(args) > index:
+        return args[index]
+    return kwargs.get(name)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+@dataclass
+class _Pending:
+    code: str
+    where: str | None
+    hint: str
+    value: Tensor
+    message: Callable[[float], str]
+    threshold: float  # fires when value > threshold
+    report_value: bool  # False when the value is only a yes/no flag
+
+
+class LogitsInterceptor(TorchFunctionMode):
+    """A ``TorchFunctionMode`` that spots unstable logits formulas; results are never changed.
+
+    Use it as a context manager around a forward pass (or ``__enter__``/``__exit__`` across hooks),
+    then call :meth:`findings` once. A fresh instance per interception window keeps the
+    provenance table short-lived.
+
+    Attributes:
+        checks: number of interesting calls (losses, softmax/log/exp/sum/division...) inspected.
+        errors: internal errors of the rules (a rule that fails is skipped; the call still runs).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.checks = 0
+        self.errors: list[str] = []
+        self._tags: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._found: dict[tuple[str, str | None], list[Any]] = {}
+        self._pending: list[_Pending] = []
+
+    # -- dispatch ------------------------------------------------------------------------------
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        if kwargs is None:
+            kwargs = {}
+        rule = _RULES.get(func)
+        if rule is None:
+            return func(*args, **kwargs)
+        kind: str | None = None
+        try:
+            kind = rule(self, args, kwargs)
+        except Exception as exc:  # a rule must never break the user's step
+            self.errors.append(f"{getattr(func, '__name__', func)}: {type(exc).__name__}: {exc}")
+        out = func(*args, **kwargs)
+        target = out[0] if isinstance(out, tuple) and out else out
+        if isinstance(target, Tensor):
+            if kind is not None:
+                self._tags[target] = kind
+            elif target in self._tags:  # an in-place op overwrote a tagged tensor
+                del self._tags[target]
+        return out
+
+    # -- evidence ------------------------------------------------------------------------------
+    def kind_of(self, x: Any) -> str | None:
+        """What produced ``x``: its tag from this window, else its autograd node, else None."""
+        if not isinstance(x, Tensor):
+            return None
+        kind = self._tags.get(x)
+        if kind is not None:
+            return kind
+        return graph_kind(x.grad_fn)
+
+    def _tag_of(self, x: Any) -> str | None:
+        return self._tags.get(x) if isinstance(x, Tensor) else None
+
+    def _emit(self, code: str, message: str, hint: str, value: float | None = None) -> None:
+        where = user_frame_location(3)
+        self._record(code, where, message, hint, value)
+
+    def _record(self, code: str, where: str | None, message: str, hint: str, value: float | None) -> None:
+        known = self._found.get((code, where))
+        if known is None:
+            self._found[(code, where)] = [message, hint, value, 1]
+        else:
+            known[3] += 1
+            if value is not None:
+                known[2] = value
+
+    def _defer(
+        self,
+        code: str,
+        hint: str,
+        value: Tensor,
+        message: Callable[[float], str],
+        *,
+        threshold: float = 0.0,
+        report_value: bool = True,
+    ) -> None:
+        where = user_frame_location(3)
+        self._pending.append(_Pending(code, where, hint, value, message, threshold, report_value))
+
+    def _check_saturated(self, p: Tensor, what: str) -> None:
+        self._defer(
+            "softmax.saturated",
+            HINT_SATURATED,
+            saturated_fraction(p),
+            lambda v: (
+                f"{v:.1%} of the probabilities reaching {what} are exactly 0 or 1: their gradient is lost."
+            ),
+        )
+
+    # -- results -------------------------------------------------------------------------------
+    def findings(self) -> list[Finding]:
+        """Resolve the value checks (one host synchronisation) and return the findings, once.
+
+        Call it after the interception window has closed; it clears what it returns.
+        """
+        pending, self._pending = self._pending, []
+        if pending:
+            device = pending[0].value.device
+            values = torch.stack([p.value.detach().float().reshape(()).to(device) for p in pending]).tolist()
+            for p, v in zip(pending, values, strict=True):
+                if v > p.threshold:
+                    self._record(p.code, p.where, p.message(v), p.hint, v if p.report_value else None)
+        found, self._found = self._found, {}
+        return [
+            Finding(code, message, where, hint, value, count)
+            for (code, where), (message, hint, value, count) in found.items()
+        ]
+
+    # -- rules: each inspects the inputs and returns the kind of the result ----------------------
+    def _pass(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+        return self._tag_of(_arg(args, kwargs, 0, "input"))
+
+    def _arith(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+        # x + eps, x * t: keeps the kind of the tensor operand when the other is a Python number.
+        a, b = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "other")
+        if _is_number(b):
+            return self._tag_of(a)
+        if _is_number(a):
+            return self._tag_of(b)
+        return None
+
+    def _rsub(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+        # 1 - sigmoid(x) is sigmoid(-x): still a probability that can saturate.
+        a, b = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "other")
+        return SIGMOID if _is_number(b) and b == 1 and self.kind_of(a) == SIGMOID else None
+
+    def _sub(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+        a, b = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "other")
+        if _is_number(b):
+            return self._tag_of(a)
+        if isinstance(b, Tensor) and self.kind_of(b) == MAX:
+            return SHIFTED
+        return None
+
+    def _max(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+        return MAX
+
+    def _softmax(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+        self.checks += 1
+        return SOFTMAX
+
+    def _sigmoid(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+        self.checks += 1
+        return SIGMOID
+
+    def _log_softmax(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+        self.checks += 1
+        x = _arg(args, kwargs, 0, "input")
+        if self.kind_of(x) == SOFTMAX:
+            self._emit(
+                "logits.naive_log_softmax",
+                "log_softmax was applied to softmax outputs (a double softmax): the log-probabilities "
+                "are squashed towards uniform and the gradient is lost.",
+                HINT_DOUBLE_SOFTMAX,
+            )
+            return LOG_NAIVE
+        return LOG_SOFTMAX
+
+    def _log(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+        self.checks += 1
+        x = _arg(args, kwargs, 0, "input")
+        kind = self.kind_of(x)
+        if kind == SOFTMAX:
+            self._emit(
+                "logits.naive_log_softmax",
+                "log(softmax(x)) computed in two steps: softmax underflows to 0 and the log gives "
+                "-inf; log_softmax computes the same thing stably.",
+                HINT_LOG_SOFTMAX,
+            )
+        elif kind == SUM_EXP:
+            self._emit(
+                "logits.naive_logsumexp",
+                "log(sum(exp(x))) without subtracting the max: exp overflows to inf for large x "
+                "and underflows to 0 (log gives -inf) for very negative x.",
+                HINT_LOGSUMEXP,
+            )
+        if kind in PROBABILITIES:
+            self._check_saturated(x, "a log")
+            return LOG_NAIVE
+        return None
+
+    def _exp(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+        self.checks += 1
+        return _exp_kind(self.kind_of(_arg(args, kwargs, 0, "input")))
+
+    def _sum(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+        self.checks += 1
+        return _sum_kind(self.kind_of(_arg(args, kwargs, 0, "input")))
+
+    def _div(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+        self.checks += 1
+        a, b = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "other")
+        if _is_number(b):
+            return self._tag_of(a)
+        if not isinstance(b, Tensor):
+            return None
+        num, den = self.kind_of(a), self.kind_of(b)
+        if (num, den) == (EXP, SUM_EXP):
+            self._emit(
+                "logits.naive_softmax",
+                "A softmax written as exp(x) / exp(x).sum() without subtracting the max: exp "
+                "overflows to inf (inf/inf = NaN) or underflows to 0 (0/0 = NaN).",
+                HINT_SOFTMAX,
+            )
+        return _div_kind(num, den)
+
+    def _cross_entropy(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+        self.checks += 1
+        x = _arg(args, kwargs, 0, "input")
+        self._expect_logits(x, "F.cross_entropy", HINT_CE, class_dim=1)
+        return None
+
+    def _nll_loss(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+        self.checks += 1
+        x = _arg(args, kwargs, 0, "input")
+        self._expect_logits(x, "F.nll_loss (which expects log-probabilities)", HINT_NLL, class_dim=1)
+        return None
+
+    def _kl_div(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+        self.checks += 1
+        x = _arg(args, kwargs, 0, "input")
+        self._expect_logits(x, "F.kl_div (whose input must be log-probabilities)", HINT_KL, class_dim=-1)
+        return None
+
+    def _bce_with_logits(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+        self.checks += 1
+        x = _arg(args, kwargs, 0, "input")
+        self._expect_logits(x, "BCEWithLogits", HINT_BCE_LOGITS, class_dim=None)
+        return None
+
+    def _bce(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+        self.checks += 1
+        x = _arg(args, kwargs, 0, "input")
+        if isinstance(x, Tensor) and self.kind_of(x) == SIGMOID:
+            self._emit(
+                "logits.sigmoid_bce",
+                "BCELoss on sigmoid outputs: legal, but the logits form is more stable (it never "
+                "takes log(0)).",
+                HINT_SIGMOID_BCE,
+            )
+            self._check_saturated(x, "BCELoss")
+        return None
+
+    def _expect_logits(self, x: Any, loss: str, hint: str, class_dim: int | None) -> None:
+        """A loss that expects logits (or log-probabilities): flag probabilities by provenance or values."""
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            return
+        kind = self.kind_of(x)
+        if kind in PROBABILITIES:
+            what = "softmax" if kind == SOFTMAX else "sigmoid"
+            self._emit(
+                "logits.probabilities",
+                f"{loss} received {what} probabilities instead of logits: the loss saturates and "
+                "the gradient is rounded to zero, which stalls training.",
+                hint,
+            )
+            self._check_saturated(x, loss)
+            return
+        if kind is not None or x.grad_fn is not None:
+            return  # the graph says what it is, and it is not probabilities
+        # No graph and no tag: judge by values (device tensors, resolved in findings()).
+        if class_dim is None:
+            evidence, shape = looks_like_sigmoid(x), "inside (0, 1)"
+        else:
+            dim = class_dim if x.dim() >= 2 or class_dim < 0 else 0
+            evidence, shape = looks_like_softmax(x, dim), "in [0, 1] with rows summing to 1"
+        self._defer(
+            "logits.probabilities",
+            hint,
+            evidence,
+            lambda v: (
+                f"{loss} received values that all lie {shape}: probabilities, not logits; "
+                "the gradient is rounded to zero, which stalls training."
+            ),
+            threshold=0.5,
+            report_value=False,
+        )
+
+
+# ---- the table of interesting functions -------------------------------------------------------
+Rule = Callable[[LogitsInterceptor, tuple[Any, ...], dict[str, Any]], "str | None"]
+
+
+def _funcs(torch_names: tuple[str, ...] = (), tensor_names: tuple[str, ...] = (), extra: tuple = ()) -> list:
+    found: list[Any] = list(extra)
+    for name in torch_names:
+        for namespace in (torch, torch.special):
+            if hasattr(namespace, name):
+                found.append(getattr(namespace, name))
+    for name in tensor_names:
+        for cls in (torch.Tensor, torch._C.TensorBase):
+            if hasattr(cls, name):
+                found.append(getattr(cls, name))
+    return found
+
+
+def _build_rules() -> dict[Any, Rule]:
+    L = LogitsInterceptor
+    table: list[tuple[list[Any], Rule]] = [
+        (
+            _funcs(
+                tensor_names=(
+                    "detach",
+                    "clone",
+                    "contiguous",
+                    "to",
+                    "float",
+                    "double",
+                    "half",
+                    "bfloat16",
+                    "type",
+                    "view",
+                    "view_as",
+                    "reshape",
+                    "reshape_as",
+                    "squeeze",
+                    "unsqueeze",
+                    "flatten",
+                    "permute",
+                    "transpose",
+                    "t",
+                    "clamp",
+                    "clamp_",
+                    "clamp_min",
+                    "clamp_max",
+                    "clip",
+                    "clip_",
+                    "__getitem__",
+                ),
+                torch_names=("clamp", "clip", "clamp_min", "clamp_max", "reshape", "flatten", "squeeze"),
+            ),
+            L._pass,
+        ),
+        (
+            _funcs(
+                ("add", "mul", "multiply"),
+                ("add", "add_", "__add__", "__radd__", "__iadd__", "mul", "mul_", "__mul__", "__rmul__"),
+            ),
+            L._arith,
+        ),
+        (_funcs(("rsub",), ("__rsub__",)), L._rsub),
+        (_funcs(("sub", "subtract"), ("sub", "sub_", "subtract", "__sub__", "__isub__")), L._sub),
+        (_funcs(("max", "amax", "logsumexp"), ("max", "amax", "logsumexp")), L._max),
+        (_funcs(("softmax",), ("softmax",), (F.softmax,)), L._softmax),
+        (_funcs(("sigmoid", "expit"), ("sigmoid", "sigmoid_"), (F.sigmoid,)), L._sigmoid),
+        (_funcs(("log_softmax",), ("log_softmax",), (F.log_softmax,)), L._log_softmax),
+        (_funcs(("log",), ("log", "log_")), L._log),
+        (_funcs(("exp",), ("exp", "exp_")), L._exp),
+        (_funcs(("sum",), ("sum",)), L._sum),
+        (
+            _funcs(
+                ("div", "divide", "true_divide"),
+                ("div", "div_", "divide", "true_divide", "__truediv__", "__itruediv__"),
+            ),
+            L._div,
+        ),
+        ([F.cross_entropy], L._cross_entropy),
+        ([F.nll_loss], L._nll_loss),
+        ([F.kl_div], L._kl_div),
+        ([F.binary_cross_entropy_with_logits, torch.binary_cross_entropy_with_logits], L._bce_with_logits),
+        ([F.binary_cross_entropy], L._bce),
+    ]
+    rules: dict[Any, Rule] = {}
+    for funcs, rule in table:
+        for f in funcs:
+            rules[f] = rule
+    return rules
+
+
+_RULES: dict[Any, Rule] = _build_rules()
