@@ -32,7 +32,7 @@ from pytorch_lightning.utilities import grad_norm
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from healthmon import HealthMonitor
+from healthmon import HealthMonitor, LogitsCheck
 
 
 class StepTimer(pl.Callback):
@@ -141,9 +141,17 @@ def run(
 
 
 def measure(
-    name: str, make_model: Callable[[bool], pl.LightningModule], loader: DataLoader, steps: int, repeats: int
+    name: str,
+    make_model: Callable[[bool], pl.LightningModule],
+    loader: DataLoader,
+    steps: int,
+    repeats: int,
+    extras: bool = False,
 ) -> None:
-    times: dict[str, list[float]] = {"plain": [], "healthmon": [], "grad_norm": []}
+    variants = ["plain", "healthmon", "grad_norm"]
+    if extras:
+        variants += ["logits_every_step", "forward_hooks_every_step"]
+    times: dict[str, list[float]] = {v: [] for v in variants}
     for r in range(repeats):
         order = list(times) if r % 2 == 0 else list(reversed(times))  # interleave, alternate order
         for variant in order:
@@ -159,6 +167,13 @@ def measure(
         ("healthmon / grad_norm", "healthmon", "grad_norm"),
     ):
         print(f"  {label:<28} {med[a] / med[b]:>16.3f} {mean[a] / mean[b]:>17.3f}")
+    if extras:
+        sampled = med["logits_every_step"] / med["plain"]
+        every = LogitsCheck().every_n_steps
+        print(f"  LogitsCheck sampled step / plain step: {sampled:.3f} (median); amortised at the default")
+        print(f"    schedule (first 3 steps, then every {every}): ~{1 + (sampled - 1) / every:.4f}")
+        hooks = med["forward_hooks_every_step"] / med["plain"]
+        print(f"  isfinite forward hooks on every module and step (NonFiniteMonitor avoids): {hooks:.3f}")
 
 
 def main() -> None:
@@ -176,7 +191,12 @@ def main() -> None:
     models = args.models.split(",")
     if "mlp" in models:
         measure(
-            "(a) MLP 64-512-512-10, digits, batch 64, SGD", MLP, digits_loader(), args.mlp_steps, args.repeats
+            "(a) MLP 64-512-512-10, digits, batch 64, SGD",
+            MLP,
+            digits_loader(),
+            args.mlp_steps,
+            args.repeats,
+            True,
         )
     if "lm" in models:
         measure(
