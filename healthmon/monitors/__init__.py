@@ -5,9 +5,11 @@ from healthmon.monitors.gradient_norm import GradientNormMonitor
 from healthmon.monitors.health import HealthMonitor, default_monitors
 from healthmon.monitors.logits import LogitsCheck
 from healthmon.monitors.nonfinite import NonFiniteMonitor
+from healthmon.monitors.underflow import GradientUnderflowMonitor
 
 __all__ = [
     "GradientNormMonitor",
+    "GradientUnderflowMonitor",
     "HealthMonitor",
     "LogitsCheck",
     "Monitor",

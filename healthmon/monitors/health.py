@@ -18,11 +18,12 @@ from healthmon.monitors.gradient_norm import GradientNormMonitor
 from healthmon.monitors.hub import Hub
 from healthmon.monitors.logits import LogitsCheck
 from healthmon.monitors.nonfinite import NonFiniteMonitor
+from healthmon.monitors.underflow import GradientUnderflowMonitor
 
 
 def default_monitors() -> list[Monitor]:
     """The monitors ``HealthMonitor()`` runs, each with its default (cheap) cadence."""
-    return [NonFiniteMonitor(), GradientNormMonitor(), LogitsCheck()]
+    return [NonFiniteMonitor(), GradientNormMonitor(), GradientUnderflowMonitor(), LogitsCheck()]
 
 
 class HealthMonitor(Callback):

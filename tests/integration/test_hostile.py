@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
@@ -19,15 +20,6 @@ def _loader(n: int = 64, d: int = 8) -> DataLoader:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, d, generator=g)
     return DataLoader(TensorDataset(x, (x.sum(1) > 0).long()), batch_size=16)
-
-
-def _fit(
-    tmp_path: Any, model: pl.LightningModule, loader: DataLoader | None = None, **kwargs: Any
-) -> HealthMonitor:
-    """Fit with every check on at every step, raising at the first warning (a false positive fails)."""
-    mon = HealthMonitor(on_alert="raise", fail_on="warning", summary=False)
-    trainer(tmp_path, [mon], **{"max_steps": 8, **kwargs}).fit(model, loader or _loader())
-    return mon
 
 
 class Base(pl.LightningModule):
@@ -180,9 +172,12 @@ class NoTrainable(pl.LightningModule):
     ids=lambda c: c.__name__,
 )
 def test_hostile_model_runs_without_crash_or_false_alert(tmp_path: Any, make: type) -> None:
-    mon = _fit(tmp_path, make())
-    assert not [a for a in mon.alerts if a.severity != "info" and a.code != "monitor.skipped"]
-    assert mon.report_path is not None
+    mon = HealthMonitor(summary=False)
+    trainer(tmp_path, [mon], max_steps=8).fit(make(), _loader())
+    # pure bf16/fp16 weights trained at lr 0.05 really do lose most updates: those alerts are true
+    expected = {"update.stale", "grad.underflow"} if make is MixedDtypes else set()
+    assert {a.code for a in mon.alerts if a.severity != "info"} <= expected
+    assert mon.report_path is not None and os.path.exists(mon.report_path)
 
 
 def test_validation_test_and_predict_loops_stay_quiet(tmp_path: Any) -> None:
