@@ -40,6 +40,16 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--fail-on", choices=SEVERITIES, default="warning", help="lowest failing severity")
     check.add_argument("--format", choices=FORMATS, default="text", dest="fmt", help="output format")
     check.add_argument("--output", "-o", metavar="FILE", help="write the output here instead of stdout")
+    report = sub.add_parser(
+        "report",
+        help="write a self-contained HTML report (charts and alerts) for CI artifacts",
+        description="Render a run's charts and alerts into one HTML file (needs healthmon[report]).",
+    )
+    report.add_argument("path", metavar="PATH", help="a TensorBoard log dir or a healthmon report JSON")
+    report.add_argument(
+        "--out", "-o", metavar="FILE", default="healthmon_report.html", help="the HTML file to write"
+    )
+    report.add_argument("--title", default=None, help="the report's title (default: from PATH)")
     return parser
 
 
@@ -48,7 +58,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         if args.command is None:
-            raise UsageError("expected a command: check")
+            raise UsageError("expected a command: check or report")
+        if args.command == "report":
+            return _report(args)
         return _check(args)
     except UsageError as exc:
         print(f"healthmon: error: {exc} (see 'healthmon check --help')", file=sys.stderr)
@@ -73,6 +85,16 @@ def _check(args: argparse.Namespace) -> int:
     elif text:
         sys.stdout.write(text)
     return EXIT_ALERTS if failing else EXIT_OK
+
+
+def _report(args: argparse.Namespace) -> int:
+    """Write the HTML report; exit 0 whatever the alerts (`check` gives the verdict)."""
+    from healthmon.sinks.html import write_html_report
+
+    runs = write_html_report(args.path, args.out, title=args.title)
+    n_alerts = sum(len(r.alerts) for r in runs)
+    print(f"healthmon: wrote {args.out} ({len(runs)} run(s), {n_alerts} alert(s))")
+    return EXIT_OK
 
 
 def _render(fmt: str, runs: list[RunAlerts], failing: list[tuple[RunAlerts, Alert]], fail_on: str) -> str:

@@ -28,6 +28,7 @@ from healthmon.sinks.tensorboard import TensorBoardSink
 
 ALERT_TEXT_TAG = "healthmon/alerts"
 ALERT_RECORD_TAG = "healthmon/alert_records"
+CONFIG_TAG = "healthmon/config"
 
 
 def layer_of(param_name: str) -> str:
@@ -157,9 +158,11 @@ class Hub:
             self.report_path = os.path.join(self.log_dir, REPORT_NAME)
 
     def start(self, trainer: Any) -> None:
-        """Write the custom-scalars layout (at the start of training, once monitors declared it)."""
+        """Write the custom-scalars layout and the configuration (TEXT tab), once per fit."""
         if self.sink is not None:
             self.sink.layout(self.layout)
+            config = json.dumps(self.config, indent=2, default=str)
+            self.sink.text(CONFIG_TAG, "healthmon configuration:\n\n    " + config.replace("\n", "\n    "), 0)
             self.sink.flush()
 
     def finish(self, trainer: Any, status: str, error: BaseException | None = None) -> None:

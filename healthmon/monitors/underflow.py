@@ -202,7 +202,7 @@ class GradientUnderflowMonitor(Monitor):
     @override
     def declare_layout(self, hub: Hub) -> None:
         hub.declare_layout(
-            "healthmon: underflow",
+            "healthmon: precision",
             {
                 "zero gradient fraction per dtype": [TAG_ZERO_DTYPE + ".*"],
                 "subnormal gradient fraction per dtype": [TAG_SUB_DTYPE + ".*"],

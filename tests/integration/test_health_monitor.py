@@ -223,6 +223,8 @@ def test_custom_scalars_layout_and_alert_text_are_in_the_event_files(tmp_path: A
     charts = {c.title: list(c.multiline.tag) for cat in layout.category for c in cat.chart}
     assert charts["gradient norm vs loss"] == ["healthmon/grad/norm", "healthmon/loss"]
     assert "healthmon/alerts/text_summary" in tensors
+    config = acc.Tensors("healthmon/config/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert '"on_alert": "warn"' in config and "GradientNormMonitor" in config
 
 
 def test_monitor_never_changes_the_run(tmp_path: Any) -> None:
