@@ -1,0 +1,58 @@
+"""The JSON report: atomic writes, schema validation on read."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import pytest
+
+from healthmon.alerts import make_alert
+from healthmon.sinks.report import ReportError, build_report, read_report, write_json_atomic
+
+
+class Explodes:
+    """A value whose serialisation fails half-way through the file."""
+
+    def item(self) -> float:
+        raise RuntimeError("disk full, or a bug")
+
+
+def _report() -> dict[str, Any]:
+    return build_report(
+        run={"status": "completed"},
+        config={},
+        alerts=[make_alert("grad.explosion", 3, "m", where="net.0")],
+        dropped=0,
+        last={"healthmon/loss": 1.5},
+    )
+
+
+def test_round_trip(tmp_path: Any) -> None:
+    path = str(tmp_path / "r.json")
+    write_json_atomic(path, _report())
+    data = read_report(path)
+    assert data["alerts"][0].code == "grad.explosion" and data["counts"] == {
+        "info": 0,
+        "warning": 1,
+        "error": 0,
+    }
+
+
+def test_a_failed_write_leaves_the_previous_report_intact(tmp_path: Any) -> None:
+    path = str(tmp_path / "r.json")
+    write_json_atomic(path, _report())
+    before = open(path).read()
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_json_atomic(path, {**_report(), "last": {"x": Explodes()}})
+    assert open(path).read() == before
+    assert os.listdir(tmp_path) == ["r.json"]  # no temp file left behind
+    json.loads(before)
+
+
+def test_newer_schema_versions_are_refused_clearly(tmp_path: Any) -> None:
+    path = str(tmp_path / "r.json")
+    write_json_atomic(path, {**_report(), "version": 99})
+    with pytest.raises(ReportError, match="unsupported report version 99"):
+        read_report(path)
