@@ -263,47 +263,6 @@ def test_state_survives_a_checkpoint_round_trip(tmp_path: Any) -> None:
     assert gn is not None and gn.divergence.initial == mon.monitor(GradientNormMonitor).divergence.initial
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "match"),
-    [
-        ({"on_alert": "explode"}, "`on_alert`: expected one of 'warn', 'raise', 'stop', got 'explode'"),
-        ({"fail_on": "fatal"}, "`fail_on`"),
-        ({"log_every_n_steps": 0}, "`log_every_n_steps`: expected an integer >= 1, got 0"),
-        ({"monitors": [object()]}, "`monitors\\[0\\]`"),
-        ({"report": "yes"}, "`report`"),
-        ({"monitors": [GradientNormMonitor(), GradientNormMonitor()]}, "at most one monitor of each kind"),
-    ],
-)
-def test_bad_arguments_are_named(kwargs: dict, match: str) -> None:
-    with pytest.raises((ValueError, TypeError), match=match):
-        HealthMonitor(**kwargs)
-
-
-@pytest.mark.parametrize(
-    ("cls", "kwargs", "match"),
-    [
-        (
-            GradientNormMonitor,
-            {"every_n_steps": 0},
-            "`every_n_steps`: expected an integer >= 1 or a callable",
-        ),
-        (GradientNormMonitor, {"every_n_steps": 2.5}, "`every_n_steps`"),
-        (
-            GradientNormMonitor,
-            {"spike_factor": 0.5},
-            "`spike_factor`: expected a finite number > 1.0, got 0.5",
-        ),
-        (GradientNormMonitor, {"divergence_window": 2}, "`divergence_window`"),
-        (GradientNormMonitor, {"blowup_factor": float("nan")}, "`blowup_factor`"),
-        (NonFiniteMonitor, {"max_replays": -1}, "`max_replays`"),
-        (NonFiniteMonitor, {"find_module": "yes"}, "`find_module`"),
-    ],
-)
-def test_monitor_bad_arguments_are_named(cls: type, kwargs: dict, match: str) -> None:
-    with pytest.raises((ValueError, TypeError), match=match):
-        cls(**kwargs)
-
-
 def test_callable_cadence(tmp_path: Any) -> None:
     steps: list[int] = []
 
