@@ -3,6 +3,7 @@
 from healthmon.monitors.base import Monitor
 from healthmon.monitors.gradient_norm import GradientNormMonitor
 from healthmon.monitors.health import HealthMonitor, default_monitors
+from healthmon.monitors.hessian import HessianEigenMonitor, log_then_every
 from healthmon.monitors.logits import LogitsCheck
 from healthmon.monitors.nonfinite import NonFiniteMonitor
 from healthmon.monitors.underflow import GradientUnderflowMonitor
@@ -11,8 +12,10 @@ __all__ = [
     "GradientNormMonitor",
     "GradientUnderflowMonitor",
     "HealthMonitor",
+    "HessianEigenMonitor",
     "LogitsCheck",
     "Monitor",
     "NonFiniteMonitor",
     "default_monitors",
+    "log_then_every",
 ]

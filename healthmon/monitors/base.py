@@ -8,7 +8,7 @@ records the loss), last in ``on_before_optimizer_step`` (a ``stop`` policy drops
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import pytorch_lightning as pl
 import torch
@@ -34,6 +34,10 @@ class Monitor(Callback):
         log_every_n_steps: how often scalars are written; None follows the Trainer's
             ``log_every_n_steps``.
     """
+
+    #: Monitors that intercept the forward pass (a TorchFunctionMode) run after the others in a
+    #: bundle, so that extra computation of other monitors (probe passes) is not intercepted.
+    intercepts_forward: ClassVar[bool] = False
 
     def __init__(
         self,

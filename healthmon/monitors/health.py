@@ -15,6 +15,7 @@ from healthmon import _checks
 from healthmon.alerts import Alert, AlertPolicy, OnAlert, Severity
 from healthmon.monitors.base import Monitor
 from healthmon.monitors.gradient_norm import GradientNormMonitor
+from healthmon.monitors.hessian import HessianEigenMonitor
 from healthmon.monitors.hub import Hub
 from healthmon.monitors.logits import LogitsCheck
 from healthmon.monitors.nonfinite import NonFiniteMonitor
@@ -23,7 +24,13 @@ from healthmon.monitors.underflow import GradientUnderflowMonitor
 
 def default_monitors() -> list[Monitor]:
     """The monitors ``HealthMonitor()`` runs, each with its default (cheap) cadence."""
-    return [NonFiniteMonitor(), GradientNormMonitor(), GradientUnderflowMonitor(), LogitsCheck()]
+    return [
+        NonFiniteMonitor(),
+        GradientNormMonitor(),
+        GradientUnderflowMonitor(),
+        HessianEigenMonitor(),
+        LogitsCheck(),
+    ]
 
 
 class HealthMonitor(Callback):
@@ -70,7 +77,8 @@ class HealthMonitor(Callback):
                 raise ValueError(
                     f"`monitors`: expected at most one monitor of each kind, got two of {duplicates}."
                 )
-        self.monitors: list[Monitor] = list(monitors)
+        # stable: interceptors of the forward pass last (see Monitor.intercepts_forward)
+        self.monitors: list[Monitor] = sorted(monitors, key=lambda m: m.intercepts_forward)
         self.hub = Hub(
             self.policy, log_every_n_steps=log_every_n_steps, write_report=report, print_summary=summary
         )

@@ -64,6 +64,8 @@ class LogitsCheck(Monitor):
             are written on every sampled step regardless, since sampled steps are sparse).
     """
 
+    intercepts_forward = True
+
     def __init__(
         self,
         *,

@@ -1,0 +1,435 @@
+"""HessianEigenMonitor: the top of the loss Hessian's spectrum against the optimizer's stability limit.
+
+Why: gradient descent diverges along the top eigenvector once ``lambda_max > 2/lr`` (heavy-ball
+momentum: ``(2 + 2*beta)/lr``), and a clearly negative ``lambda_min`` marks a saddle region
+(Goodfellow et al., *Deep Learning*, ch. 4.3). The monitor estimates both from Hessian-vector
+products of the module's own ``training_step`` loss on a fixed probe batch; all the mathematics
+lives in :mod:`healthmon.numerics.hessian`.
+
+When: in ``on_train_batch_start`` of the steps its schedule selects, before that step's forward
+pass, on the weights the step is about to update. The estimate runs inside
+:func:`~healthmon.monitors.isolation.isolated` and replays one RNG state for every loss evaluation
+(dropout masks identical across products), so gradients, BatchNorm statistics, train/eval modes
+and the RNG streams are exactly as before: the trained weights are bit-identical with and without
+the monitor. The loss is evaluated in float32 outside autocast.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+import torch
+from lightning_utilities.core.apply_func import apply_to_collection
+from torch import Tensor
+from typing_extensions import override
+
+from healthmon import _checks
+from healthmon._checks import Cadence
+from healthmon.alerts import OnAlert, Severity
+from healthmon.monitors.base import Monitor
+from healthmon.monitors.hub import Hub
+from healthmon.monitors.isolation import isolated
+from healthmon.numerics.hessian import (
+    HessianOperator,
+    HVPMethod,
+    SpectrumEstimate,
+    adam_preconditioner,
+    estimate_spectrum,
+    lanczos,
+    mean_over_ranks,
+    preconditioned,
+    split_batch,
+    stability_limit,
+    time_hvp_methods,
+)
+
+TAG = "healthmon/hessian/"
+TAG_LAMBDA_MAX = TAG + "lambda_max"
+TAG_LAMBDA_MIN = TAG + "lambda_min"
+TAG_TWO_OVER_LR = TAG + "two_over_lr"
+TAG_LIMIT = TAG + "stability_limit"
+TAG_CONDITION = TAG + "condition"
+TAG_PRODUCTS = TAG + "products"
+TAG_SECONDS = TAG + "seconds"
+TAG_RESIDUAL = TAG + "residual"
+TAG_CONVERGED = TAG + "converged"
+TAG_TRACE = TAG + "trace"
+TAG_PRECOND = TAG + "preconditioned_sharpness"
+TAG_PRECOND_LIMIT = TAG + "preconditioned_limit"
+
+
+class LogThenEvery:
+    """Schedule: steps 0, 1, base, base^2, ... below ``every``, then every multiple of ``every``.
+
+    Early estimates catch a run that is unstable from its first steps; later ones are sparse and
+    warm-started (the top eigenvector moves slowly), which keeps the amortised cost low.
+    """
+
+    def __init__(self, every: int, base: int = 4) -> None:
+        self.every = _checks.positive_int(every, "every")
+        self.base = _checks.positive_int(base, "base", minimum=2)
+        self.__name__ = f"log_then_every({every}, base={base})"
+
+    def __call__(self, step: int) -> bool:
+        if step % self.every == 0:
+            return True
+        if step >= self.every:
+            return False
+        power = 1
+        while power < step:
+            power *= self.base
+        return power == step
+
+    def __repr__(self) -> str:
+        return self.__name__
+
+
+def log_then_every(every: int = 2000, *, base: int = 4) -> Callable[[int], bool]:
+    """The default cadence of :class:`HessianEigenMonitor`: log-spaced early, then every ``every``.
+
+    ``log_then_every(2000)`` runs at steps 0, 1, 4, 16, 64, 256, 1024, 2000, 4000, ...
+    """
+    return LogThenEvery(every, base)
+
+
+def _clone(batch: Any, device: torch.device) -> Any:
+    return apply_to_collection(batch, Tensor, lambda t: t.detach().clone().to(device))
+
+
+def _loss_of(output: Any) -> Tensor:
+    loss = output.get("loss") if isinstance(output, Mapping) else output
+    if not isinstance(loss, Tensor) or not loss.requires_grad:
+        raise TypeError(
+            "training_step did not return a differentiable loss (a Tensor or a dict with 'loss')."
+        )
+    return loss
+
+
+class HessianEigenMonitor(Monitor):
+    """Top Hessian eigenvalues (sharpness), negative curvature and their stability limits.
+
+    On each scheduled step the monitor builds Hessian-vector products of ``training_step``'s
+    loss on the probe batch, estimates ``lambda_1..k`` and ``lambda_min`` (warm-started from the
+    previous estimate's eigenvectors), and compares ``lambda_max`` with the optimizer's
+    stability limit, read from the first optimizer at that moment (learning-rate schedules
+    included). Under DDP each rank uses its own probe shard and products are averaged across
+    ranks (every rank gets the same eigenvalues; rank zero logs).
+
+    Alerts:
+        ``hessian.sharpness``: SGD-type: ``lambda_max > 2/lr`` (momentum: ``(2 + 2 beta)/lr``);
+        Adam-type: the preconditioned sharpness ``lambda_max(P^-1 H)`` above
+        ``(2 + 2 beta1)/((1 - beta1) lr)``. A Ritz value is a lower bound on the true
+        ``lambda_max``, so the alert is sound even when the estimate has not converged.
+        ``hessian.negative_curvature``: ``lambda_min < 0`` and ``|lambda_min| >=
+        negative_ratio * lambda_max`` (top estimate converged).
+        ``monitor.skipped``: manual optimization, no differentiable loss, or an unknown
+        optimizer type for the sharpness test.
+
+    Args:
+        every_n_steps: schedule; default :func:`log_then_every` ``(2000)``.
+        top_k: how many of the largest eigenvalues.
+        solver: "lanczos" (default, fewest products) or "power" (block power iteration; the
+            most negative eigenvalue by power iteration on ``H - lambda_max I``).
+        hvp: "auto" (time both methods once and keep the faster), "double_backward" or
+            "forward_over_reverse".
+        tol: relative residual ``||H v - lambda v|| / |lambda|`` to stop at (eigenvalue error is
+            about ``tol^2`` relative for a well-separated eigenvalue).
+        max_products: cap on Hessian-vector products per solve.
+        negative_curvature: also estimate ``lambda_min``.
+        negative_ratio: ``|lambda_min| / lambda_max`` at or above which negative curvature is
+            significant (the residual of ``lambda_min`` is measured against this scale).
+        trace_samples: Hutchinson samples for ``tr(H)`` (0: off).
+        preconditioned: for Adam-type optimizers, estimate the preconditioned sharpness.
+        warm_start: start each estimate from the previous eigenvectors.
+        probe_batch: the batch to measure on (any structure ``training_step`` accepts); None
+            captures the first training batch.
+        probe_chunk_size: split the probe batch into chunks of at most this many rows and sum
+            the weighted products (memory); requires a mean-reduced loss.
+        seed: seed of the random start vectors (the global RNG is not used).
+        on_alert: see :class:`~healthmon.monitors.base.Monitor`.
+        fail_on: see :class:`~healthmon.monitors.base.Monitor`.
+        log_every_n_steps: unused for the estimates (every estimate is logged); kept for the
+            common signature.
+    """
+
+    def __init__(
+        self,
+        *,
+        every_n_steps: Cadence | None = None,
+        top_k: int = 1,
+        solver: Literal["lanczos", "power"] = "lanczos",
+        hvp: Literal["auto", "double_backward", "forward_over_reverse"] = "auto",
+        tol: float = 1e-3,
+        max_products: int = 100,
+        negative_curvature: bool = True,
+        negative_ratio: float = 0.1,
+        trace_samples: int = 0,
+        preconditioned: bool = True,
+        warm_start: bool = True,
+        probe_batch: Any = None,
+        probe_chunk_size: int | None = None,
+        seed: int = 0,
+        on_alert: OnAlert = "warn",
+        fail_on: Severity = "warning",
+        log_every_n_steps: int | None = None,
+    ) -> None:
+        super().__init__(
+            every_n_steps=log_then_every() if every_n_steps is None else every_n_steps,
+            on_alert=on_alert,
+            fail_on=fail_on,
+            log_every_n_steps=log_every_n_steps,
+        )
+        self.top_k = _checks.positive_int(top_k, "top_k")
+        self.solver = _checks.choice(solver, "solver", ("lanczos", "power"))
+        self.hvp = _checks.choice(hvp, "hvp", ("auto", "double_backward", "forward_over_reverse"))
+        self.tol = _checks.positive_float(tol, "tol")
+        if self.tol >= 1:
+            raise ValueError(f"`tol`: expected a number in (0, 1), got {tol!r}.")
+        self.max_products = _checks.positive_int(max_products, "max_products", minimum=self.top_k)
+        for name, flag in (
+            ("negative_curvature", negative_curvature),
+            ("preconditioned", preconditioned),
+            ("warm_start", warm_start),
+        ):
+            if not isinstance(flag, bool):
+                raise TypeError(f"`{name}`: expected True or False, got {flag!r}.")
+        self.negative_curvature = negative_curvature
+        self.negative_ratio = _checks.fraction(negative_ratio, "negative_ratio")
+        self.trace_samples = _checks.positive_int(trace_samples, "trace_samples", minimum=0)
+        self.preconditioned = preconditioned
+        self.warm_start = warm_start
+        if probe_chunk_size is not None:
+            _checks.positive_int(probe_chunk_size, "probe_chunk_size")
+        self.probe_chunk_size = probe_chunk_size
+        self.seed = _checks.positive_int(seed, "seed", minimum=0)
+        self._user_probe = probe_batch
+        self._probe: Any = None
+        self._probe_idx = 0
+        self._last_step = -1
+        self._method: HVPMethod | None = None if hvp == "auto" else hvp  # type: ignore[assignment]
+        self._warm_top: Tensor | None = None
+        self._warm_bottom: Tensor | None = None
+        self._warm_precond: Tensor | None = None
+        self._generator = torch.Generator().manual_seed(self.seed)
+        self.last_estimate: SpectrumEstimate | None = None
+        self.estimates = 0
+
+    @override
+    def config(self) -> dict[str, Any]:
+        return {
+            **super().config(),
+            "top_k": self.top_k,
+            "solver": self.solver,
+            "hvp": self.hvp,
+            "tol": self.tol,
+            "max_products": self.max_products,
+            "negative_curvature": self.negative_curvature,
+            "negative_ratio": self.negative_ratio,
+            "trace_samples": self.trace_samples,
+            "preconditioned": self.preconditioned,
+            "warm_start": self.warm_start,
+            "probe_chunk_size": self.probe_chunk_size,
+        }
+
+    @override
+    def declare_layout(self, hub: Hub) -> None:
+        hub.declare_layout(
+            "healthmon: curvature",
+            {
+                "sharpness vs stability limit": [TAG_LAMBDA_MAX, TAG_LIMIT, TAG_TWO_OVER_LR],
+                "extremes": [TAG_LAMBDA_MAX, TAG_LAMBDA_MIN],
+                "cost": [TAG_PRODUCTS, TAG_SECONDS],
+            },
+        )
+
+    # ---- hooks ---------------------------------------------------------------------------------
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        step = int(trainer.global_step)
+        if self._probe is None:
+            source = batch if self._user_probe is None else self._user_probe
+            self._probe = _clone(source, pl_module.device)
+            self._probe_idx = batch_idx if self._user_probe is None else 0
+        if step == self._last_step or not self.should_run(trainer):
+            return  # gradient accumulation: one estimate per optimizer step
+        self._last_step = step
+        if not pl_module.automatic_optimization:
+            self._skip(trainer, "manual optimization: replaying training_step would step the optimizer")
+            return
+        self._estimate(trainer, pl_module)
+
+    # ---- the estimate ---------------------------------------------------------------------------
+    def _operator(self, pl_module: pl.LightningModule, method: HVPMethod) -> HessianOperator:
+        chunks = split_batch(self._probe, self.probe_chunk_size)
+
+        def closure(chunk: Any) -> Callable[[], Tensor]:
+            return lambda: _loss_of(pl_module.training_step(chunk, self._probe_idx))
+
+        return HessianOperator(
+            pl_module,
+            [(closure(c), w) for c, w in chunks],
+            method=method,
+            reduce=mean_over_ranks,
+            cache_graph=len(chunks) == 1,
+        )
+
+    def _estimate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        if optimizer is None or not any(p.requires_grad for p in pl_module.parameters()):
+            self._skip(trainer, "no optimizer or no trainable parameter: there is no loss Hessian to watch")
+            return
+        try:
+            with isolated(pl_module), torch.enable_grad():
+                if self._method is None:
+                    timings = time_hvp_methods(lambda m: self._operator(pl_module, m))
+                    self._method = min(timings, key=timings.__getitem__)  # type: ignore[assignment]
+                op = self._operator(pl_module, self._method)  # type: ignore[arg-type]
+                est = estimate_spectrum(
+                    op,
+                    k=self.top_k,
+                    solver=self.solver,  # type: ignore[arg-type]
+                    tol=self.tol,
+                    max_products=self.max_products,
+                    negative=self.negative_curvature,
+                    negative_scale=self.negative_ratio,
+                    trace_samples=self.trace_samples,
+                    warm_top=self._warm_top if self.warm_start else None,
+                    warm_bottom=self._warm_bottom if self.warm_start else None,
+                    generator=self._generator,
+                )
+                limit = stability_limit(optimizer) if optimizer is not None else None
+                pre = None
+                if limit is not None and limit.kind == "adam" and self.preconditioned:
+                    p = adam_preconditioner(optimizer, op.params)  # type: ignore[arg-type]
+                    if p is not None:
+                        pre = lanczos(
+                            preconditioned(op, p),
+                            k=1,
+                            v0=self._warm_precond if self.warm_start else None,
+                            tol=self.tol,
+                            max_products=self.max_products,
+                            generator=self._generator,
+                        )
+                op.release()
+        except TypeError as err:
+            self._skip(trainer, str(err))
+            return
+        except (FloatingPointError, torch.linalg.LinAlgError) as err:
+            # NaN/Inf weights or probe batch: NonFiniteMonitor reports the cause; no estimate here
+            self._skip(trainer, f"no estimate: {err}")
+            return
+        except RuntimeError as err:  # a model autograd cannot differentiate twice (custom kernels...)
+            self._skip(trainer, f"no estimate, the loss cannot be differentiated twice ({err})")
+            return
+        self.estimates += 1
+        self.last_estimate = est
+        self._warm_top = est.top.eigenvectors.detach()
+        self._warm_bottom = None if est.bottom is None else est.bottom.eigenvectors.detach()
+        self._warm_precond = None if pre is None else pre.eigenvectors.detach()
+        products = est.num_products + (pre.num_products if pre is not None else 0)
+        self._report(trainer, est, limit, pre, products)
+
+    def _report(
+        self, trainer: pl.Trainer, est: SpectrumEstimate, limit: Any, pre: Any, products: int
+    ) -> None:
+        hub = self.hub
+        lam = est.lambda_max
+        values: dict[str, float] = {TAG_LAMBDA_MAX: lam, TAG_PRODUCTS: products, TAG_SECONDS: est.seconds}
+        for i, v in enumerate(est.top.eigenvalues, start=1):
+            values[f"{TAG}lambda_{i}"] = v
+        values[TAG_RESIDUAL] = max(est.top.residuals)
+        values[TAG_CONVERGED] = float(est.top.all_converged)
+        low = est.lambda_min
+        if low is not None:
+            values[TAG_LAMBDA_MIN] = low
+            if est.condition is not None and math.isfinite(est.condition):
+                values[TAG_CONDITION] = est.condition
+        if est.trace is not None:
+            values[TAG_TRACE] = est.trace.trace
+        if limit is not None:
+            values[TAG_TWO_OVER_LR] = limit.two_over_lr
+            if math.isfinite(limit.limit):
+                values[TAG_PRECOND_LIMIT if limit.kind == "adam" else TAG_LIMIT] = limit.limit
+        if pre is not None:
+            values[TAG_PRECOND] = pre.eigenvalues[0]
+        hub.log(trainer, values, int(trainer.global_step))
+        self._judge(trainer, est, limit, pre)
+
+    def _judge(self, trainer: pl.Trainer, est: SpectrumEstimate, limit: Any, pre: Any) -> None:
+        hub = self.hub
+        lam = est.lambda_max
+        if limit is None or limit.kind == "unknown":
+            self._skip(trainer, "sharpness: no known stability limit for this optimizer")
+        elif limit.kind == "sgd" and lam > limit.limit:
+            hub.alert(
+                trainer,
+                "hessian.sharpness",
+                f"The top Hessian eigenvalue {lam:.4g} is above the stability limit {limit.limit:.4g} "
+                f"({limit.formula}, lr={limit.lr:.3g}): gradient descent oscillates and diverges along "
+                "its eigenvector.",
+                hint=f"Lower the learning rate below {2 / lam:.3g} (2/lambda_max), or add warm-up.",
+                value=lam,
+            )
+        elif limit.kind == "adam" and pre is not None and pre.eigenvalues[0] > limit.limit:
+            ps = pre.eigenvalues[0]
+            hub.alert(
+                trainer,
+                "hessian.sharpness",
+                f"The preconditioned sharpness lambda_max(P^-1 H) = {ps:.4g} is above Adam's stability "
+                f"limit {limit.limit:.4g} ({limit.formula}, lr={limit.lr:.3g}).",
+                hint="Lower the learning rate, add warm-up, or raise Adam's eps.",
+                value=ps,
+            )
+        elif limit.kind == "adam" and not self.preconditioned:
+            self._skip(trainer, "sharpness: Adam-type optimizer and preconditioned=False")
+        low = est.lambda_min
+        if (
+            low is not None
+            and low < 0
+            and lam > 0
+            and est.top.all_converged
+            and -low >= self.negative_ratio * lam
+        ):
+            hub.alert(
+                trainer,
+                "hessian.negative_curvature",
+                f"The Hessian has a negative eigenvalue {low:.4g}, {-low / lam:.2g} of lambda_max "
+                f"{lam:.4g}: the weights are near a saddle point.",
+                value=low,
+            )
+
+    def _skip(self, trainer: pl.Trainer, reason: str) -> None:
+        self.hub.alert(
+            trainer, "monitor.skipped", f"HessianEigenMonitor: {reason}.", where="HessianEigenMonitor"
+        )
+
+    # ---- checkpoints -----------------------------------------------------------------------------
+    @override
+    def monitor_state(self) -> dict[str, Any]:
+        def cpu(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.detach().cpu()
+
+        return {
+            "hvp_method": self._method,
+            "warm_top": cpu(self._warm_top),
+            "warm_bottom": cpu(self._warm_bottom),
+            "warm_precond": cpu(self._warm_precond),
+            "estimates": self.estimates,
+            "generator": self._generator.get_state(),
+        }
+
+    @override
+    def load_monitor_state(self, state: dict[str, Any]) -> None:
+        if self.hvp == "auto" and state.get("hvp_method") is not None:
+            self._method = state["hvp_method"]
+        self._warm_top = state.get("warm_top")
+        self._warm_bottom = state.get("warm_bottom")
+        self._warm_precond = state.get("warm_precond")
+        self.estimates = int(state.get("estimates", 0))
+        if state.get("generator") is not None:
+            self._generator.set_state(state["generator"])

@@ -1,0 +1,202 @@
+"""HessianEigenMonitor with a real Trainer: sharpness alerts, no side effects, tags, schedule, state."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.callbacks import Callback
+from torch import nn
+
+from healthmon import HealthMonitor
+from healthmon.monitors.hessian import TAG_LAMBDA_MAX, TAG_LAMBDA_MIN, HessianEigenMonitor, log_then_every
+from healthmon.numerics.hessian import HessianOperator, lanczos
+from tests.models import DigitsClassifier, digits, digits_loader, trainer
+
+
+class Losses(Callback):
+    def __init__(self) -> None:
+        self.values: list[float] = []
+
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self.values.append(float(outputs["loss"]))
+
+
+def _initial_lambda_max(model: pl.LightningModule, n: int) -> float:
+    x, y = digits()
+    op = HessianOperator(model, [(lambda: F.cross_entropy(model(x[:n]), y[:n]), 1.0)])
+    return lanczos(op, k=1, generator=torch.Generator().manual_seed(0)).eigenvalues[0]
+
+
+@pytest.mark.parametrize("factor", [3.0, 0.5])
+def test_full_batch_gd_above_two_over_lr_oscillates_and_alerts(tmp_path, factor: float) -> None:
+    torch.manual_seed(0)
+    probe = DigitsClassifier(hidden=(32,), activation=nn.Tanh)
+    lam = _initial_lambda_max(probe, 256)
+    lr = factor * 2 / lam  # factor 3: lambda_max = 3 * 2/lr; factor 0.5: half of it
+    torch.manual_seed(0)
+    model = DigitsClassifier(hidden=(32,), activation=nn.Tanh, lr=lr)
+    mon = HessianEigenMonitor(every_n_steps=5, top_k=2)
+    losses = Losses()
+    t = trainer(tmp_path, [mon, losses], max_steps=15)
+    t.fit(model, digits_loader(256, n=256, shuffle=False))
+    codes = [a.code for a in mon.alerts]
+    rises = sum(b > a for a, b in zip(losses.values, losses.values[1:], strict=False))
+    if factor > 1:
+        assert "hessian.sharpness" in codes
+        alert = next(a for a in mon.alerts if a.code == "hessian.sharpness")
+        assert alert.step == 0 and f"{lam:.4g}" in alert.message  # the first estimate, before any step
+        assert "2/lr" in alert.message
+        assert rises >= 3  # it oscillates
+    else:
+        assert "hessian.sharpness" not in codes
+        assert rises == 0  # monotone descent
+    assert mon.estimates == 3  # steps 0, 5, 10
+    assert mon.hub.last[TAG_LAMBDA_MAX] > 0
+    assert mon.hub.last["healthmon/hessian/two_over_lr"] == pytest.approx(2 / lr)
+
+
+class NoisyNet(pl.LightningModule):
+    """Dropout and BatchNorm: everything an estimate could disturb."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(64, 32), nn.BatchNorm1d(32), nn.Tanh(), nn.Dropout(0.3), nn.Linear(32, 10)
+        )
+
+    def training_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        x, y = batch
+        loss = F.cross_entropy(self.net(x), y)
+        self.log("train_loss", loss)
+        return {"loss": loss}
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+
+@pytest.mark.parametrize("hvp", ["double_backward", "auto"])
+def test_weights_bit_identical_with_and_without_the_monitor(tmp_path, hvp: str) -> None:
+    def run(callbacks: list[Any], root: str) -> dict[str, torch.Tensor]:
+        pl.seed_everything(0, verbose=False)
+        model = NoisyNet()
+        t = trainer(tmp_path / root, callbacks, max_steps=8)
+        t.fit(model, digits_loader(64, n=512))
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    mon = HessianEigenMonitor(every_n_steps=2, hvp=hvp, trace_samples=2)  # type: ignore[arg-type]
+    with_mon = run([mon], "on")
+    without = run([], "off")
+    assert mon.estimates == 4
+    assert with_mon.keys() == without.keys()
+    for k in without:
+        assert torch.equal(with_mon[k], without[k]), k
+
+
+def test_tags_reach_tensorboard_and_bundle(tmp_path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    torch.manual_seed(0)
+    mon = HealthMonitor(monitors=[HessianEigenMonitor(every_n_steps=3, top_k=3, trace_samples=3)])
+    t = trainer(tmp_path, [mon], max_steps=7)
+    t.fit(DigitsClassifier(hidden=(16,), activation=nn.Tanh, momentum=0.9), digits_loader(64, n=256))
+    acc = EventAccumulator(mon.log_dir)
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for tag in (TAG_LAMBDA_MAX, TAG_LAMBDA_MIN, "healthmon/hessian/lambda_3", "healthmon/hessian/products",
+                "healthmon/hessian/seconds", "healthmon/hessian/stability_limit", "healthmon/hessian/trace"):  # fmt: skip  # noqa: E501
+        assert tag in tags, tag
+    steps = [e.step for e in acc.Scalars(TAG_LAMBDA_MAX)]
+    assert steps == [0, 3, 6]
+    limits = [e.value for e in acc.Scalars("healthmon/hessian/stability_limit")]
+    assert limits == pytest.approx([(2 + 2 * 0.9) / 0.1] * 3)  # heavy-ball limit
+    lam = [e.value for e in acc.Scalars("healthmon/hessian/lambda_1")]
+    assert lam == pytest.approx([e.value for e in acc.Scalars(TAG_LAMBDA_MAX)])
+
+
+def test_adam_preconditioned_sharpness(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = DigitsClassifier(hidden=(16,), activation=nn.Tanh, optimizer="adam", lr=1.0)
+    mon = HessianEigenMonitor(every_n_steps=2, negative_curvature=False)
+    t = trainer(tmp_path, [mon], max_steps=5)
+    t.fit(model, digits_loader(64, n=256))
+    assert "healthmon/hessian/preconditioned_sharpness" in mon.hub.last
+    assert mon.hub.last["healthmon/hessian/preconditioned_limit"] == pytest.approx(38.0)
+    assert "hessian.sharpness" in [a.code for a in mon.alerts]  # lr=1 with Adam is far too large
+
+
+def test_user_probe_batch_and_chunks_agree(tmp_path) -> None:
+    x, y = digits()
+    results = []
+    for chunk in (None, 50):
+        torch.manual_seed(0)
+        mon = HessianEigenMonitor(every_n_steps=100, probe_batch=(x[:200], y[:200]), probe_chunk_size=chunk)
+        t = trainer(tmp_path / str(chunk), [mon], max_steps=1, tensorboard=False)
+        t.fit(DigitsClassifier(hidden=(16,), activation=nn.Tanh), digits_loader(32, n=64))
+        assert mon.last_estimate is not None
+        results.append(mon.last_estimate.lambda_max)
+    assert results[0] == pytest.approx(results[1], rel=1e-5)
+
+
+class Manual(DigitsClassifier):
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        opt = self.optimizers()
+        loss = super().training_step(batch, batch_idx)
+        opt.zero_grad()
+        self.manual_backward(loss)
+        opt.step()
+        return loss
+
+
+def test_manual_optimization_is_skipped(tmp_path) -> None:
+    mon = HessianEigenMonitor(every_n_steps=1)
+    trainer(tmp_path, [mon], max_steps=2, tensorboard=False).fit(Manual(), digits_loader(32, n=64))
+    assert [a.code for a in mon.alerts] == ["monitor.skipped"]
+    assert mon.estimates == 0
+
+
+def test_state_round_trip_keeps_warm_start(tmp_path) -> None:
+    torch.manual_seed(0)
+    mon = HessianEigenMonitor(every_n_steps=2)
+    trainer(tmp_path, [mon], max_steps=3, tensorboard=False).fit(
+        DigitsClassifier(hidden=(16,), activation=nn.Tanh), digits_loader(32, n=64)
+    )
+    state = mon.state_dict()
+    other = HessianEigenMonitor(every_n_steps=2)
+    other.load_state_dict(state)
+    assert other.estimates == mon.estimates == 2
+    assert torch.equal(other._warm_top, mon._warm_top.cpu())
+    assert other._method == mon._method
+
+
+def test_schedule_and_arguments() -> None:
+    sched = log_then_every(100)
+    assert [s for s in range(450) if sched(s)] == [0, 1, 4, 16, 64, 100, 200, 300, 400]
+    default = HessianEigenMonitor()
+    assert default.config()["every_n_steps"].startswith("log_then_every(2000")
+    assert [s for s in range(5000) if default._schedule(s)] == [0, 1, 4, 16, 64, 256, 1024, 2000, 4000]
+    HessianEigenMonitor(every_n_steps=10)
+    HessianEigenMonitor(every_n_steps=lambda s: s in (3, 7))
+    for kwargs, name in (
+        ({"top_k": 0}, "top_k"),
+        ({"solver": "arnoldi"}, "solver"),
+        ({"hvp": "finite"}, "hvp"),
+        ({"tol": 1.5}, "tol"),
+        ({"every_n_steps": 0}, "every_n_steps"),
+        ({"negative_ratio": 2.0}, "negative_ratio"),
+        ({"probe_chunk_size": 0}, "probe_chunk_size"),
+        ({"max_products": 1, "top_k": 2}, "max_products"),
+    ):
+        with pytest.raises(ValueError, match=f"`{name}`"):
+            HessianEigenMonitor(**kwargs)
+    with pytest.raises(TypeError, match="`warm_start`"):
+        HessianEigenMonitor(warm_start=1)  # type: ignore[arg-type]
