@@ -25,9 +25,9 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-from integration.test_load import HEALTHMON_DIR, Tiny  # noqa: E402
+from integration.test_load import HEALTHMON_DIR, Tiny
 
-from healthmon import HealthMonitor  # noqa: E402
+from healthmon import HealthMonitor
 
 
 class Probe(pl.Callback):

@@ -17,6 +17,7 @@ the monitor. The loss is evaluated in float32 outside autocast.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
@@ -95,6 +96,84 @@ def log_then_every(every: int = 2000, *, base: int = 4) -> Callable[[int], bool]
     return LogThenEvery(every, base)
 
 
+class BudgetClock:
+    """When the next Hessian estimate is due so that estimates take ``budget`` of training time.
+
+    Training time is measured between batch starts, minus the estimates' own time. The decision
+    is made in steps, at known points (after ``calibration`` timed steps, and right after each
+    estimate): ``next = step + ceil(cost / (budget * seconds_per_step))``. ``agree`` maps a
+    proposed interval to the one every DDP rank uses (the largest), so all ranks estimate at the
+    same step.
+    """
+
+    COLD_COST_STEPS = 150  # a first (cold) estimate costs about this many training steps
+
+    def __init__(
+        self,
+        budget: float,
+        *,
+        calibration: int = 10,
+        agree: Callable[[int], int] = lambda steps: steps,
+        now: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.budget = budget
+        self.calibration = calibration
+        self.agree = agree
+        self.now = now
+        self.next_step: int | None = None
+        self.train_seconds = 0.0
+        self.timed_steps = 0
+        self._last: float | None = None
+        self._estimating = 0.0
+
+    def due(self, step: int) -> bool:
+        """Call once per optimizer step, at its start; True when an estimate is due."""
+        now = self.now()
+        if self._last is not None:
+            self.train_seconds += max(now - self._last - self._estimating, 0.0)
+            self.timed_steps += 1
+        self._last, self._estimating = now, 0.0
+        if self.next_step is None and self.timed_steps >= self.calibration:
+            self.next_step = step + self._interval(self.COLD_COST_STEPS * self.seconds_per_step)
+        return self.next_step is not None and step >= self.next_step
+
+    def spent(self, step: int, seconds: float) -> None:
+        """An estimate at ``step`` took ``seconds``: schedule the next one."""
+        self._estimating += seconds
+        self.next_step = step + self._interval(seconds)
+
+    @property
+    def seconds_per_step(self) -> float:
+        return self.train_seconds / max(self.timed_steps, 1)
+
+    def _interval(self, cost: float) -> int:
+        return self.agree(max(1, math.ceil(cost / (self.budget * max(self.seconds_per_step, 1e-9)))))
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "next_step": self.next_step,
+            "train_seconds": self.train_seconds,
+            "timed_steps": self.timed_steps,
+        }
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.next_step = state.get("next_step")
+        self.train_seconds = float(state.get("train_seconds", 0.0))
+        self.timed_steps = int(state.get("timed_steps", 0))
+
+
+def _max_over_ranks(trainer: Any) -> Callable[[int], int]:
+    """The interval agreement of :class:`BudgetClock` under DDP: the largest proposal wins."""
+
+    def agree(steps: int) -> int:
+        if trainer.world_size <= 1:
+            return steps
+        proposal = torch.tensor([float(steps)], device=trainer.strategy.root_device)
+        return int(trainer.strategy.reduce(proposal, reduce_op="max").item())
+
+    return agree
+
+
 def _clone(batch: Any, device: torch.device) -> Any:
     return apply_to_collection(batch, Tensor, lambda t: t.detach().clone().to(device))
 
@@ -129,7 +208,13 @@ class HessianEigenMonitor(Monitor):
         optimizer type for the sharpness test.
 
     Args:
-        every_n_steps: schedule; default :func:`log_then_every` ``(2000)``.
+        every_n_steps: schedule: an int, a callable ``step -> bool`` (e.g.
+            :func:`log_then_every` for estimates from step 0, log-spaced), or None (default) for
+            a time budget: estimates take at most ``budget`` of the training wall time.
+        budget: with ``every_n_steps=None``, the share of training time estimates may take.
+            The next estimate's step is computed from the measured step time and the last
+            estimate's cost (the first from a conservative guess of 150 steps), so the schedule
+            is in steps and every DDP rank agrees on it.
         top_k: how many of the largest eigenvalues.
         solver: "lanczos" (default, fewest products) or "power" (block power iteration; the
             most negative eigenvalue by power iteration on ``H - lambda_max I``).
@@ -159,6 +244,7 @@ class HessianEigenMonitor(Monitor):
         self,
         *,
         every_n_steps: Cadence | None = None,
+        budget: float = 0.02,
         top_k: int = 1,
         solver: Literal["lanczos", "power"] = "lanczos",
         hvp: Literal["auto", "double_backward", "forward_over_reverse"] = "auto",
@@ -177,11 +263,14 @@ class HessianEigenMonitor(Monitor):
         log_every_n_steps: int | None = None,
     ) -> None:
         super().__init__(
-            every_n_steps=log_then_every() if every_n_steps is None else every_n_steps,
+            every_n_steps=1 if every_n_steps is None else every_n_steps,
             on_alert=on_alert,
             fail_on=fail_on,
             log_every_n_steps=log_every_n_steps,
         )
+        self.budgeted = every_n_steps is None
+        self.budget = _checks.fraction(budget, "budget")
+        self._clock = BudgetClock(self.budget)
         self.top_k = _checks.positive_int(top_k, "top_k")
         self.solver = _checks.choice(solver, "solver", ("lanczos", "power"))
         self.hvp = _checks.choice(hvp, "hvp", ("auto", "double_backward", "forward_over_reverse"))
@@ -221,6 +310,10 @@ class HessianEigenMonitor(Monitor):
     def config(self) -> dict[str, Any]:
         return {
             **super().config(),
+            "every_n_steps": f"time budget {self.budget:.0%}"
+            if self.budgeted
+            else super().config()["every_n_steps"],
+            "budget": self.budget if self.budgeted else None,
             "top_k": self.top_k,
             "solver": self.solver,
             "hvp": self.hvp,
@@ -247,6 +340,10 @@ class HessianEigenMonitor(Monitor):
 
     # ---- hooks ---------------------------------------------------------------------------------
     @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._clock.agree = _max_over_ranks(trainer)
+
+    @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -255,9 +352,12 @@ class HessianEigenMonitor(Monitor):
             source = batch if self._user_probe is None else self._user_probe
             self._probe = _clone(source, pl_module.device)
             self._probe_idx = batch_idx if self._user_probe is None else 0
-        if step == self._last_step or not self.should_run(trainer):
+        if step == self._last_step:
             return  # gradient accumulation: one estimate per optimizer step
         self._last_step = step
+        due = self._clock.due(step) if self.budgeted else self.should_run(trainer)
+        if not due:
+            return
         if not pl_module.automatic_optimization:
             self._skip(trainer, "manual optimization: replaying training_step would step the optimizer")
             return
@@ -328,6 +428,8 @@ class HessianEigenMonitor(Monitor):
             return
         self.estimates += 1
         self.last_estimate = est
+        if self.budgeted:
+            self._clock.spent(int(trainer.global_step), est.seconds)
         self._warm_top = est.top.eigenvectors.detach()
         self._warm_bottom = None if est.bottom is None else est.bottom.eigenvectors.detach()
         self._warm_precond = None if pre is None else pre.eigenvectors.detach()
@@ -421,6 +523,7 @@ class HessianEigenMonitor(Monitor):
             "warm_precond": cpu(self._warm_precond),
             "estimates": self.estimates,
             "generator": self._generator.get_state(),
+            "clock": self._clock.state(),
         }
 
     @override
@@ -433,3 +536,5 @@ class HessianEigenMonitor(Monitor):
         self.estimates = int(state.get("estimates", 0))
         if state.get("generator") is not None:
             self._generator.set_state(state["generator"])
+        if state.get("clock") is not None:
+            self._clock.load(state["clock"])

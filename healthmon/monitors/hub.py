@@ -22,7 +22,7 @@ from torch import Tensor
 
 from healthmon.alerts import Alert, AlertBook, AlertPolicy, NumericalHealthError, make_alert
 from healthmon.numerics.gradients import global_norm, grouped_norms, reduce_sharded_norms, tensor_norms
-from healthmon.sinks.console import summary_lines
+from healthmon.sinks.console import print_summary
 from healthmon.sinks.report import CRASH_NAME, REPORT_NAME, build_report, write_json_atomic
 from healthmon.sinks.tensorboard import TensorBoardSink
 
@@ -177,7 +177,7 @@ class Hub:
         if self.write_report and self.report_path is not None:
             write_json_atomic(self.report_path, self._report(trainer, status, error))
         if self.print_summary:
-            print("\n".join(summary_lines(self.book.alerts, log_dir=self.log_dir)), flush=True)
+            print_summary(self.book.alerts, log_dir=self.log_dir, report_path=self.report_path)
 
     def close(self) -> None:
         if self.sink is not None:

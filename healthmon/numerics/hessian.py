@@ -337,19 +337,27 @@ def time_hvp_methods(
 
 # ---- Rayleigh-Ritz machinery ----------------------------------------------------------------------
 def _orthonormalise(x: Tensor, basis: Tensor | None, *, drop: float = 1e-6) -> Tensor:
-    """Columns of ``x`` orthonormalised against ``basis`` and each other (classical Gram-Schmidt,
-    twice). Columns that lose more than ``1 - drop`` of their norm are dropped."""
-    cols = []
+    """Columns of ``x`` orthonormalised against ``basis`` and each other.
+
+    Classical Gram-Schmidt with a second pass only where the first one cancelled most of the
+    vector (Daniel-Gragg-Kaufman-Stewart: "twice is enough"). Columns that lose more than
+    ``1 - drop`` of their norm are dropped.
+    """
+    cols: list[Tensor] = []
     for j in range(x.shape[1]):
         z = x[:, j].clone()
         norm0 = float(torch.linalg.vector_norm(z))
         if norm0 == 0 or not math.isfinite(norm0):
             continue
+        before = norm0
         for _ in range(2):
             for b in (basis, torch.stack(cols, 1) if cols else None):
                 if b is not None and b.shape[1]:
                     z -= b @ (b.T @ z)
-        norm = float(torch.linalg.vector_norm(z))
+            norm = float(torch.linalg.vector_norm(z))
+            if norm > 0.7 * before:
+                break
+            before = norm
         if norm > drop * norm0:
             cols.append(z / norm)
     if not cols:
@@ -365,9 +373,24 @@ class _Ritz:
     residuals: list[float]
 
 
-def _rayleigh_ritz(q: Tensor, w: Tensor, which: Which, shift: float, scale: float | None) -> _Ritz:
-    """Ritz pairs of the symmetric ``H`` on ``span(q)`` given ``w = H q``, all of them, ordered."""
-    t = (q.T @ w).double().cpu()
+def _rayleigh_ritz(
+    q: Tensor,
+    w: Tensor,
+    which: Which,
+    shift: float,
+    scale: float | None,
+    *,
+    t: Tensor | None = None,
+    cols: int | None = None,
+) -> _Ritz:
+    """Ritz pairs of the symmetric ``H`` on ``span(q)`` given ``w = H q``, ordered.
+
+    ``t`` is the projected matrix ``q^T H q`` when the caller maintains it (Lanczos grows it one
+    row at a time: O(n m) per product instead of O(n m^2)); ``cols`` limits the Ritz vectors built
+    (and their residuals) to the first ``cols`` in order. ``values`` always holds all of them.
+    """
+    if t is None:
+        t = (q.T @ w).double().cpu()
     if not bool(torch.isfinite(t).all()):
         raise FloatingPointError(
             "non-finite Hessian-vector products: the loss or its curvature is NaN/Inf here"
@@ -380,11 +403,15 @@ def _rayleigh_ritz(q: Tensor, w: Tensor, which: Which, shift: float, scale: floa
         order = torch.argsort(theta)
     else:
         order = torch.argsort((theta - shift).abs(), descending=True)
-    theta, s = theta[order], s[:, order].to(dtype=q.dtype, device=q.device)
+    theta, s = theta[order], s[:, order]
+    if cols is not None:
+        s = s[:, :cols]
+    s = s.to(dtype=q.dtype, device=q.device)
+    built = theta[: s.shape[1]]
     y, hy = q @ s, w @ s
-    r = torch.linalg.vector_norm(hy - y * theta.to(dtype=q.dtype, device=q.device), dim=0)
+    r = torch.linalg.vector_norm(hy - y * built.to(dtype=q.dtype, device=q.device), dim=0)
     r = r.double().cpu() / torch.linalg.vector_norm(y, dim=0).double().cpu()
-    denom = theta.abs()
+    denom = built.abs()
     if scale is not None:
         denom = denom.clamp_min(abs(scale))
     res = (r / denom).tolist()
@@ -451,6 +478,19 @@ def _operator_facts(matvec: MatVec | Tensor, n: int | None) -> tuple[MatVec, int
 
 
 # ---- solvers -----------------------------------------------------------------------------------------
+@dataclass
+class KrylovBasis:
+    """An orthonormal basis ``q``, its products ``w = H q`` and the projection ``t = q^T H q``.
+
+    What a Lanczos run leaves behind: a second run on the same operator (``lambda_min`` after
+    ``lambda_max``) continues from it and pays only for the products it adds.
+    """
+
+    q: Tensor
+    w: Tensor
+    t: Tensor
+
+
 def lanczos(
     matvec: MatVec | Tensor,
     *,
@@ -489,39 +529,89 @@ def lanczos(
         generator: for the random start vector (pass a seeded one for reproducibility; the global
             RNG is not touched).
     """
+    result, _ = lanczos_with_basis(
+        matvec, k=k, which=which, v0=v0, tol=tol, max_products=max_products, max_basis=max_basis,
+        scale=scale, n=n, generator=generator,
+    )  # fmt: skip
+    return result
+
+
+def lanczos_with_basis(
+    matvec: MatVec | Tensor,
+    *,
+    k: int = 1,
+    which: Literal["largest", "smallest"] = "largest",
+    v0: Tensor | None = None,
+    basis: KrylovBasis | None = None,
+    tol: float = 1e-3,
+    max_products: int = 100,
+    max_basis: int = 60,
+    scale: float | None = None,
+    n: int | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[EigenResult, KrylovBasis]:
+    """:func:`lanczos`, continuing from ``basis`` (its products are free) and returning the basis.
+
+    ``v0`` is added to ``basis`` as a further start direction. ``num_products`` counts only the
+    products this call computed. Buffers are allocated once (``n x max_basis``) and the projected
+    matrix grows by one row per product, so a product costs O(n m) on top of ``H v``.
+    """
     _check_solver_args(k, tol, max_products)
     if which not in ("largest", "smallest"):
         raise ValueError(f"`which`: expected 'largest' or 'smallest', got {which!r}.")
     matvec, n, dtype, device = _operator_facts(matvec, n)
-    max_basis = max(int(max_basis), k + 2)
-    start = _start_block(v0, n, 1, dtype, device, generator)
-    start = start.sum(1, keepdim=True)
-    q = _orthonormalise(start, None)
-    if q.shape[1] == 0:
-        q = _orthonormalise(_start_block(None, n, 1, dtype, device, generator), None)
-    w = torch.stack([matvec(q[:, 0])], 1)
-    products = 1
+    cap = max(int(max_basis), k + 2)
+    # one basis vector per row (contiguous): q_buf[:m].T is the n x m basis without a copy
+    q_buf = torch.empty(cap, n, dtype=dtype, device=device)
+    w_buf = torch.empty(cap, n, dtype=dtype, device=device)
+    t = torch.zeros(0, 0, dtype=torch.float64)
+    m = 0
+    products = 0
+    if basis is not None and basis.q.shape[1]:
+        m = min(basis.q.shape[1], cap - 1)
+        q_buf[:m], w_buf[:m], t = basis.q[:, :m].T, basis.w[:, :m].T, basis.t[:m, :m]
+
+    def add(z: Tensor) -> None:
+        """Append the unit vector ``z`` (orthogonal to the basis) and its product."""
+        nonlocal m, t, products
+        wz = matvec(z[:, 0]).reshape(n)
+        products += 1
+        column = (q_buf[:m] @ wz).double().cpu().reshape(m, 1)
+        corner = (z[:, 0] @ wz).double().cpu().reshape(1, 1)
+        t = torch.cat([torch.cat([t, column], 1), torch.cat([column.T, corner], 1)], 0)
+        q_buf[m], w_buf[m] = z[:, 0], wz
+        m += 1
+
+    if v0 is not None or m == 0:
+        start = _start_block(v0, n, 1, dtype, device, generator).sum(1, keepdim=True)
+        z = _orthonormalise(start, q_buf[:m].T)
+        if z.shape[1] == 0:
+            z = _orthonormalise(_start_block(None, n, 1, dtype, device, generator), q_buf[:m].T)
+        if z.shape[1]:
+            add(z)
     while True:
-        ritz = _rayleigh_ritz(q, w, which, 0.0, scale)
+        q, w = q_buf[:m].T, w_buf[:m].T
+        ritz = _rayleigh_ritz(q, w, which, 0.0, scale, t=t, cols=k)
         wanted = min(k, ritz.values.numel())
         res = ritz.residuals[:wanted]
-        if (wanted == k and max(res) <= tol) or products >= max_products or q.shape[1] >= n:
-            return _result(ritz, k, tol, products, "lanczos")
+        if (wanted == k and max(res) <= tol) or products >= max_products or m >= n:
+            return _result(ritz, k, tol, products, "lanczos"), KrylovBasis(q, w, t)
         worst = max(range(wanted), key=lambda i: res[i]) if wanted == k else wanted - 1
         direction = (ritz.products[:, worst] - ritz.vectors[:, worst] * ritz.values[worst].item()).reshape(
             n, 1
         )
-        if q.shape[1] >= max_basis:  # thick restart on the Ritz vectors worth keeping
-            keep = min(ritz.values.numel(), max(k + 1, max_basis // 2))
-            q, w = ritz.vectors[:, :keep], ritz.products[:, :keep]
-        z = _orthonormalise(direction, q)
+        if m >= cap:  # thick restart on the Ritz vectors worth keeping
+            keep = min(ritz.values.numel(), max(k + 1, cap // 2))
+            kept = _rayleigh_ritz(q, w, which, 0.0, scale, t=t, cols=keep)
+            q_buf[:keep], w_buf[:keep] = kept.vectors.T, kept.products.T
+            t = torch.diag(kept.values[:keep])  # H is diagonal in its own Ritz basis
+            m = keep
+        z = _orthonormalise(direction, q_buf[:m].T)
         if z.shape[1] == 0:  # invariant subspace found: continue with a fresh random direction
-            z = _orthonormalise(_start_block(None, n, 1, dtype, device, generator), q)
+            z = _orthonormalise(_start_block(None, n, 1, dtype, device, generator), q_buf[:m].T)
             if z.shape[1] == 0:
-                return _result(ritz, k, tol, products, "lanczos")
-        q = torch.cat([q, z], 1)
-        w = torch.cat([w, matvec(z[:, 0]).reshape(n, 1)], 1)
-        products += 1
+                return _result(ritz, k, tol, products, "lanczos"), KrylovBasis(q, w, t)
+        add(z)
 
 
 def power_iteration(
@@ -687,8 +777,11 @@ def estimate_spectrum(
     started = time.perf_counter()
     warm_top = _jitter(warm_top, warm_noise, generator)
     warm_bottom = _jitter(warm_bottom, warm_noise, generator)
+    basis = None
     if solver == "lanczos":
-        top = lanczos(matvec, k=k, v0=warm_top, tol=tol, max_products=max_products, n=n, generator=generator)
+        top, basis = lanczos_with_basis(
+            matvec, k=k, v0=warm_top, tol=tol, max_products=max_products, n=n, generator=generator
+        )
     else:
         top = power_iteration(
             matvec, k=k, v0=warm_top, tol=tol, max_products=max_products, n=n, generator=generator
@@ -701,7 +794,20 @@ def estimate_spectrum(
             )
             top = dataclasses.replace(top, num_products=top.num_products + spent)
     bottom = None
-    if negative:
+    if negative and basis is not None:  # the same Krylov space holds both ends of the spectrum
+        bottom, _ = lanczos_with_basis(
+            matvec,
+            k=1,
+            which="smallest",
+            v0=warm_bottom,
+            basis=basis,
+            tol=tol,
+            max_products=max_products,
+            scale=abs(negative_scale * top.eigenvalues[0]) or None,
+            n=n,
+            generator=generator,
+        )
+    elif negative:
         bottom = most_negative_eigenvalue(
             matvec,
             lambda_max=top.eigenvalues[0],

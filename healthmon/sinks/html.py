@@ -502,9 +502,6 @@ def write_html_report(path: str, out: str, *, title: str | None = None) -> list[
     runs = load_run_data(path)
     name = title or f"healthmon report: {os.path.basename(os.path.abspath(path)) or path}"
     write_text_atomic(out, render_html(runs, title=name))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(out, 0o666 & ~umask)  # the temp file was private (mkstemp); an artifact is not
     return runs
 
 

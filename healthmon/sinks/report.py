@@ -28,6 +28,13 @@ class ReportError(ValueError):
     """A report file that cannot be read: missing, not JSON, or not a healthmon report."""
 
 
+def _readable_like_a_new_file(path: str) -> None:
+    """mkstemp creates 0600 files; give the result the permissions a plain open() would."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def write_json_atomic(path: str, data: Mapping[str, Any]) -> None:
     """Write JSON through a temp file in the same folder and an atomic rename.
 
@@ -41,6 +48,7 @@ def write_json_atomic(path: str, data: Mapping[str, Any]) -> None:
             json.dump(data, f, indent=2, sort_keys=False, default=_jsonable)
             f.flush()
             os.fsync(f.fileno())
+        _readable_like_a_new_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -56,6 +64,7 @@ def write_text_atomic(path: str, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        _readable_like_a_new_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

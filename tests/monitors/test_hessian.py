@@ -182,8 +182,12 @@ def test_schedule_and_arguments() -> None:
     sched = log_then_every(100)
     assert [s for s in range(450) if sched(s)] == [0, 1, 4, 16, 64, 100, 200, 300, 400]
     default = HessianEigenMonitor()
-    assert default.config()["every_n_steps"].startswith("log_then_every(2000")
-    assert [s for s in range(5000) if default._schedule(s)] == [0, 1, 4, 16, 64, 256, 1024, 2000, 4000]
+    assert default.config()["every_n_steps"] == "time budget 2%" and default.budgeted
+    assert (
+        HessianEigenMonitor(every_n_steps=log_then_every(2000))
+        .config()["every_n_steps"]
+        .startswith("log_then_every(2000")
+    )
     HessianEigenMonitor(every_n_steps=10)
     HessianEigenMonitor(every_n_steps=lambda s: s in (3, 7))
     for kwargs, name in (
@@ -200,3 +204,26 @@ def test_schedule_and_arguments() -> None:
             HessianEigenMonitor(**kwargs)
     with pytest.raises(TypeError, match="`warm_start`"):
         HessianEigenMonitor(warm_start=1)  # type: ignore[arg-type]
+
+
+def test_budget_clock_schedules_in_steps_from_measured_costs() -> None:
+    from healthmon.monitors.hessian import BudgetClock
+
+    t = [0.0]
+    clock = BudgetClock(0.1, calibration=2, now=lambda: t[0])
+    due = []
+    for step in range(3):  # 1 s per step; nothing is due before calibration ends
+        due.append(clock.due(step))
+        t[0] += 1.0
+    assert due == [False, False, False]
+    # after 2 timed steps of 1 s: a cold estimate (150 steps) at 10% of the time -> 1500 steps on
+    assert clock.next_step == 2 + 1500
+    clock.spent(1502, 5.0)  # an estimate that took 5 s: the next one 50 steps later
+    assert clock.next_step == 1552
+    t[0] += 5.0  # the estimate's own time does not count as training time
+    assert clock.due(1503) is False and clock.seconds_per_step == 1.0
+    agreed = BudgetClock(0.1, calibration=1, agree=lambda steps: steps * 2, now=lambda: t[0])
+    agreed.due(0)
+    t[0] += 1.0
+    agreed.due(1)
+    assert agreed.next_step == 1 + 2 * 1500  # the DDP agreement decides
