@@ -92,7 +92,9 @@ class TinyLM(Base):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         (tokens,) = batch
-        h = self.blocks(self.embed(tokens[:, :-1]) + self.pos[:-1], mask=self.mask[:-1, :-1], is_causal=True)
+        inputs = tokens[:, :-1]
+        length = inputs.shape[1]
+        h = self.blocks(self.embed(inputs) + self.pos[:length], mask=self.mask[:length, :length], is_causal=True)
         loss = F.cross_entropy(self.head(h).reshape(-1, self.head.out_features), tokens[:, 1:].reshape(-1))
         self.log("train_loss", loss)
         return loss

@@ -21,7 +21,7 @@ from lightning_utilities.core.rank_zero import rank_zero_warn
 from torch import Tensor
 
 from healthmon.alerts import Alert, AlertBook, AlertPolicy, NumericalHealthError, make_alert
-from healthmon.numerics.gradients import global_norm, grouped_norms, reduce_sharded_norms, tensor_norms
+from healthmon.numerics.gradients import reduce_sharded_norms, tensor_norms
 from healthmon.sinks.console import print_summary
 from healthmon.sinks.report import CRASH_NAME, REPORT_NAME, build_report, write_json_atomic
 from healthmon.sinks.tensorboard import TensorBoardSink
@@ -61,13 +61,15 @@ class ParamIndex:
 class GradStep:
     """Gradient statistics of one optimizer step, shared by the monitors.
 
-    ``per_tensor`` stays on the device; the floats were fetched with one host synchronisation.
+    ``per_tensor`` stays on the device (``per_tensor_host`` is its copy); the floats were fetched
+    with one host synchronisation.
     Norms are measured after AMP unscaling and before gradient clipping.
     """
 
     step: int
     params: list[Tensor]
     per_tensor: Tensor
+    per_tensor_host: list[float]
     norm: float
     loss: float | None
     layer_norms: dict[str, float] | None
@@ -85,6 +87,11 @@ def optimizer_params_with_grad(optimizer: Any) -> tuple[list[Tensor], list[int]]
     return params, groups
 
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch built without distributed support
+    DTensor = None
+
 SHARDING_STRATEGIES = ("FSDPStrategy",)  # each rank's optimizer holds shards of flat parameters
 
 
@@ -97,9 +104,7 @@ def local_gradients(grads: list[Tensor], strategy: Any) -> tuple[list[Tensor], b
     (:func:`~healthmon.numerics.gradients.reduce_sharded_norms`).
     """
     sharded = type(strategy).__name__ in SHARDING_STRATEGIES
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch without distributed support
+    if DTensor is None or not any(isinstance(g, DTensor) for g in grads):
         return grads, sharded
     local = []
     for g in grads:
@@ -222,8 +227,9 @@ class Hub:
     def grad_step(self, trainer: Any, optimizer: Any) -> GradStep:
         """Gradient statistics of this optimizer step, computed once and shared.
 
-        One fused norm kernel and one host synchronisation; per-layer and per-group norms are
-        included on logged steps only.
+        One fused norm kernel and one host synchronisation, which fetches the per-tensor norms,
+        the loss and any deferred values together; the global, per-layer and per-group norms
+        are then sums of squares on the host (no further kernels).
         """
         step = int(trainer.global_step)
         if step != self._cache_step:
@@ -237,40 +243,36 @@ class Hub:
         per_tensor = tensor_norms(grads)
         if sharded:
             per_tensor = reduce_sharded_norms(per_tensor)
-        device = per_tensor.device if len(params) else torch.device("cpu")
+        device, dtype = per_tensor.device, per_tensor.dtype
         loss = self._loss_sum
-        parts = [
-            global_norm(per_tensor).reshape(1),
-            (loss.to(device) if loss is not None else torch.full((), math.nan, device=device)).reshape(1),
-        ]
-        log_step = self.is_log_step(trainer) and self.params is not None and len(params) > 0
-        if log_step:
-            assert self.params is not None
-            layer_idx = torch.tensor([self.params.layer_of.get(id(p), 0) for p in params])
-            parts.append(grouped_norms(per_tensor, layer_idx, len(self.params.layers)))
-            parts.append(grouped_norms(per_tensor, torch.tensor(groups), len(optimizer.param_groups)))
+        parts = [per_tensor] if loss is None else [per_tensor, loss.to(device=device, dtype=dtype).reshape(1)]
         deferred, self._deferred = self._deferred, []
-        parts.extend(t.detach().reshape(-1).to(device=device, dtype=torch.float32) for t, _ in deferred)
-        host = torch.cat(parts).tolist()  # the one host synchronisation of this step
+        parts.extend(t.detach().reshape(-1).to(device=device, dtype=dtype) for t, _ in deferred)
+        host = (torch.cat(parts) if len(parts) > 1 else parts[0]).tolist()  # the one host sync
         end = len(host)
         for t, callback in reversed(deferred):
             start = end - t.numel()
             callback(host[start:end])
             end = start
-        host = host[:end]
+        norms = host[: len(params)]
         layer_norms = group_norms = None
-        if log_step:
-            assert self.params is not None
-            n_layers = len(self.params.layers)
-            present = {self.params.layer_of.get(id(p), 0) for p in params}
-            layer_norms = {self.params.layers[i]: host[2 + i] for i in range(n_layers) if i in present}
-            group_norms = host[2 + n_layers :]
+        if self.is_log_step(trainer) and self.params is not None and params:
+            layer_of = self.params.layer_of
+            layer_sq: dict[str, float] = {}
+            group_sq = [0.0] * len(optimizer.param_groups)
+            for p, g, n in zip(params, groups, norms, strict=True):
+                layer = self.params.layers[layer_of.get(id(p), 0)]
+                layer_sq[layer] = layer_sq.get(layer, 0.0) + n * n
+                group_sq[g] += n * n
+            layer_norms = {k: math.sqrt(v) for k, v in layer_sq.items()}
+            group_norms = [math.sqrt(v) for v in group_sq]
         result = GradStep(
             step=step,
             params=params,
             per_tensor=per_tensor,
-            norm=host[0],
-            loss=None if loss is None else host[1],
+            per_tensor_host=norms,
+            norm=math.sqrt(math.fsum(n * n for n in norms)),  # = the norm of the concatenation
+            loss=None if loss is None else host[len(params)],
             layer_norms=layer_norms,
             group_norms=group_norms,
         )

@@ -141,7 +141,7 @@ class NonFiniteMonitor(Monitor):
             return
         names: list[str] = []
         if grads_bad and hub.params is not None:
-            bad = nonfinite_indices(stats.per_tensor.tolist())
+            bad = nonfinite_indices(stats.per_tensor_host)
             names = [hub.params.name(stats.params[i]) for i in bad]
         corrupted = (
             [hub.params.name(p) for p in pl_module.parameters() if not bool(torch.isfinite(p).all())]

@@ -12,7 +12,9 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from tensorboard.compat.proto.summary_pb2 import Summary
 from torch import Tensor
+from torch.utils.tensorboard import SummaryWriter as TorchSummaryWriter
 
 OWN_DIR = "healthmon"
 
@@ -37,18 +39,28 @@ class TensorBoardSink:
             else:
                 self.other_loggers.append(logger)
         if self.writer is None:
-            from torch.utils.tensorboard import SummaryWriter
-
             self.log_dir = os.path.join(trainer.default_root_dir, OWN_DIR)
-            self.writer = SummaryWriter(log_dir=self.log_dir)
+            self.writer = TorchSummaryWriter(log_dir=self.log_dir)
             self.owns_writer = True
         os.makedirs(self.log_dir, exist_ok=True)
 
     def scalars(self, values: Mapping[str, float], step: int) -> None:
-        for tag, value in values.items():
-            self.writer.add_scalar(tag, value, step)
+        """All values as one event (one protobuf, one queue put): ~10x cheaper than add_scalar per tag."""
+        file_writer = self._file_writer()
+        if file_writer is not None:
+            summary = Summary(value=[Summary.Value(tag=t, simple_value=float(v)) for t, v in values.items()])
+            file_writer.add_summary(summary, step)
+        else:  # another writer implementation (tensorboardX): the public per-tag API
+            for tag, value in values.items():
+                self.writer.add_scalar(tag, value, step)
         for logger in self.other_loggers:
             logger.log_metrics(dict(values), step)
+
+    def _file_writer(self) -> Any:
+        """torch's SummaryWriter's event writer (it accepts tensorboard's own Summary protos)."""
+        if not isinstance(self.writer, TorchSummaryWriter):
+            return None
+        return self.writer._get_file_writer()
 
     def histogram(self, tag: str, values: Tensor, step: int) -> None:
         self.writer.add_histogram(tag, values.detach().float().cpu(), step)
