@@ -94,7 +94,9 @@ class TinyLM(Base):
         (tokens,) = batch
         inputs = tokens[:, :-1]
         length = inputs.shape[1]
-        h = self.blocks(self.embed(inputs) + self.pos[:length], mask=self.mask[:length, :length], is_causal=True)
+        h = self.blocks(
+            self.embed(inputs) + self.pos[:length], mask=self.mask[:length, :length], is_causal=True
+        )
         loss = F.cross_entropy(self.head(h).reshape(-1, self.head.out_features), tokens[:, 1:].reshape(-1))
         self.log("train_loss", loss)
         return loss
@@ -153,28 +155,35 @@ def measure(
     variants = ["plain", "healthmon", "grad_norm"]
     if extras:
         variants += ["logits_every_step", "forward_hooks_every_step"]
-    times: dict[str, list[float]] = {v: [] for v in variants}
+    # Paired ratios: each repeat runs every variant back to back, and a variant's ratio is taken
+    # against the plain run of the same repeat; the median over repeats cancels slow drift.
+    per_run: dict[str, list[tuple[float, float]]] = {v: [] for v in variants}
     for r in range(repeats):
-        order = list(times) if r % 2 == 0 else list(reversed(times))  # interleave, alternate order
+        order = variants if r % 2 == 0 else list(reversed(variants))  # alternate the order too
         for variant in order:
-            times[variant].extend(run(make_model, loader, steps, variant))
-    med = {k: statistics.median(v) for k, v in times.items()}
-    mean = {k: statistics.fmean(v) for k, v in times.items()}
+            times = run(make_model, loader, steps, variant)
+            per_run[variant].append((statistics.median(times), statistics.fmean(times)))
+
+    def ratio(a: str, b: str, which: int) -> float:
+        return statistics.median(x[which] / y[which] for x, y in zip(per_run[a], per_run[b], strict=True))
+
+    plain_med = statistics.median(m for m, _ in per_run["plain"])
+    plain_mean = statistics.median(m for _, m in per_run["plain"])
     print(f"\n{name}: {steps} steps x {repeats} interleaved repeats, 1 torch thread")
-    print(f"  plain step: median {1e3 * med['plain']:.3f} ms, mean {1e3 * mean['plain']:.3f} ms")
-    print(f"  {'ratio':<28} {'steady (median)':>16} {'amortised (mean)':>17}")
+    print(f"  plain step: median {1e3 * plain_med:.3f} ms, mean {1e3 * plain_mean:.3f} ms")
+    print(f"  {'ratio (median of paired runs)':<30} {'steady (median)':>16} {'amortised (mean)':>17}")
     for label, a, b in (
         ("healthmon / plain", "healthmon", "plain"),
         ("grad_norm / plain (anchor)", "grad_norm", "plain"),
         ("healthmon / grad_norm", "healthmon", "grad_norm"),
     ):
-        print(f"  {label:<28} {med[a] / med[b]:>16.3f} {mean[a] / mean[b]:>17.3f}")
+        print(f"  {label:<30} {ratio(a, b, 0):>16.3f} {ratio(a, b, 1):>17.3f}")
     if extras:
-        sampled = med["logits_every_step"] / med["plain"]
+        sampled = ratio("logits_every_step", "plain", 0)
         every = LogitsCheck().every_n_steps
         print(f"  LogitsCheck sampled step / plain step: {sampled:.3f} (median); amortised at the default")
         print(f"    schedule (first 3 steps, then every {every}): ~{1 + (sampled - 1) / every:.4f}")
-        hooks = med["forward_hooks_every_step"] / med["plain"]
+        hooks = ratio("forward_hooks_every_step", "plain", 0)
         print(f"  isfinite forward hooks on every module and step (NonFiniteMonitor avoids): {hooks:.3f}")
 
 
@@ -185,7 +194,7 @@ def main() -> None:
     parser.add_argument("--models", default="mlp,lm", help="comma-separated: mlp, lm")
     parser.add_argument("--mlp-steps", type=int, default=1000)
     parser.add_argument("--lm-steps", type=int, default=60)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")

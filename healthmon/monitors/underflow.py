@@ -1,7 +1,7 @@
 """GradientUnderflowMonitor: gradients rounded to zero, dead units, lost updates, decay along depth.
 
 The seed's debugging advice: "if your model is stuck, you are probably rounding your gradient to
-zero somewhere". This monitor looks for the places that happens, on a cadence (default every 50
+zero somewhere". This monitor looks for the places that happens, on a cadence (default every 100
 optimizer steps), with one host synchronisation per monitored step:
 
 * ``grad.zero``: a parameter's whole gradient is exactly zero while the loss is not ~0. Frozen
@@ -88,8 +88,9 @@ class GradientUnderflowMonitor(Monitor):
 
     Args:
         every_n_steps: optimizer steps at which gradients are counted, dead-unit hooks are
-            installed and update staleness is sampled (default 50, the default logging cadence: the
-            counts cost a few fused kernels; writing the scalars costs more than computing them).
+            installed and update staleness is sampled (default 100: a check costs about half a
+            training step of a small MLP, ~0.5% amortised; these conditions persist, so a check
+            every 100 steps still catches them early).
         zero_fraction: a parameter whose share of exactly-zero gradient entries reaches this
             raises ``grad.zero`` (default 1.0: the whole gradient is zero).
         underflow_fraction: a layer whose share of nonzero gradient entries in the subnormal
@@ -121,7 +122,7 @@ class GradientUnderflowMonitor(Monitor):
     def __init__(
         self,
         *,
-        every_n_steps: Cadence = 50,
+        every_n_steps: Cadence = 100,
         zero_fraction: float = 1.0,
         underflow_fraction: float = 0.05,
         loss_tolerance: float = 1e-8,

@@ -36,34 +36,23 @@ def _readable_like_a_new_file(path: str) -> None:
 
 
 def write_json_atomic(path: str, data: Mapping[str, Any]) -> None:
-    """Write JSON through a temp file in the same folder and an atomic rename.
-
-    A crash mid-write leaves the previous file intact, never a truncated one.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".healthmon-", suffix=".json.tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=False, default=_jsonable)
-            f.flush()
-            os.fsync(f.fileno())
-        _readable_like_a_new_file(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write JSON atomically (see :func:`write_text_atomic`); serialised before any file is touched."""
+    write_text_atomic(path, json.dumps(data, indent=2, default=_jsonable))
 
 
 def write_text_atomic(path: str, text: str) -> None:
-    """Write text through a temp file and an atomic rename (see :func:`write_json_atomic`)."""
+    """Write text through a temp file in the same folder, fsync, and an atomic rename.
+
+    A crash mid-write leaves the previous file intact, never a truncated one.
+    """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".healthmon-", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
         _readable_like_a_new_file(tmp)
         os.replace(tmp, path)
     except BaseException:

@@ -270,7 +270,7 @@ def test_state_round_trip_and_arguments():
     other = GradientUnderflowMonitor()
     other.load_state_dict(state)
     assert other.skipped_steps == 3
-    assert GradientUnderflowMonitor().every_n_steps == 50
+    assert GradientUnderflowMonitor().every_n_steps == 100
     for kwargs, name in [
         ({"underflow_fraction": 0.0}, "underflow_fraction"),
         ({"dead_fraction": 1.5}, "dead_fraction"),
