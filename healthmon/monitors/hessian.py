@@ -101,7 +101,9 @@ class BudgetClock:
 
     Training time is measured between batch starts, minus the estimates' own time. The decision
     is made in steps, at known points (after ``calibration`` timed steps, and right after each
-    estimate): ``next = step + ceil(cost / (budget * seconds_per_step))``. ``agree`` maps a
+    estimate): ``next = step + ceil(cost / (budget * seconds_per_step))``. The first estimate
+    comes right after calibration when the whole run can afford it (``budget * total_steps``
+    covers a cold estimate), else once the elapsed time does. ``agree`` maps a
     proposed interval to the one every DDP rank uses (the largest), so all ranks estimate at the
     same step.
     """
@@ -121,6 +123,7 @@ class BudgetClock:
         self.agree = agree
         self.now = now
         self.next_step: int | None = None
+        self.total_steps = math.inf  # the run's planned optimizer steps (Lightning's estimate)
         self.train_seconds = 0.0
         self.timed_steps = 0
         self._last: float | None = None
@@ -134,7 +137,10 @@ class BudgetClock:
             self.timed_steps += 1
         self._last, self._estimating = now, 0.0
         if self.next_step is None and self.timed_steps >= self.calibration:
-            self.next_step = step + self._interval(self.COLD_COST_STEPS * self.seconds_per_step)
+            if self.budget * self.total_steps >= self.COLD_COST_STEPS:
+                self.next_step = step  # a long run affords its first estimate right away
+            else:
+                self.next_step = step + self._interval(self.COLD_COST_STEPS * self.seconds_per_step)
         return self.next_step is not None and step >= self.next_step
 
     def spent(self, step: int, seconds: float) -> None:
@@ -213,8 +219,9 @@ class HessianEigenMonitor(Monitor):
             a time budget: estimates take at most ``budget`` of the training wall time.
         budget: with ``every_n_steps=None``, the share of training time estimates may take.
             The next estimate's step is computed from the measured step time and the last
-            estimate's cost (the first from a conservative guess of 150 steps), so the schedule
-            is in steps and every DDP rank agrees on it.
+            estimate's cost, so the schedule is in steps and every DDP rank agrees on it. The
+            first estimate comes after 10 calibration steps when the planned run can afford a
+            cold estimate (~150 step-times) within the budget, else once elapsed time does.
         top_k: how many of the largest eigenvalues.
         solver: "lanczos" (default, fewest products) or "power" (block power iteration; the
             most negative eigenvalue by power iteration on ``H - lambda_max I``).
@@ -342,6 +349,7 @@ class HessianEigenMonitor(Monitor):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._clock.agree = _max_over_ranks(trainer)
+        self._clock.total_steps = float(trainer.estimated_stepping_batches)
 
     @override
     def on_train_batch_start(

@@ -211,6 +211,7 @@ def test_budget_clock_schedules_in_steps_from_measured_costs() -> None:
 
     t = [0.0]
     clock = BudgetClock(0.1, calibration=2, now=lambda: t[0])
+    clock.total_steps = 1000  # 10% of 1000 steps cannot pay for a cold estimate up front
     due = []
     for step in range(3):  # 1 s per step; nothing is due before calibration ends
         due.append(clock.due(step))
@@ -223,7 +224,35 @@ def test_budget_clock_schedules_in_steps_from_measured_costs() -> None:
     t[0] += 5.0  # the estimate's own time does not count as training time
     assert clock.due(1503) is False and clock.seconds_per_step == 1.0
     agreed = BudgetClock(0.1, calibration=1, agree=lambda steps: steps * 2, now=lambda: t[0])
+    agreed.total_steps = 1000
     agreed.due(0)
     t[0] += 1.0
     agreed.due(1)
     assert agreed.next_step == 1 + 2 * 1500  # the DDP agreement decides
+
+    long_run = BudgetClock(0.02, calibration=1, now=lambda: t[0])
+    long_run.total_steps = 100_000  # 2% of 100k steps affords the first estimate right away
+    long_run.due(0)
+    t[0] += 1.0
+    assert long_run.due(1) is True and long_run.next_step == 1
+
+
+class _StopAt(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
+@pytest.mark.parametrize(("max_steps", "expected"), [(100_000, 1), (30, 0)])
+def test_default_budget_estimates_early_only_when_the_run_affords_it(
+    tmp_path, max_steps: int, expected: int
+) -> None:
+    hessian = HessianEigenMonitor()
+    mon = HealthMonitor(monitors=[hessian], summary=False)
+    trainer(tmp_path, [mon, _StopAt(16)], max_steps=max_steps).fit(DigitsClassifier(), digits_loader())
+    assert hessian.estimates == expected
+    if expected:
+        assert hessian._clock.next_step is not None and hessian._clock.next_step > 16  # budgeted after
