@@ -13,7 +13,7 @@ from xml.sax.saxutils import escape, quoteattr
 
 from healthmon.alerts import SEVERITIES, Alert, severity_rank
 from healthmon.sinks.reader import RunAlerts, load_runs
-from healthmon.sinks.report import ReportError
+from healthmon.sinks.report import ReportError, write_text_atomic
 
 EXIT_OK, EXIT_ALERTS, EXIT_USAGE = 0, 1, 2
 FORMATS = ("text", "json", "junit", "github")
@@ -63,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _report(args)
         return _check(args)
     except UsageError as exc:
-        print(f"healthmon: error: {exc} (see 'healthmon check --help')", file=sys.stderr)
+        print(f"healthmon: error: {exc} (see 'healthmon --help')", file=sys.stderr)
         return EXIT_USAGE
     except ReportError as exc:
         print(f"healthmon: error: {exc}", file=sys.stderr)
@@ -79,8 +79,6 @@ def _check(args: argparse.Namespace) -> int:
     failing = [(run, a) for run in runs for a in run.alerts if severity_rank(a.severity) >= rank]
     text = _render(args.fmt, runs, failing, args.fail_on)
     if args.output:
-        from healthmon.sinks.report import write_text_atomic
-
         write_text_atomic(args.output, text)
     elif text:
         sys.stdout.write(text)

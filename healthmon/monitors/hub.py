@@ -23,11 +23,11 @@ from torch import Tensor
 from healthmon.alerts import Alert, AlertBook, AlertPolicy, NumericalHealthError, make_alert
 from healthmon.numerics.gradients import reduce_sharded_norms, tensor_norms
 from healthmon.sinks.console import print_summary
+from healthmon.sinks.reader import ALERT_RECORD_TAG
 from healthmon.sinks.report import CRASH_NAME, REPORT_NAME, build_report, write_json_atomic
 from healthmon.sinks.tensorboard import TensorBoardSink
 
 ALERT_TEXT_TAG = "healthmon/alerts"
-ALERT_RECORD_TAG = "healthmon/alert_records"
 CONFIG_TAG = "healthmon/config"
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from healthmon.alerts import Alert
 from healthmon.sinks.report import REPORT_NAME, ReportError, read_report
 
-ALERT_RECORD_TAG = "healthmon/alert_records"
+ALERT_RECORD_TAG = "healthmon/alert_records"  # one JSON alert per text event (written by the hub)
 EVENT_PREFIX = "events.out.tfevents."
 RECORD_OVERHEAD = 16  # TFRecord framing: 8-byte length, 4-byte length CRC, 4-byte data CRC
 
