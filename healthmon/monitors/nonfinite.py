@@ -23,7 +23,7 @@ from healthmon._checks import Cadence
 from healthmon.alerts import OnAlert, Severity
 from healthmon.monitors.base import Monitor
 from healthmon.monitors.isolation import isolated
-from healthmon.numerics.gradients import nonfinite_indices
+from healthmon.numerics.gradients import nonfinite_indices, tensor_norms
 
 MAX_NAMES = 10
 
@@ -143,10 +143,10 @@ class NonFiniteMonitor(Monitor):
         if grads_bad and hub.params is not None:
             bad = nonfinite_indices(stats.per_tensor_host)
             names = [hub.params.name(stats.params[i]) for i in bad]
+        weights = [p for p in pl_module.parameters() if p.is_floating_point() or p.is_complex()]
+        weight_norms = tensor_norms([p.detach() for p in weights]).tolist() if weights else []
         corrupted = (
-            [hub.params.name(p) for p in pl_module.parameters() if not bool(torch.isfinite(p).all())]
-            if hub.params
-            else []
+            [hub.params.name(weights[i]) for i in nonfinite_indices(weight_norms)] if hub.params else []
         )
         module, inputs_finite = (None, True) if corrupted else self._replay(trainer, pl_module)
         self._write_crash_record(trainer, stats.loss, names, module)
