@@ -162,13 +162,6 @@ def fractions(counts: Tensor) -> Tensor:
     return torch.stack([zero, sub, flushed], dim=1)
 
 
-def underflow_fraction(counts: Tensor) -> Tensor:
-    """Per row, (subnormal + flushed) / total: the share of elements in or below the subnormal range."""
-    total = counts[:, TOTAL]
-    bad = counts[:, SUBNORMAL] + counts[:, FLUSHED]
-    return torch.where(total > 0, bad / total.clamp_min(1), torch.full_like(total, math.nan))
-
-
 # ---- dead units -------------------------------------------------------------------------------
 def unit_axis(output: Tensor) -> int:
     """The axis that indexes units: features for ``(N, F)`` and ``(N, T, F)``, channels for conv maps.
