@@ -274,6 +274,8 @@ class GradientUnderflowMonitor(Monitor):
             self._check(trainer, optimizer)
             if self.stale_updates:
                 self._sample_before(optimizer, int(trainer.global_step))
+        else:
+            self._whole_zero_from_shared_norms(trainer, optimizer)
         every = self.histogram_every_n_steps
         if every is not None and trainer.global_step % every == 0:
             self._histograms(trainer, optimizer)
@@ -457,6 +459,31 @@ class GradientUnderflowMonitor(Monitor):
             self._last_log = step
             return True
         return False
+
+    def _whole_zero_from_shared_norms(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> None:
+        """Between counting steps: a gradient whose norm is exactly 0 is entirely zero.
+
+        Free: the per-tensor norms are the hub's shared per-step statistics (already fetched for
+        the NaN check), so a layer killed mid-run (dead ReLUs after a blow-up) is reported at once.
+        """
+        hub = self.hub
+        stats = hub.grad_step(trainer, optimizer)
+        if hub.params is None or stats.loss is None or not abs(stats.loss) > self.loss_tolerance:
+            return
+        hits = [
+            i
+            for i, norm in enumerate(stats.per_tensor_host)
+            if norm == 0.0
+            and id(stats.params[i]) not in self._structural
+            and not stats.params[i].grad.is_sparse  # type: ignore[union-attr]
+            and stats.params[i].numel() > 0
+        ]
+        if hits:
+            params = [stats.params[i] for i in hits]
+            rows = torch.tensor([[float(p.numel()), float(p.numel()), 0.0, 0.0] for p in params])
+            self._judge_zero(
+                trainer, params, [p.grad for p in params], [False] * len(params), rows, stats.loss
+            )  # type: ignore[misc]
 
     def _judge_zero(
         self,

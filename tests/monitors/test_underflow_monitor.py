@@ -284,3 +284,18 @@ def test_state_round_trip_and_arguments():
             GradientUnderflowMonitor(**kwargs)
     with pytest.raises(TypeError, match="`dead_units`"):
         GradientUnderflowMonitor(dead_units="yes")  # type: ignore[arg-type]
+
+
+def test_a_layer_killed_mid_run_is_reported_between_counting_steps(tmp_path):
+    """Whole-zero gradients are seen every step from the shared norms, not only every 100 steps."""
+    model = DigitsClassifier(hidden=(32,))
+
+    def kill_from_step_5(module, inputs, output):
+        return output * 0 if model.trainer.global_step >= 5 else output
+
+    model.net[1].register_forward_hook(kill_from_step_5)  # the ReLU: net.0 gets no gradient from step 5
+    mon = HealthMonitor(summary=False)
+    trainer(tmp_path, [mon], max_steps=12).fit(model, digits_loader())
+    zero = next(a for a in mon.alerts if a.code == "grad.zero")
+    assert zero.step == 5 and zero.where == "net.0.weight" and zero.count == 7
+    assert "net.0.bias" in zero.message
