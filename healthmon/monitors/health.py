@@ -21,6 +21,15 @@ from healthmon.monitors.logits import LogitsCheck
 from healthmon.monitors.nonfinite import NonFiniteMonitor
 from healthmon.monitors.underflow import GradientUnderflowMonitor
 
+PER_STEP_HOOKS = (
+    "on_train_batch_start",
+    "on_before_backward",
+    "on_after_backward",
+    "on_before_optimizer_step",
+    "on_before_zero_grad",
+    "on_train_batch_end",
+)
+
 
 def default_monitors() -> list[Monitor]:
     """The monitors ``HealthMonitor()`` runs, each with its default (cheap) cadence."""
@@ -84,6 +93,12 @@ class HealthMonitor(Callback):
         )
         for m in self.monitors:
             m.bind(self.hub)
+        # Per-step hooks go only to monitors that implement them: the base class's versions do
+        # nothing for a bundled monitor, and this loop runs several times every step.
+        self._per_step: dict[str, list[Monitor]] = {
+            hook: [m for m in self.monitors if getattr(type(m), hook) is not getattr(Monitor, hook)]
+            for hook in PER_STEP_HOOKS
+        }
 
     # ---- public --------------------------------------------------------------------------
     @property
@@ -134,25 +149,25 @@ class HealthMonitor(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        for m in self.monitors:
+        for m in self._per_step["on_train_batch_start"]:
             m.on_train_batch_start(trainer, pl_module, batch, batch_idx)
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
         self.hub.add_loss(loss)
-        for m in self.monitors:
+        for m in self._per_step["on_before_backward"]:
             m.on_before_backward(trainer, pl_module, loss)
 
     @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        for m in self.monitors:
+        for m in self._per_step["on_after_backward"]:
             m.on_after_backward(trainer, pl_module)
 
     @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        for m in self.monitors:
+        for m in self._per_step["on_before_optimizer_step"]:
             m.on_before_optimizer_step(trainer, pl_module, optimizer)
         self.hub.enforce_policy(trainer, optimizer)
 
@@ -160,14 +175,14 @@ class HealthMonitor(Callback):
     def on_before_zero_grad(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        for m in self.monitors:
+        for m in self._per_step["on_before_zero_grad"]:
             m.on_before_zero_grad(trainer, pl_module, optimizer)
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        for m in self.monitors:
+        for m in self._per_step["on_train_batch_end"]:
             m.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         self.hub.end_step()
         self.hub.enforce_policy(trainer)
