@@ -39,7 +39,8 @@ class GradientNormMonitor(Monitor):
     done) and AMP-unscaled, before clipping. When clipping is on, the norm after clipping is
     logged too (``healthmon/grad/norm_clipped``, measured right before ``optimizer.step``).
 
-    Alerts: ``grad.explosion`` (norm > ``spike_factor`` x its running level), ``grad.vanishing``
+    Alerts: ``grad.explosion`` (norm > ``spike_factor`` x its running level, and 4 standard
+    deviations of its log-noise above it), ``grad.vanishing``
     (norm fell ``collapse_orders`` orders of magnitude below its peak while the loss is still
     above half its initial level), ``loss.divergence`` (loss > ``blowup_factor`` x its initial
     value, or a steady rise of ``divergence_rise`` over ``divergence_window`` steps) and

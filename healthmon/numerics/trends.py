@@ -50,19 +50,23 @@ def linear_trend(ys: list[float]) -> tuple[float, float]:
 class SpikeRule:
     """A value far above its running level (grad.explosion).
 
-    The level is an EMA of log10(value); a spike is ``value > factor * 10**level`` after
-    ``warmup`` observations. Spikes are not folded into the level, so a sustained explosion keeps
-    being reported (and counted) instead of becoming the new normal.
+    The level is an EMA of log10(value), with an EMA of its squared deviation as the noise. A
+    spike is a value at least ``factor`` times the level AND ``z`` noise deviations above it,
+    after ``warmup`` observations: a noisy run (mini-batch gradient norms late in training swing
+    by several x) needs a larger jump than a quiet one. Spikes are not folded into the level, so
+    a sustained explosion keeps being reported (and counted) instead of becoming the new normal.
     """
 
     factor: float = 10.0
+    z: float = 4.0
     warmup: int = 20
     alpha: float = 0.05
     level: EMA = field(default_factory=lambda: EMA(0.05))
+    noise: EMA = field(default_factory=lambda: EMA(0.05))
     seen: int = 0
 
     def __post_init__(self) -> None:
-        self.level.alpha = self.alpha
+        self.level.alpha = self.noise.alpha = self.alpha
 
     def update(self, value: float) -> float | None:
         """Feed one value; returns value / running level when it is a spike, else None."""
@@ -71,9 +75,16 @@ class SpikeRule:
         log_value = math.log10(value)
         self.seen += 1
         if self.seen > self.warmup and self.level.value is not None:
-            ratio = 10 ** (log_value - self.level.value)
-            if ratio > self.factor:
-                return ratio
+            excess = log_value - self.level.value
+            sigma = math.sqrt(self.noise.value or 0.0)
+            if excess > math.log10(self.factor) and excess > self.z * sigma:
+                return 10**excess
+        # Winsorised at the factor: a runaway value moves the level and the noise no more than a
+        # factor-sized jump would, so an explosion cannot teach the rule that it is normal.
+        cap = math.log10(self.factor)
+        if self.level.value is not None:
+            log_value = min(log_value, self.level.value + cap)
+            self.noise.update((log_value - self.level.value) ** 2)
         self.level.update(log_value)
         return None
 

@@ -39,6 +39,8 @@ CASES = [
     # random initialisations have negative curvature too: the fix removes the saddle, not the info
     ("hessian_negative_curvature", "hessian.negative_curvature", HESSIAN, False),
     ("monitor_skipped", "monitor.skipped", HESSIAN, True),
+    # not a bug: the seed's figure; a default initialisation often shows it too
+    ("grad_norm_rising", "grad.norm_rising", None, False),
 ]
 
 
@@ -56,8 +58,7 @@ def test_every_alert_code_has_an_example_or_a_reason() -> None:
     from healthmon.alerts import CODES
 
     covered = {code for _, code, _, _ in CASES}
-    # grad.norm_rising needs a 200-step window of healthy training: not reproducible in seconds
-    assert set(CODES) - covered == {"grad.norm_rising"}
+    assert set(CODES) == covered
     assert all(os.path.exists(os.path.join(BUGS, f"{name}.py")) for name, *_ in CASES)
 
 
@@ -65,8 +66,6 @@ def test_every_alert_code_has_an_example_or_a_reason() -> None:
 def test_bug_fires_and_fix_clears(
     script: str, code: str, needs: str | None, fix_clears: bool, tmp_path: object
 ) -> None:
-    if needs is not None and importlib.util.find_spec(needs) is None:
-        pytest.skip(f"{needs} is not written yet: the example needs its monitor")
     module = _load(script)
     bug = module.main(["--logdir", str(tmp_path)])
     assert code in {a.code for a in bug}, [a.line() for a in bug]

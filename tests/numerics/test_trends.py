@@ -87,3 +87,15 @@ def test_rule_state_round_trip_continues_the_same_trend() -> None:
     outs_a = [a.update(1.0 + 0.05 * t) for t in range(15, 40)]
     outs_b = [b.update(1.0 + 0.05 * t) for t in range(15, 40)]
     assert outs_a == outs_b and any(outs_a)
+
+
+def test_spike_threshold_adapts_to_the_noise_of_the_series() -> None:
+    rng = random.Random(5)
+    noisy = SpikeRule(factor=10.0, z=5.0, warmup=20)
+    for _ in range(300):  # log10-normal noise of 0.4 decades: 12x jumps are part of normal life
+        noisy.update(10 ** rng.gauss(0, 0.4))
+    assert noisy.update(12.0) is None
+    quiet = SpikeRule(factor=10.0, z=5.0, warmup=20)
+    for _ in range(300):
+        quiet.update(10 ** rng.gauss(0, 0.02))
+    assert quiet.update(12.0) is not None
