@@ -14,7 +14,7 @@ from healthmon._checks import Cadence
 from healthmon.alerts import OnAlert, Severity
 from healthmon.monitors.base import Monitor
 from healthmon.monitors.hub import Hub
-from healthmon.numerics.gradients import global_norm, grouped_norms, tensor_norms
+from healthmon.numerics.gradients import global_norm, tensor_norms, update_ratios
 from healthmon.numerics.trends import (
     CollapseRule,
     DivergenceRule,
@@ -215,12 +215,9 @@ class GradientNormMonitor(Monitor):
                 hub.defer(norm, lambda v: hub.log(self._trainer, {TAG_NORM_CLIPPED: v[0]}, step))
         if not before:
             return
-        updates = torch._foreach_sub([p.detach() for p in params], before)
         idx = [hub.params.layer_of.get(id(p), 0) for p in params]
-        layer_idx, layers = torch.tensor(idx), hub.params.layers
-        update_norms = grouped_norms(tensor_norms(updates), layer_idx, len(layers))
-        weight_norms = grouped_norms(tensor_norms(before), layer_idx, len(layers))
-        ratio = update_norms / weight_norms.clamp_min(torch.finfo(torch.float32).tiny)
+        layers = hub.params.layers
+        ratio = update_ratios(before, [p.detach() for p in params], torch.tensor(idx), len(layers))
         present = sorted(set(idx))
 
         def log_ratios(values: list[float]) -> None:

@@ -8,7 +8,6 @@ synchronisation) so that several monitors reading them cost no more than one.
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import time
@@ -21,7 +20,12 @@ from lightning_utilities.core.rank_zero import rank_zero_warn
 from torch import Tensor
 
 from healthmon.alerts import Alert, AlertBook, AlertPolicy, NumericalHealthError, make_alert
-from healthmon.numerics.gradients import reduce_sharded_norms, tensor_norms
+from healthmon.numerics.gradients import (
+    combined_norm,
+    combined_norms_by_group,
+    reduce_sharded_norms,
+    tensor_norms,
+)
 from healthmon.sinks.console import print_summary
 from healthmon.sinks.reader import ALERT_RECORD_TAG
 from healthmon.sinks.report import CRASH_NAME, REPORT_NAME, build_report, write_json_atomic
@@ -257,21 +261,16 @@ class Hub:
         norms = host[: len(params)]
         layer_norms = group_norms = None
         if self.is_log_step(trainer) and self.params is not None and params:
-            layer_of = self.params.layer_of
-            layer_sq: dict[str, float] = {}
-            group_sq = [0.0] * len(optimizer.param_groups)
-            for p, g, n in zip(params, groups, norms, strict=True):
-                layer = self.params.layers[layer_of.get(id(p), 0)]
-                layer_sq[layer] = layer_sq.get(layer, 0.0) + n * n
-                group_sq[g] += n * n
-            layer_norms = {k: math.sqrt(v) for k, v in layer_sq.items()}
-            group_norms = [math.sqrt(v) for v in group_sq]
+            layers = [self.params.layers[self.params.layer_of.get(id(p), 0)] for p in params]
+            layer_norms = combined_norms_by_group(norms, layers)  # type: ignore[assignment]
+            by_group = combined_norms_by_group(norms, groups)
+            group_norms = [by_group.get(g, 0.0) for g in range(len(optimizer.param_groups))]
         result = GradStep(
             step=step,
             params=params,
             per_tensor=per_tensor,
             per_tensor_host=norms,
-            norm=math.sqrt(math.fsum(n * n for n in norms)),  # = the norm of the concatenation
+            norm=combined_norm(norms),  # = the norm of the concatenated gradient
             loss=None if loss is None else host[len(params)],
             layer_norms=layer_norms,
             group_norms=group_norms,

@@ -6,7 +6,8 @@ to synchronise with the host.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Hashable, Sequence
 
 import torch
 from torch import Tensor
@@ -68,6 +69,32 @@ def grouped_norms(per_tensor_norms: Tensor, group_index: Tensor, num_groups: int
     squares = per_tensor_norms.square()
     sums = torch.zeros(num_groups, dtype=squares.dtype, device=squares.device)
     return sums.index_add_(0, group_index.to(squares.device), squares).sqrt()
+
+
+def combined_norm(norms: Sequence[float]) -> float:
+    """The L2 norm of concatenated tensors from their norms, on the host: sqrt(sum of squares).
+
+    NaN and Inf propagate (a non-finite tensor makes the whole norm non-finite).
+    """
+    return math.sqrt(math.fsum(n * n for n in norms))
+
+
+def combined_norms_by_group(norms: Sequence[float], groups: Sequence[Hashable]) -> dict[Hashable, float]:
+    """Per-group L2 norms (layers, parameter groups) from per-tensor norms, on the host."""
+    squares: dict[Hashable, float] = {}
+    for n, g in zip(norms, groups, strict=True):
+        squares[g] = squares.get(g, 0.0) + n * n
+    return {g: math.sqrt(v) for g, v in squares.items()}
+
+
+def update_ratios(
+    before: Sequence[Tensor], after: Sequence[Tensor], group_index: Tensor, num_groups: int
+) -> Tensor:
+    """||w_after - w_before|| / ||w_before|| per group of tensors (layers), on the device."""
+    updates = torch._foreach_sub(list(after), list(before))
+    update_norms = grouped_norms(tensor_norms(updates), group_index, num_groups)
+    weight_norms = grouped_norms(tensor_norms(list(before)), group_index, num_groups)
+    return update_norms / weight_norms.clamp_min(torch.finfo(weight_norms.dtype).tiny)
 
 
 def nonfinite_indices(per_tensor_norms: Sequence[float]) -> list[int]:

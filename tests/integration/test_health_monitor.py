@@ -8,7 +8,6 @@ import os
 from typing import Any
 
 import pytest
-import pytorch_lightning as pl
 import torch
 from models import DigitsClassifier, digits_loader, trainer
 from tensorboard.backend.event_processing import event_accumulator as ea
@@ -275,7 +274,3 @@ def test_callable_cadence(tmp_path: Any) -> None:
     t.fit(DigitsClassifier(), digits_loader())
     assert steps == list(range(9))
     assert sorted(_scalars(t.logger.log_dir)["healthmon/grad/norm"]) == [0, 3, 6]
-
-
-def test_pl_version_is_supported() -> None:
-    assert int(pl.__version__.split(".")[0]) >= 2

@@ -60,3 +60,28 @@ def test_nonfinite_tensors_are_found() -> None:
     norms = tensor_norms(tensors).tolist()
     assert nonfinite_indices(norms) == [1, 2]
     assert not torch.isfinite(global_norm(torch.tensor(norms)))
+
+
+def test_host_side_combinations_match_the_concatenation() -> None:
+    from healthmon.numerics.gradients import combined_norm, combined_norms_by_group
+
+    tensors = [torch.randn(3), torch.randn(4), torch.randn(5), torch.randn(2)]
+    norms = tensor_norms(tensors).tolist()
+    assert combined_norm(norms) == pytest.approx(float(_reference(tensors)), rel=1e-6)
+    groups = combined_norms_by_group(norms, ["a", "b", "a", "c"])
+    assert groups["a"] == pytest.approx(float(_reference([tensors[0], tensors[2]])), rel=1e-6)
+    assert set(groups) == {"a", "b", "c"}
+    assert combined_norm([1.0, float("nan")]) != combined_norm([1.0, float("nan")])  # NaN propagates
+    assert combined_norm([1.0, float("inf")]) == float("inf")
+
+
+def test_update_ratios_against_brute_force() -> None:
+    from healthmon.numerics.gradients import update_ratios
+
+    before = [torch.randn(4, 3), torch.randn(3), torch.randn(5)]
+    after = [b + 0.01 * torch.randn_like(b) for b in before]
+    ratio = update_ratios(before, after, torch.tensor([0, 0, 1]), 2)
+    for g, members in ((0, [0, 1]), (1, [2])):
+        du = _reference([after[i] - before[i] for i in members])
+        w = _reference([before[i] for i in members])
+        assert float(ratio[g]) == pytest.approx(float(du / w), rel=1e-5)
