@@ -28,7 +28,7 @@ bench: setup
 	$(BIN)/python benchmarks/overhead.py
 
 lint: setup
-	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/ruff check . && $(BIN)/ruff format --check healthmon tests examples benchmarks
 
 clean:
 	rm -rf $(VENV) runs lightning_logs .pytest_cache

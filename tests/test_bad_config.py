@@ -77,7 +77,3 @@ def test_bad_argument_is_named_with_value_and_allowed(
     message = str(info.value)
     assert message.startswith(f"`{name}`: "), message
     assert allowed in message, message
-
-
-def test_at_least_fifteen_bad_configurations_are_covered() -> None:
-    assert len(CASES) >= 15

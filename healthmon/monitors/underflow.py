@@ -40,7 +40,6 @@ from healthmon._checks import Cadence
 from healthmon.alerts import OnAlert, Severity
 from healthmon.monitors.base import Monitor
 from healthmon.monitors.hub import Hub, optimizer_params_with_grad
-from healthmon.numerics.gradients import tensor_norms
 from healthmon.numerics.precision import dtype_name, stale_counts
 from healthmon.numerics.underflow import (
     RELU_FAMILY,
@@ -175,7 +174,6 @@ class GradientUnderflowMonitor(Monitor):
         self._structural: set[int] = set()
         self._alive: dict[str, Tensor] = {}
         self._alive_step = -1
-        self._loss: Tensor | None = None
         self._armed_step = -1
         self._last_log = -1
         self._stale_before: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
@@ -236,7 +234,7 @@ class GradientUnderflowMonitor(Monitor):
     ) -> None:
         step = int(trainer.global_step)
         if self._alive_step != step:  # a new optimizer step (not the next micro-batch of this one)
-            self._alive, self._alive_step, self._loss = {}, step, None
+            self._alive, self._alive_step = {}, step
         if self.dead_units and self._relus and not self._fwd_hooks and self.should_run(trainer):
             self._fwd_hooks = [m.register_forward_hook(self._record_units(name)) for name, m in self._relus]
 
@@ -253,13 +251,6 @@ class GradientUnderflowMonitor(Monitor):
         for handle in self._fwd_hooks:
             handle.remove()
         self._fwd_hooks = []
-
-    @override
-    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
-        super().on_before_backward(trainer, pl_module, loss)
-        if self.should_run(trainer):
-            value = loss.detach().float()
-            self._loss = value if self._loss is None else self._loss + value
 
     @override
     def on_before_optimizer_step(
@@ -324,7 +315,11 @@ class GradientUnderflowMonitor(Monitor):
 
         counts = gradient_counts(grads, structural_zeros=structural)
         profile = [i for i, s in enumerate(structural) if not s and not grads[i].is_sparse]
-        norms = tensor_norms([grads[i] for i in profile]) if profile else torch.zeros(0)
+        # per-tensor norms and the loss come from the hub's shared per-step statistics
+        stats = hub.grad_step(trainer, optimizer)
+        shared = {id(p): i for i, p in enumerate(stats.params)}
+        rows = torch.tensor([shared[id(params[i])] for i in profile], dtype=torch.long)
+        norms = stats.per_tensor[rows.to(stats.per_tensor.device)] if profile else torch.zeros(0)
         rms = layer_rms(norms, [grads[i].numel() for i in profile], [layer_idx[i] for i in profile], n_layers)
         dead_names = list(self._alive)
         device = counts.device
@@ -336,15 +331,11 @@ class GradientUnderflowMonitor(Monitor):
         pending = self._pending_stale
         if pending is not None:
             parts.append(pending[3].to(device=device, dtype=torch.float64).reshape(-1))
-        loss = self._loss
-        parts.append(
-            (loss if loss is not None else torch.tensor(math.nan)).to(device, torch.float64).reshape(1)
-        )
         scale = getattr(self._scaler, "_scale", None) if self._scaler is not None else None
         if isinstance(scale, Tensor):
             parts.append(scale.detach().to(device, torch.float64).reshape(1))
         host = torch.cat(parts).cpu()  # the one host synchronisation of this monitored step
-        self._alive, self._loss = {}, None
+        self._alive = {}
 
         pos = counts.numel()
         counts_h = host[:pos].reshape(-1, 4)
@@ -358,8 +349,8 @@ class GradientUnderflowMonitor(Monitor):
             stale_h = host[pos : pos + size].reshape(-1, 2)
             pos += size
             self._pending_stale = None
-        loss_h = host[pos].item()
-        scale_h = host[pos + 1].item() if isinstance(scale, Tensor) else None
+        loss_h = math.nan if stats.loss is None else stats.loss
+        scale_h = host[pos].item() if isinstance(scale, Tensor) else None
         if scale_h is None and self._scaler is not None and hasattr(self._scaler, "get_scale"):
             scale_h = float(self._scaler.get_scale())
 
