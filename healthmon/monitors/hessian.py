@@ -8,9 +8,10 @@ lives in :mod:`healthmon.numerics.hessian`.
 
 When: in ``on_train_batch_start`` of the steps its schedule selects, before that step's forward
 pass, on the weights the step is about to update. The estimate runs inside
-:func:`~healthmon.monitors.isolation.isolated` and replays one RNG state for every loss evaluation
-(dropout masks identical across products), so gradients, BatchNorm statistics, train/eval modes
-and the RNG streams are exactly as before: the trained weights are bit-identical with and without
+:func:`~healthmon.monitors.isolation.isolated` and replays one RNG state (torch, Python, NumPy)
+for every loss evaluation (dropout masks and mixup draws identical across products), so gradients,
+BatchNorm statistics, train/eval modes, RNG streams, torchmetrics states and ``self.log``
+aggregates are exactly as before: the trained weights are bit-identical with and without
 the monitor. The loss is evaluated in float32 outside autocast.
 """
 
@@ -32,7 +33,7 @@ from healthmon._checks import Cadence
 from healthmon.alerts import OnAlert, Severity
 from healthmon.monitors.base import Monitor
 from healthmon.monitors.hub import Hub
-from healthmon.monitors.isolation import isolated
+from healthmon.monitors.isolation import HostRandomState, isolated, replay_blocker
 from healthmon.numerics.hessian import (
     HessianOperator,
     HVPMethod,
@@ -366,17 +367,23 @@ class HessianEigenMonitor(Monitor):
         due = self._clock.due(step) if self.budgeted else self.should_run(trainer)
         if not due:
             return
-        if not pl_module.automatic_optimization:
-            self._skip(trainer, "manual optimization: replaying training_step would step the optimizer")
+        blocker = replay_blocker(pl_module)
+        if blocker is not None:
+            self._skip(trainer, blocker)
             return
         self._estimate(trainer, pl_module)
 
     # ---- the estimate ---------------------------------------------------------------------------
     def _operator(self, pl_module: pl.LightningModule, method: HVPMethod) -> HessianOperator:
         chunks = split_batch(self._probe, self.probe_chunk_size)
+        host_rng = HostRandomState(pl_module)  # NumPy/Python draws replayed like torch's (one function)
 
         def closure(chunk: Any) -> Callable[[], Tensor]:
-            return lambda: _loss_of(pl_module.training_step(chunk, self._probe_idx))
+            def loss() -> Tensor:
+                host_rng.restore()
+                return _loss_of(pl_module.training_step(chunk, self._probe_idx))
+
+            return loss
 
         return HessianOperator(
             pl_module,

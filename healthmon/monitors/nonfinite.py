@@ -4,7 +4,9 @@ Checking every module's output on every step costs a synchronisation per module.
 monitor pays only when something is wrong: the loss and gradients are checked through the shared
 per-step statistics (no extra synchronisation), and when one is non-finite the same batch is
 replayed once, without gradients and with forward hooks on every module, to name the first module
-(in execution order) whose output holds NaN/Inf. The replay restores RNG, buffers and modes.
+(in execution order) whose output holds NaN/Inf. The replay runs inside
+:func:`~healthmon.monitors.isolation.isolated` (RNGs, buffers, modes, torchmetrics states and
+``self.log`` results restored); a model that cannot be replayed safely is not replayed.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from healthmon import _checks
 from healthmon._checks import Cadence
 from healthmon.alerts import OnAlert, Severity
 from healthmon.monitors.base import Monitor
-from healthmon.monitors.isolation import isolated
+from healthmon.monitors.isolation import isolated, replay_blocker
 from healthmon.numerics.gradients import nonfinite_indices, tensor_norms
 
 MAX_NAMES = 10
@@ -180,6 +182,16 @@ class NonFiniteMonitor(Monitor):
     def _replay(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[str | None, bool]:
         """Run this step's batch again under forward hooks; (first bad module, its inputs finite)."""
         if not self.find_module or self.replays >= self.max_replays or self._batch is None:
+            return None, True
+        blocker = replay_blocker(pl_module)
+        if blocker is not None:
+            self.hub.alert(
+                trainer,
+                "monitor.skipped",
+                "NonFiniteMonitor: the batch is not replayed to find the first non-finite module "
+                f"({blocker}).",
+                where="NonFiniteMonitor",
+            )
             return None, True
         self.replays += 1
         finder = FirstNonFiniteModule(pl_module)

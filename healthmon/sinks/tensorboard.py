@@ -63,7 +63,11 @@ class TensorBoardSink:
         return self.writer._get_file_writer()
 
     def histogram(self, tag: str, values: Tensor, step: int) -> None:
-        self.writer.add_histogram(tag, values.detach().float().cpu(), step)
+        """Finite values only: NaN/Inf cannot be binned (and would make TensorBoard raise)."""
+        values = values.detach().float().cpu()
+        values = values[values.isfinite()]
+        if values.numel():
+            self.writer.add_histogram(tag, values, step)
 
     def text(self, tag: str, text: str, step: int) -> None:
         self.writer.add_text(tag, text, step)
