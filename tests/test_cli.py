@@ -114,9 +114,12 @@ def test_junit_format_is_valid_xml_with_failures(
         (lambda d: _write(d, "r.json", b'{"schema": "other"}'), "not a healthmon report"),
         (
             lambda d: _write(
-                d, "r.json", b'{"schema": "healthmon.report", "version": 1, "alerts": [{"code": 1}]}'
+                d,
+                "r.json",
+                b'{"schema": "healthmon.report", "version": 1, "run": {"status": "completed"},'
+                b' "alerts": [{"code": 1}]}',
             ),
-            "malformed alert",
+            "field 'alerts[0].code'",
         ),
     ],
 )

@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 from healthmon.alerts import Alert
 from healthmon.sinks.report import REPORT_NAME, ReportError, read_report
+from healthmon.sinks.schema import SchemaError, alert_from_record
 
 ALERT_RECORD_TAG = "healthmon/alert_records"  # one JSON alert per text event (written by the hub)
 EVENT_PREFIX = "events.out.tfevents."
@@ -43,7 +45,7 @@ def load_runs(path: str) -> list[RunAlerts]:
         if os.path.basename(path).startswith(EVENT_PREFIX):
             return [_from_event_files(os.path.dirname(path) or ".", [path])]
         data = read_report(path)
-        return [RunAlerts(path, data["alerts"], data.get("run", {}).get("status"))]
+        return [RunAlerts(path, data["alerts"], data["run"]["status"])]
     runs: list[RunAlerts] = []
     saw_events = False
     for folder, _dirs, files in sorted(os.walk(path)):
@@ -52,7 +54,7 @@ def load_runs(path: str) -> list[RunAlerts]:
         if REPORT_NAME in files:
             report = os.path.join(folder, REPORT_NAME)
             data = read_report(report)
-            runs.append(RunAlerts(report, data["alerts"], data.get("run", {}).get("status")))
+            runs.append(RunAlerts(report, data["alerts"], data["run"]["status"]))
         elif events:
             run = _from_event_files(folder, events)
             if run is not None:
@@ -64,9 +66,9 @@ def load_runs(path: str) -> list[RunAlerts]:
 
 
 def _from_event_files(folder: str, files: list[str]) -> RunAlerts | None:
+    from google.protobuf.message import DecodeError
     from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
     from tensorboard.compat.proto import event_pb2
-    from tensorboard.util import tensor_util
 
     alerts: list[Alert] = []
     seen_healthmon = False
@@ -75,14 +77,17 @@ def _from_event_files(folder: str, files: list[str]) -> RunAlerts | None:
         used = 0
         for raw in RawEventFileLoader(name).Load():
             used += len(raw) + RECORD_OVERHEAD
-            event = event_pb2.Event.FromString(raw)
+            try:
+                event = event_pb2.Event.FromString(raw)
+            except DecodeError as exc:
+                raise ReportError(f"{name}: corrupt event file (a record is not an event: {exc})") from None
             for value in event.summary.value:
                 if not value.tag.startswith("healthmon/"):
                     continue
                 seen_healthmon = True
                 if value.tag.startswith(ALERT_RECORD_TAG):
-                    for item in tensor_util.make_ndarray(value.tensor).reshape(-1):
-                        alerts.append(_alert_from_text(name, item))
+                    for item in _record_texts(name, value):
+                        alerts.append(_alert_from_text(name, item, len(alerts)))
         if used != size:
             raise ReportError(
                 f"{name}: corrupt or truncated event file ({size - used} of {size} bytes unreadable)"
@@ -90,9 +95,31 @@ def _from_event_files(folder: str, files: list[str]) -> RunAlerts | None:
     return RunAlerts(folder, alerts) if seen_healthmon else None
 
 
-def _alert_from_text(name: str, item: object) -> Alert:
-    text = item.decode("utf-8") if isinstance(item, bytes) else str(item)
+def _record_texts(name: str, value: Any) -> list[object]:
+    """The strings of an alert-record summary value (a string tensor); anything else is malformed."""
+    from tensorboard.util import tensor_util
+
     try:
-        return Alert.from_dict(json.loads(text))
+        array = tensor_util.make_ndarray(value.tensor)
     except (ValueError, TypeError) as exc:
-        raise ReportError(f"{name}: malformed healthmon alert record ({exc})") from None
+        raise ReportError(f"{name}: malformed healthmon alert record {value.tag!r} ({exc})") from None
+    if array.dtype.kind not in "SUO":
+        raise ReportError(
+            f"{name}: malformed healthmon alert record {value.tag!r}: "
+            f"expected text, got a {array.dtype} tensor"
+        )
+    return list(array.reshape(-1))
+
+
+def _alert_from_text(name: str, item: object, index: int) -> Alert:
+    """One alert record (JSON text) of an event file, every field checked."""
+    field = f"{ALERT_RECORD_TAG}[{index}]"
+    try:
+        text = item.decode("utf-8") if isinstance(item, bytes) else str(item)
+        record = json.loads(text)
+    except ValueError as exc:  # not UTF-8, not JSON
+        raise ReportError(f"{name}: malformed healthmon alert record {field} (not JSON: {exc})") from None
+    try:
+        return alert_from_record(record, field)
+    except SchemaError as exc:
+        raise ReportError(f"{name}: malformed healthmon alert record, {exc}") from None

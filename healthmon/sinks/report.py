@@ -104,12 +104,17 @@ def read_report(path: str) -> dict[str, Any]:
         raise ReportError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
     if not isinstance(data, dict) or data.get("schema") != SCHEMA:
         raise ReportError(f'{path}: not a healthmon report (missing "schema": "{SCHEMA}")')
-    if not isinstance(data.get("version"), int) or data["version"] > VERSION:
+    if (
+        not isinstance(data.get("version"), int)
+        or isinstance(data["version"], bool)
+        or data["version"] > VERSION
+    ):
         raise ReportError(
             f"{path}: unsupported report version {data.get('version')!r} (this healthmon reads <= {VERSION})"
         )
+    from healthmon.sinks.schema import SchemaError, validate_report
+
     try:
-        data["alerts"] = [Alert.from_dict(a) for a in data.get("alerts", [])]
-    except (TypeError, ValueError) as exc:
-        raise ReportError(f"{path}: malformed alert record ({exc})") from None
-    return data
+        return validate_report(data, schema=SCHEMA, version=VERSION)
+    except SchemaError as exc:
+        raise ReportError(f"{path}: malformed report, {exc}") from None
