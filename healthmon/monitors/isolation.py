@@ -133,8 +133,10 @@ def _metric_state_names(module: torch.nn.Module) -> frozenset[str]:
 class _AttributeSnapshot:
     """The plain Python attributes of one object, restored by identity; containers by content.
 
-    Tensors that are not parameters are cloned and copied back in place (torchmetrics states such
-    as ``tp += ...`` are updated in place). ``skip`` names attributes left alone.
+    Tensors that are not parameters are cloned and, when their version counter shows an in-place
+    change (torchmetrics states such as ``tp += ...``), copied back in place; inference tensors
+    (no version counter, read-only outside inference mode) are left alone. ``skip`` names
+    attributes left alone.
     """
 
     def __init__(self, obj: Any, skip: frozenset[str] = frozenset()) -> None:
@@ -142,14 +144,16 @@ class _AttributeSnapshot:
         self.attrs = {k: v for k, v in vars(obj).items() if k not in skip}
         self.skip = skip
         self.contents: dict[str, Any] = {}
-        self.values: dict[str, torch.Tensor] = {}
+        self.values: dict[str, tuple[torch.Tensor, int]] = {}
         for k, v in self.attrs.items():
             if isinstance(v, dict):
                 self.contents[k] = dict(v)
             elif isinstance(v, _CONTAINERS):
                 self.contents[k] = list(v)
-            elif isinstance(v, torch.Tensor) and not isinstance(v, torch.nn.Parameter):
-                self.values[k] = v.detach().clone()
+            elif (
+                isinstance(v, torch.Tensor) and not isinstance(v, torch.nn.Parameter) and not v.is_inference()
+            ):
+                self.values[k] = (v.detach().clone(), v._version)
 
     def restore(self) -> None:
         current = vars(self.obj)
@@ -167,8 +171,10 @@ class _AttributeSnapshot:
                 target.clear()
                 (target.update if isinstance(target, set) else target.extend)(saved)
         with torch.no_grad():
-            for k, saved in self.values.items():
+            for k, (saved, version) in self.values.items():
                 target = self.attrs[k]
+                if target._version == version:
+                    continue  # not modified in place
                 if target.shape == saved.shape and target.dtype == saved.dtype:
                     target.copy_(saved)
                 else:  # resized in place: give the attribute its old value back
