@@ -81,7 +81,8 @@ def test_weights_and_buffers_are_bit_identical_with_every_monitor_on(tmp_path: A
 class MixupWithMetrics(pl.LightningModule):
     """Mixup drawn from NumPy and Python's ``random``, a torchmetrics accuracy updated by
     ``forward``, ``self.log(on_step=True, on_epoch=True)`` (also a ``log_dict`` and a call through
-    the class that a patched ``self.log`` does not see), a list of step outputs, BatchNorm, dropout.
+    the class that a patched ``self.log`` does not see, and a direct ``self.logger.log_metrics``), a
+    list of step outputs, BatchNorm, dropout.
     """
 
     def __init__(self) -> None:
@@ -107,6 +108,7 @@ class MixupWithMetrics(pl.LightningModule):
         self.log("train_acc", self.acc, on_step=True, on_epoch=True)
         self.log_dict({"mix_lambda": lam}, on_step=True, on_epoch=True)
         pl.LightningModule.log(self, "train_loss_sum", loss, on_step=False, on_epoch=True, reduce_fx="sum")
+        self.logger.log_metrics({"direct_lambda": lam}, step=self.global_step)  # type: ignore[union-attr]
         self.step_losses.append(float(loss.detach()))
         return loss
 
@@ -114,7 +116,7 @@ class MixupWithMetrics(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
 
 
-USER_TAGS = ("train_loss", "train_acc", "mix_lambda")
+USER_TAGS = ("train_loss", "train_acc", "mix_lambda", "direct_lambda")
 
 
 def _nan_loader(nan_at_batch: int, batch_size: int = 64) -> Any:
