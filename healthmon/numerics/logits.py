@@ -21,17 +21,14 @@ Evidence comes in two kinds:
   synchronisation in :meth:`LogitsInterceptor.findings`.
 
 Each finding names the user's own source line (``path/file.py:LINE``): the first stack frame
-outside torch, Lightning, torchmetrics, healthmon and the standard library.
+outside torch, Lightning, torchmetrics, healthmon and the standard library, found by
+:class:`~healthmon.numerics.source_lines.SourceLineFinder`.
 
 This module is pure torch: no Lightning, no logging.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import sys
-import sysconfig
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +38,14 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
+
+# SKIPPED_PACKAGES and user_frame_location are re-exported: they used to live here.
+from healthmon.numerics.source_lines import (  # noqa: F401
+    SKIPPED_PACKAGES,
+    SourceLineFinder,
+    shared_finder,
+    user_frame_location,
+)
 
 # ---- kinds of evidence (provenance tags) ------------------------------------------------------
 SOFTMAX = "softmax"  # probabilities along a dim (softmax, or exp/sum written by hand, exp(log_softmax))
@@ -55,17 +60,6 @@ MAX = "max"  # max / amax / logsumexp values: what a stable formula subtracts
 SHIFTED = "shifted"  # x - max(x)
 
 PROBABILITIES = (SOFTMAX, SIGMOID)
-
-#: Packages whose frames are skipped when looking for the user's line.
-SKIPPED_PACKAGES: tuple[str, ...] = (
-    "torch",
-    "lightning",
-    "pytorch_lightning",
-    "lightning_fabric",
-    "lightning_utilities",
-    "torchmetrics",
-    "healthmon",
-)
 
 HINT_CE = "Pass the raw logits: F.cross_entropy(logits, y) (remove the softmax before the loss)."
 HINT_NLL = "Use F.log_softmax(logits, dim=1) before F.nll_loss, or F.cross_entropy(logits, y)."
@@ -102,77 +96,6 @@ class Finding:
     hint: str
     value: float | None = None
     count: int = 1
-
-
-# ---- the user's line --------------------------------------------------------------------------
-_SKIP_DIRS: tuple[str, ...] | None = None
-_KEEP_DIRS: tuple[str, ...] = ()
-_SKIP_CACHE: dict[str, bool] = {}
-
-
-def _skip_dirs() -> tuple[str, ...]:
-    global _SKIP_DIRS, _KEEP_DIRS
-    if _SKIP_DIRS is None:
-        dirs: list[str] = []
-        for name in SKIPPED_PACKAGES:
-            try:
-                spec = importlib.util.find_spec(name)  # locates the package without importing it
-            except (ImportError, ValueError):
-                spec = None
-            for loc in (spec.submodule_search_locations or []) if spec is not None else []:
-                dirs.append(os.path.realpath(loc) + os.sep)
-        paths = sysconfig.get_paths()
-        dirs.append(os.path.realpath(paths["stdlib"]) + os.sep)
-        _KEEP_DIRS = tuple({os.path.realpath(paths[k]) + os.sep for k in ("purelib", "platlib")})
-        _SKIP_DIRS = tuple(dirs)
-    return _SKIP_DIRS
-
-
-def _is_skipped(filename: str) -> bool:
-    known = _SKIP_CACHE.get(filename)
-    if known is not None:
-        return known
-    if filename.startswith("<"):
-        skipped = True
-    else:
-        path = os.path.realpath(filename)
-        skip_dirs = _skip_dirs()
-        skipped = any(path.startswith(d) for d in skip_dirs[:-1]) or (
-            path.startswith(skip_dirs[-1]) and not any(path.startswith(k) for k in _KEEP_DIRS)
-        )
-    _SKIP_CACHE[filename] = skipped
-    return skipped
-
-
-def user_frame_location(depth: int = 1) -> str | None:
-    """``path/file.py:LINE`` of the first caller frame outside the skipped packages.
-
-    The path is relative to the working directory when the file lies inside it, else absolute.
-    """
-    frame = sys._getframe(depth)
-    while frame is not None:
-        filename = frame.f_code.co_filename
-        if not _is_skipped(filename):
-            path = _display_path(filename)
-            return f"{path}:{frame.f_lineno}"
-        frame = frame.f_back
-    return None
-
-
-def _display_path(filename: str) -> str:
-    cwd = os.getcwd()
-    key = (cwd, filename)
-    path = _DISPLAY_CACHE.get(key)
-    if path is None:
-        path = os.path.realpath(filename)
-        root = os.path.realpath(cwd) + os.sep
-        if path.startswith(root):
-            path = path[len(root) :]
-        _DISPLAY_CACHE[key] = path
-    return path
-
-
-_DISPLAY_CACHE: dict[tuple[str, str], str] = {}
 
 
 # ---- provenance from the autograd graph (tensors made before interception) --------------------
@@ -333,8 +256,9 @@ class LogitsInterceptor(TorchFunctionMode):
         errors: internal errors of the rules (a rule that fails is skipped; the call still runs).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, source_lines: SourceLineFinder | None = None) -> None:
         super().__init__()
+        self.source_lines = source_lines if source_lines is not None else shared_finder()
         self.checks = 0
         self.errors: list[str] = []
         self._tags: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -378,7 +302,7 @@ class LogitsInterceptor(TorchFunctionMode):
         return self._tags.get(x) if isinstance(x, Tensor) else None
 
     def _emit(self, code: str, message: str, hint: str, value: float | None = None) -> None:
-        where = user_frame_location(3)
+        where = self.source_lines.caller(3)
         self._record(code, where, message, hint, value)
 
     def _record(self, code: str, where: str | None, message: str, hint: str, value: float | None) -> None:
@@ -400,7 +324,7 @@ class LogitsInterceptor(TorchFunctionMode):
         threshold: float = 0.0,
         report_value: bool = True,
     ) -> None:
-        where = user_frame_location(3)
+        where = self.source_lines.caller(3)
         self._pending.append(_Pending(code, where, hint, value, message, threshold, report_value))
 
     def _check_saturated(self, p: Tensor, what: str) -> None:

@@ -25,8 +25,8 @@ from healthmon.numerics.logits import (
     looks_like_sigmoid,
     looks_like_softmax,
     saturated_fraction,
-    user_frame_location,
 )
+from healthmon.numerics.source_lines import user_frame_location
 
 N, C = 16, 5
 
