@@ -40,6 +40,14 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
 
 # SKIPPED_PACKAGES and user_frame_location are re-exported: they used to live here.
+from healthmon.alerts import code_info
+from healthmon.numerics.loss_inputs import (
+    clamp_source,
+    clamped_zero_fraction,
+    log_source,
+    raw_score_logsumexp,
+    zero_fraction,
+)
 from healthmon.numerics.source_lines import (  # noqa: F401
     SKIPPED_PACKAGES,
     SourceLineFinder,
@@ -58,8 +66,10 @@ SUM_EXP = "sum_exp"
 SUM_EXP_SAFE = "sum_exp_shifted"
 MAX = "max"  # max / amax / logsumexp values: what a stable formula subtracts
 SHIFTED = "shifted"  # x - max(x)
+CLAMPED = "clamped:"  # prefix: scores clamped at 0, "clamped:relu", "clamped:clamp(min=0)"
 
 PROBABILITIES = (SOFTMAX, SIGMOID)
+LOG_PROBABILITIES = (LOG_SOFTMAX, LOG_NAIVE)
 
 HINT_CE = "Pass the raw logits: F.cross_entropy(logits, y) (remove the softmax before the loss)."
 HINT_NLL = "Use F.log_softmax(logits, dim=1) before F.nll_loss, or F.cross_entropy(logits, y)."
@@ -70,6 +80,8 @@ HINT_DOUBLE_SOFTMAX = "Apply F.log_softmax to the logits, not to softmax outputs
 HINT_LOGSUMEXP = "Use torch.logsumexp(x, dim=...) instead of torch.log(torch.exp(x).sum(...))."
 HINT_SOFTMAX = "Use torch.softmax(x, dim=-1) (or F.log_softmax for log-probabilities)."
 HINT_SIGMOID_BCE = "Use nn.BCEWithLogitsLoss()(logits, y) on the pre-sigmoid values."
+HINT_UNNORMALIZED = code_info("logits.unnormalized_log_probs").hint
+HINT_CLAMPED = code_info("logits.clamped_scores").hint
 HINT_SATURATED = (
     "Work in log space: F.log_softmax / F.logsigmoid, or the logits forms of the losses "
     "(F.cross_entropy, BCEWithLogitsLoss)."
@@ -404,6 +416,7 @@ class LogitsInterceptor(TorchFunctionMode):
                 HINT_DOUBLE_SOFTMAX,
             )
             return LOG_NAIVE
+        self._check_clamped(x, "log_softmax")
         return LOG_SOFTMAX
 
     def _log(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
@@ -458,24 +471,28 @@ class LogitsInterceptor(TorchFunctionMode):
         self.checks += 1
         x = _arg(args, kwargs, 0, "input")
         self._expect_logits(x, "F.cross_entropy", HINT_CE, class_dim=1)
+        self._check_clamped(x, "F.cross_entropy")
         return None
 
     def _nll_loss(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
         self.checks += 1
         x = _arg(args, kwargs, 0, "input")
         self._expect_logits(x, "F.nll_loss (which expects log-probabilities)", HINT_NLL, class_dim=1)
+        self._expect_log_probabilities(x, "F.nll_loss", class_dim=1)
         return None
 
     def _kl_div(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
         self.checks += 1
         x = _arg(args, kwargs, 0, "input")
         self._expect_logits(x, "F.kl_div (whose input must be log-probabilities)", HINT_KL, class_dim=-1)
+        self._expect_log_probabilities(x, "The input of F.kl_div", class_dim=-1)
         return None
 
     def _bce_with_logits(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
         self.checks += 1
         x = _arg(args, kwargs, 0, "input")
         self._expect_logits(x, "BCEWithLogits", HINT_BCE_LOGITS, class_dim=None)
+        self._check_clamped(x, "BCEWithLogits")
         return None
 
     def _bce(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
@@ -526,6 +543,86 @@ class LogitsInterceptor(TorchFunctionMode):
             report_value=False,
         )
 
+    def _expect_log_probabilities(self, x: Any, loss: str, class_dim: int) -> None:
+        """A loss that expects log-probabilities: flag raw scores (positive entries, rows not normalised).
+
+        Provenance exempts what the probabilities rule already covers (softmax/sigmoid output) and
+        inputs built from a log; the values decide the rest.
+        """
+        if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() == 0:
+            return
+        kind = self.kind_of(x)
+        if kind in PROBABILITIES or kind in LOG_PROBABILITIES:
+            return
+        if x.grad_fn is not None and log_source(x.grad_fn) is not None:
+            return
+        dim = class_dim if x.dim() >= 2 or class_dim < 0 else 0
+        evidence = raw_score_logsumexp(x, dim) * (
+            1 - looks_like_softmax(x, dim)
+        )  # probabilities: the other rule
+        self._defer(
+            "logits.unnormalized_log_probs",
+            HINT_UNNORMALIZED,
+            evidence,
+            lambda v: (
+                f"{loss} received raw scores, not log-probabilities: some entries are positive and the "
+                f"rows' logsumexp reaches {v:.3g} instead of 0. The loss is unbounded below: it falls "
+                "forever by inflating the target's score while the model gets no better."
+            ),
+            threshold=_row_tolerance(x),
+        )
+
+    def _check_clamped(self, x: Any, consumer: str) -> None:
+        """Scores clamped at 0 (relu, clamp(min=0)) reaching a logits loss or log_softmax."""
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            return
+        kind = self.kind_of(x)
+        if kind is not None:
+            op = kind[len(CLAMPED) :] if kind.startswith(CLAMPED) else None
+        else:
+            op = clamp_source(x.grad_fn) if x.grad_fn is not None else None
+        if op is not None:  # provenance: the scores went through the clamp
+            evidence, threshold, how = zero_fraction(x), -1.0, f"went through {op}"
+        elif kind is None and x.grad_fn is None:  # no graph: the values must look clamped
+            dim = 1 if x.dim() >= 2 else 0
+            not_probabilities = 1 - looks_like_softmax(x, dim) if x.dim() >= 1 else 1
+            evidence, threshold, how = clamped_zero_fraction(x) * not_probabilities, 0.0, "are clamped at 0"
+        else:
+            return
+        self._defer(
+            "logits.clamped_scores",
+            HINT_CLAMPED,
+            evidence,
+            lambda v: (
+                f"{consumer} received class scores that {how}: {v:.1%} of them are exactly 0 and pass "
+                "no gradient, and no score can go below 0 to rule a class out."
+            ),
+            threshold=threshold,
+        )
+
+    def _clamp(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+        # clamp(min >= 0) of scores: tagged; a clamp of a tagged tensor (probabilities) keeps its tag.
+        x = _arg(args, kwargs, 0, "input")
+        kind = self._tag_of(x)
+        if kind is not None:
+            return kind
+        low = _arg(args, kwargs, 1, "min")
+        return f"{CLAMPED}clamp(min={low:g})" if _is_number(low) and low >= 0 else None
+
+    def _relu(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+        return self._tag_of(_arg(args, kwargs, 0, "input")) or f"{CLAMPED}relu"
+
+    def _hardtanh(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+        kind = self._tag_of(_arg(args, kwargs, 0, "input"))
+        if kind is not None:
+            return kind
+        low = _arg(args, kwargs, 1, "min_val")
+        low = -1.0 if low is None else low
+        return f"{CLAMPED}hardtanh/relu6 (min_val={low:g})" if _is_number(low) and low >= 0 else None
+
+    def _relu6(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+        return self._tag_of(_arg(args, kwargs, 0, "input")) or f"{CLAMPED}hardtanh/relu6 (min_val=0)"
+
 
 # ---- the table of interesting functions -------------------------------------------------------
 Rule = Callable[[LogitsInterceptor, tuple[Any, ...], dict[str, Any]], "str | None"]
@@ -569,18 +666,23 @@ def _build_rules() -> dict[Any, Rule]:
                     "permute",
                     "transpose",
                     "t",
-                    "clamp",
-                    "clamp_",
-                    "clamp_min",
                     "clamp_max",
-                    "clip",
-                    "clip_",
                     "__getitem__",
                 ),
-                torch_names=("clamp", "clip", "clamp_min", "clamp_max", "reshape", "flatten", "squeeze"),
+                torch_names=("clamp_max", "reshape", "flatten", "squeeze"),
             ),
             L._pass,
         ),
+        (
+            _funcs(
+                ("clamp", "clip", "clamp_min"),
+                ("clamp", "clamp_", "clamp_min", "clamp_min_", "clip", "clip_"),
+            ),
+            L._clamp,
+        ),
+        (_funcs(("relu", "relu_"), ("relu", "relu_"), (F.relu,)), L._relu),
+        ([F.hardtanh], L._hardtanh),
+        ([F.relu6], L._relu6),
         (
             _funcs(
                 ("add", "mul", "multiply"),
