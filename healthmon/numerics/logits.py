@@ -7,7 +7,10 @@ bugs in *how* a number was computed, so :class:`LogitsInterceptor` watches the c
 while it is active (a sampled step's forward pass) it sees every call that goes through the torch
 function layer (``torch.*``, ``Tensor.*`` methods and operators, ``torch.nn.functional.*`` and
 hence the ``nn`` modules built on them), looks only at a small table of interesting functions and
-hands every call through untouched: ``func(*args, **kwargs)`` is returned as is.
+hands every call through untouched: ``func(*args, **kwargs)`` is returned as is. Two more ways
+scores reach the wrong loss -- raw scores where log-probabilities belong (``nll_loss``,
+``kl_div``) and scores clamped at 0 before a logits loss -- are judged with the evidence in
+:mod:`healthmon.numerics.loss_inputs`.
 
 Evidence comes in two kinds:
 
