@@ -168,7 +168,7 @@ CODES: dict[str, CodeInfo] = _codes(
         "logits.naive_logsumexp",
         "warning",
         "log(sum(exp(x))) without subtracting the max.",
-        "Use torch.logsumexp(x, dim=...).",
+        "Use torch.logsumexp(x, dim=...) instead of torch.log(torch.exp(x).sum(...)).",
         "logsumexp: subtract the max",
     ),
     CodeInfo(
@@ -189,7 +189,8 @@ CODES: dict[str, CodeInfo] = _codes(
         "softmax.saturated",
         "warning",
         "Probabilities that are exactly 0 or 1 reach a log or a loss: their gradient is lost.",
-        "Work in log space: F.log_softmax / F.logsigmoid, or the logits forms of the losses.",
+        "Work in log space: F.log_softmax / F.logsigmoid, or the logits forms of the losses "
+        "(F.cross_entropy, BCEWithLogitsLoss).",
         "Underflow: exp(-large) rounds to 0",
     ),
     CodeInfo(

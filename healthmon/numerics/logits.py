@@ -74,21 +74,20 @@ CLAMPED = "clamped:"  # prefix: scores clamped at 0, "clamped:relu", "clamped:cl
 PROBABILITIES = (SOFTMAX, SIGMOID)
 LOG_PROBABILITIES = (LOG_SOFTMAX, LOG_NAIVE)
 
+# Hints: the registry's (healthmon.alerts) where one fits every call; the call-specific fixes of
+# logits.probabilities and logits.naive_log_softmax refine it for the loss or the form at hand.
 HINT_CE = "Pass the raw logits: F.cross_entropy(logits, y) (remove the softmax before the loss)."
 HINT_NLL = "Use F.log_softmax(logits, dim=1) before F.nll_loss, or F.cross_entropy(logits, y)."
 HINT_BCE_LOGITS = "Pass the pre-sigmoid values: nn.BCEWithLogitsLoss()(logits, y) (remove the sigmoid)."
 HINT_KL = "kl_div expects log-probabilities as input: F.kl_div(F.log_softmax(student, dim=-1), target)."
 HINT_LOG_SOFTMAX = "Use F.log_softmax(logits, dim=-1) instead of torch.log(F.softmax(logits, dim=-1))."
 HINT_DOUBLE_SOFTMAX = "Apply F.log_softmax to the logits, not to softmax outputs (remove the softmax)."
-HINT_LOGSUMEXP = "Use torch.logsumexp(x, dim=...) instead of torch.log(torch.exp(x).sum(...))."
-HINT_SOFTMAX = "Use torch.softmax(x, dim=-1) (or F.log_softmax for log-probabilities)."
-HINT_SIGMOID_BCE = "Use nn.BCEWithLogitsLoss()(logits, y) on the pre-sigmoid values."
+HINT_LOGSUMEXP = code_info("logits.naive_logsumexp").hint
+HINT_SOFTMAX = code_info("logits.naive_softmax").hint
+HINT_SIGMOID_BCE = code_info("logits.sigmoid_bce").hint
 HINT_UNNORMALIZED = code_info("logits.unnormalized_log_probs").hint
 HINT_CLAMPED = code_info("logits.clamped_scores").hint
-HINT_SATURATED = (
-    "Work in log space: F.log_softmax / F.logsigmoid, or the logits forms of the losses "
-    "(F.cross_entropy, BCEWithLogitsLoss)."
-)
+HINT_SATURATED = code_info("softmax.saturated").hint
 
 
 @dataclass(frozen=True)
