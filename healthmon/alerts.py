@@ -139,6 +139,25 @@ CODES: dict[str, CodeInfo] = _codes(
         "Computing cross-entropy using probabilities instead of logits",
     ),
     CodeInfo(
+        "logits.unnormalized_log_probs",
+        "error",
+        "A loss that expects log-probabilities (nll_loss, NLLLoss, the input of kl_div/KLDivLoss) "
+        "received raw scores: its rows do not normalise, so the loss is unbounded below and falls "
+        "while the model gets worse.",
+        "Apply log_softmax first: F.nll_loss(F.log_softmax(scores, dim=1), y) (or simply "
+        "F.cross_entropy(scores, y)); F.kl_div(F.log_softmax(scores, dim=-1), target).",
+        "Computing cross-entropy using probabilities instead of logits",
+    ),
+    CodeInfo(
+        "logits.clamped_scores",
+        "warning",
+        "Class scores were clamped at 0 (relu, clamp(min=0)) before a logits loss: every score stuck "
+        "at exactly 0 passes no gradient.",
+        "Remove the ReLU/clamp after the last layer: logits must be free to go negative (keep the "
+        "activation between hidden layers only).",
+        "Rounding the gradient to zero",
+    ),
+    CodeInfo(
         "logits.naive_log_softmax",
         "warning",
         "log(softmax(x)) instead of log_softmax(x).",
@@ -149,7 +168,7 @@ CODES: dict[str, CodeInfo] = _codes(
         "logits.naive_logsumexp",
         "warning",
         "log(sum(exp(x))) without subtracting the max.",
-        "Use torch.logsumexp(x, dim=...).",
+        "Use torch.logsumexp(x, dim=...) instead of torch.log(torch.exp(x).sum(...)).",
         "logsumexp: subtract the max",
     ),
     CodeInfo(
@@ -170,7 +189,8 @@ CODES: dict[str, CodeInfo] = _codes(
         "softmax.saturated",
         "warning",
         "Probabilities that are exactly 0 or 1 reach a log or a loss: their gradient is lost.",
-        "Work in log space: F.log_softmax / F.logsigmoid, or the logits forms of the losses.",
+        "Work in log space: F.log_softmax / F.logsigmoid, or the logits forms of the losses "
+        "(F.cross_entropy, BCEWithLogitsLoss).",
         "Underflow: exp(-large) rounds to 0",
     ),
     CodeInfo(

@@ -46,8 +46,11 @@ class LogitsCheck(Monitor):
     expects logits or log-probabilities received softmax/sigmoid output), ``logits.naive_log_softmax``
     (``log(softmax(x))``, or ``log_softmax`` of probabilities), ``logits.naive_logsumexp``
     (``log(sum(exp(x)))`` without the max), ``logits.naive_softmax`` (``exp(x) / exp(x).sum()``),
-    ``softmax.saturated`` (probabilities exactly 0 or 1 reach a log or a loss) and
-    ``logits.sigmoid_bce`` (info: BCELoss on sigmoid outputs).
+    ``softmax.saturated`` (probabilities exactly 0 or 1 reach a log or a loss),
+    ``logits.unnormalized_log_probs`` (raw scores into ``nll_loss`` or the input of ``kl_div``),
+    ``logits.clamped_scores`` (scores through ``relu``/``clamp(min=0)`` before ``cross_entropy``,
+    ``log_softmax`` or ``BCEWithLogits``) and ``logits.sigmoid_bce`` (info: BCELoss on sigmoid
+    outputs).
 
     Scalars, written on every sampled step: ``healthmon/logits/checks`` (interesting calls
     inspected) and ``healthmon/logits/findings`` (distinct call sites that fired).

@@ -7,7 +7,10 @@ bugs in *how* a number was computed, so :class:`LogitsInterceptor` watches the c
 while it is active (a sampled step's forward pass) it sees every call that goes through the torch
 function layer (``torch.*``, ``Tensor.*`` methods and operators, ``torch.nn.functional.*`` and
 hence the ``nn`` modules built on them), looks only at a small table of interesting functions and
-hands every call through untouched: ``func(*args, **kwargs)`` is returned as is.
+hands every call through untouched: ``func(*args, **kwargs)`` is returned as is. Two more ways
+scores reach the wrong loss -- raw scores where log-probabilities belong (``nll_loss``,
+``kl_div``) and scores clamped at 0 before a logits loss -- are judged with the evidence in
+:mod:`healthmon.numerics.loss_inputs`.
 
 Evidence comes in two kinds:
 
@@ -21,17 +24,14 @@ Evidence comes in two kinds:
   synchronisation in :meth:`LogitsInterceptor.findings`.
 
 Each finding names the user's own source line (``path/file.py:LINE``): the first stack frame
-outside torch, Lightning, torchmetrics, healthmon and the standard library.
+outside torch, Lightning, torchmetrics, healthmon and the standard library, found by
+:class:`~healthmon.numerics.source_lines.SourceLineFinder`.
 
 This module is pure torch: no Lightning, no logging.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import sys
-import sysconfig
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +41,22 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakIdKeyDictionary
+
+# SKIPPED_PACKAGES and user_frame_location are re-exported: they used to live here.
+from healthmon.alerts import code_info
+from healthmon.numerics.loss_inputs import (
+    clamp_source,
+    clamped_zero_fraction,
+    log_source,
+    raw_score_logsumexp,
+    zero_fraction,
+)
+from healthmon.numerics.source_lines import (  # noqa: F401
+    SKIPPED_PACKAGES,
+    SourceLineFinder,
+    shared_finder,
+    user_frame_location,
+)
 
 # ---- kinds of evidence (provenance tags) ------------------------------------------------------
 SOFTMAX = "softmax"  # probabilities along a dim (softmax, or exp/sum written by hand, exp(log_softmax))
@@ -53,33 +69,25 @@ SUM_EXP = "sum_exp"
 SUM_EXP_SAFE = "sum_exp_shifted"
 MAX = "max"  # max / amax / logsumexp values: what a stable formula subtracts
 SHIFTED = "shifted"  # x - max(x)
+CLAMPED = "clamped:"  # prefix: scores clamped at 0, "clamped:relu", "clamped:clamp(min=0)"
 
 PROBABILITIES = (SOFTMAX, SIGMOID)
+LOG_PROBABILITIES = (LOG_SOFTMAX, LOG_NAIVE)
 
-#: Packages whose frames are skipped when looking for the user's line.
-SKIPPED_PACKAGES: tuple[str, ...] = (
-    "torch",
-    "lightning",
-    "pytorch_lightning",
-    "lightning_fabric",
-    "lightning_utilities",
-    "torchmetrics",
-    "healthmon",
-)
-
+# Hints: the registry's (healthmon.alerts) where one fits every call; the call-specific fixes of
+# logits.probabilities and logits.naive_log_softmax refine it for the loss or the form at hand.
 HINT_CE = "Pass the raw logits: F.cross_entropy(logits, y) (remove the softmax before the loss)."
 HINT_NLL = "Use F.log_softmax(logits, dim=1) before F.nll_loss, or F.cross_entropy(logits, y)."
 HINT_BCE_LOGITS = "Pass the pre-sigmoid values: nn.BCEWithLogitsLoss()(logits, y) (remove the sigmoid)."
 HINT_KL = "kl_div expects log-probabilities as input: F.kl_div(F.log_softmax(student, dim=-1), target)."
 HINT_LOG_SOFTMAX = "Use F.log_softmax(logits, dim=-1) instead of torch.log(F.softmax(logits, dim=-1))."
 HINT_DOUBLE_SOFTMAX = "Apply F.log_softmax to the logits, not to softmax outputs (remove the softmax)."
-HINT_LOGSUMEXP = "Use torch.logsumexp(x, dim=...) instead of torch.log(torch.exp(x).sum(...))."
-HINT_SOFTMAX = "Use torch.softmax(x, dim=-1) (or F.log_softmax for log-probabilities)."
-HINT_SIGMOID_BCE = "Use nn.BCEWithLogitsLoss()(logits, y) on the pre-sigmoid values."
-HINT_SATURATED = (
-    "Work in log space: F.log_softmax / F.logsigmoid, or the logits forms of the losses "
-    "(F.cross_entropy, BCEWithLogitsLoss)."
-)
+HINT_LOGSUMEXP = code_info("logits.naive_logsumexp").hint
+HINT_SOFTMAX = code_info("logits.naive_softmax").hint
+HINT_SIGMOID_BCE = code_info("logits.sigmoid_bce").hint
+HINT_UNNORMALIZED = code_info("logits.unnormalized_log_probs").hint
+HINT_CLAMPED = code_info("logits.clamped_scores").hint
+HINT_SATURATED = code_info("softmax.saturated").hint
 
 
 @dataclass(frozen=True)
@@ -102,77 +110,6 @@ class Finding:
     hint: str
     value: float | None = None
     count: int = 1
-
-
-# ---- the user's line --------------------------------------------------------------------------
-_SKIP_DIRS: tuple[str, ...] | None = None
-_KEEP_DIRS: tuple[str, ...] = ()
-_SKIP_CACHE: dict[str, bool] = {}
-
-
-def _skip_dirs() -> tuple[str, ...]:
-    global _SKIP_DIRS, _KEEP_DIRS
-    if _SKIP_DIRS is None:
-        dirs: list[str] = []
-        for name in SKIPPED_PACKAGES:
-            try:
-                spec = importlib.util.find_spec(name)  # locates the package without importing it
-            except (ImportError, ValueError):
-                spec = None
-            for loc in (spec.submodule_search_locations or []) if spec is not None else []:
-                dirs.append(os.path.realpath(loc) + os.sep)
-        paths = sysconfig.get_paths()
-        dirs.append(os.path.realpath(paths["stdlib"]) + os.sep)
-        _KEEP_DIRS = tuple({os.path.realpath(paths[k]) + os.sep for k in ("purelib", "platlib")})
-        _SKIP_DIRS = tuple(dirs)
-    return _SKIP_DIRS
-
-
-def _is_skipped(filename: str) -> bool:
-    known = _SKIP_CACHE.get(filename)
-    if known is not None:
-        return known
-    if filename.startswith("<"):
-        skipped = True
-    else:
-        path = os.path.realpath(filename)
-        skip_dirs = _skip_dirs()
-        skipped = any(path.startswith(d) for d in skip_dirs[:-1]) or (
-            path.startswith(skip_dirs[-1]) and not any(path.startswith(k) for k in _KEEP_DIRS)
-        )
-    _SKIP_CACHE[filename] = skipped
-    return skipped
-
-
-def user_frame_location(depth: int = 1) -> str | None:
-    """``path/file.py:LINE`` of the first caller frame outside the skipped packages.
-
-    The path is relative to the working directory when the file lies inside it, else absolute.
-    """
-    frame = sys._getframe(depth)
-    while frame is not None:
-        filename = frame.f_code.co_filename
-        if not _is_skipped(filename):
-            path = _display_path(filename)
-            return f"{path}:{frame.f_lineno}"
-        frame = frame.f_back
-    return None
-
-
-def _display_path(filename: str) -> str:
-    cwd = os.getcwd()
-    key = (cwd, filename)
-    path = _DISPLAY_CACHE.get(key)
-    if path is None:
-        path = os.path.realpath(filename)
-        root = os.path.realpath(cwd) + os.sep
-        if path.startswith(root):
-            path = path[len(root) :]
-        _DISPLAY_CACHE[key] = path
-    return path
-
-
-_DISPLAY_CACHE: dict[tuple[str, str], str] = {}
 
 
 # ---- provenance from the autograd graph (tensors made before interception) --------------------
@@ -333,8 +270,9 @@ class LogitsInterceptor(TorchFunctionMode):
         errors: internal errors of the rules (a rule that fails is skipped; the call still runs).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, source_lines: SourceLineFinder | None = None) -> None:
         super().__init__()
+        self.source_lines = source_lines if source_lines is not None else shared_finder()
         self.checks = 0
         self.errors: list[str] = []
         self._tags: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -378,7 +316,7 @@ class LogitsInterceptor(TorchFunctionMode):
         return self._tags.get(x) if isinstance(x, Tensor) else None
 
     def _emit(self, code: str, message: str, hint: str, value: float | None = None) -> None:
-        where = user_frame_location(3)
+        where = self.source_lines.caller(3)
         self._record(code, where, message, hint, value)
 
     def _record(self, code: str, where: str | None, message: str, hint: str, value: float | None) -> None:
@@ -400,7 +338,7 @@ class LogitsInterceptor(TorchFunctionMode):
         threshold: float = 0.0,
         report_value: bool = True,
     ) -> None:
-        where = user_frame_location(3)
+        where = self.source_lines.caller(3)
         self._pending.append(_Pending(code, where, hint, value, message, threshold, report_value))
 
     def _check_saturated(self, p: Tensor, what: str) -> None:
@@ -480,6 +418,7 @@ class LogitsInterceptor(TorchFunctionMode):
                 HINT_DOUBLE_SOFTMAX,
             )
             return LOG_NAIVE
+        self._check_clamped(x, "log_softmax")
         return LOG_SOFTMAX
 
     def _log(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
@@ -534,24 +473,28 @@ class LogitsInterceptor(TorchFunctionMode):
         self.checks += 1
         x = _arg(args, kwargs, 0, "input")
         self._expect_logits(x, "F.cross_entropy", HINT_CE, class_dim=1)
+        self._check_clamped(x, "F.cross_entropy")
         return None
 
     def _nll_loss(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
         self.checks += 1
         x = _arg(args, kwargs, 0, "input")
         self._expect_logits(x, "F.nll_loss (which expects log-probabilities)", HINT_NLL, class_dim=1)
+        self._expect_log_probabilities(x, "F.nll_loss", class_dim=1)
         return None
 
     def _kl_div(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
         self.checks += 1
         x = _arg(args, kwargs, 0, "input")
         self._expect_logits(x, "F.kl_div (whose input must be log-probabilities)", HINT_KL, class_dim=-1)
+        self._expect_log_probabilities(x, "The input of F.kl_div", class_dim=-1)
         return None
 
     def _bce_with_logits(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
         self.checks += 1
         x = _arg(args, kwargs, 0, "input")
         self._expect_logits(x, "BCEWithLogits", HINT_BCE_LOGITS, class_dim=None)
+        self._check_clamped(x, "BCEWithLogits")
         return None
 
     def _bce(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
@@ -602,6 +545,86 @@ class LogitsInterceptor(TorchFunctionMode):
             report_value=False,
         )
 
+    def _expect_log_probabilities(self, x: Any, loss: str, class_dim: int) -> None:
+        """A loss that expects log-probabilities: flag raw scores (positive entries, rows not normalised).
+
+        Provenance exempts what the probabilities rule already covers (softmax/sigmoid output) and
+        inputs built from a log; the values decide the rest.
+        """
+        if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() == 0:
+            return
+        kind = self.kind_of(x)
+        if kind in PROBABILITIES or kind in LOG_PROBABILITIES:
+            return
+        if x.grad_fn is not None and log_source(x.grad_fn) is not None:
+            return
+        dim = class_dim if x.dim() >= 2 or class_dim < 0 else 0
+        evidence = raw_score_logsumexp(x, dim) * (
+            1 - looks_like_softmax(x, dim)
+        )  # probabilities: the other rule
+        self._defer(
+            "logits.unnormalized_log_probs",
+            HINT_UNNORMALIZED,
+            evidence,
+            lambda v: (
+                f"{loss} received raw scores, not log-probabilities: some entries are positive and the "
+                f"rows' logsumexp reaches {v:.3g} instead of 0. The loss is unbounded below: it falls "
+                "forever by inflating the target's score while the model gets no better."
+            ),
+            threshold=_row_tolerance(x),
+        )
+
+    def _check_clamped(self, x: Any, consumer: str) -> None:
+        """Scores clamped at 0 (relu, clamp(min=0)) reaching a logits loss or log_softmax."""
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            return
+        kind = self.kind_of(x)
+        if kind is not None:
+            op = kind[len(CLAMPED) :] if kind.startswith(CLAMPED) else None
+        else:
+            op = clamp_source(x.grad_fn) if x.grad_fn is not None else None
+        if op is not None:  # provenance: the scores went through the clamp
+            evidence, threshold, how = zero_fraction(x), -1.0, f"went through {op}"
+        elif kind is None and x.grad_fn is None:  # no graph: the values must look clamped
+            dim = 1 if x.dim() >= 2 else 0
+            not_probabilities = 1 - looks_like_softmax(x, dim) if x.dim() >= 1 else 1
+            evidence, threshold, how = clamped_zero_fraction(x) * not_probabilities, 0.0, "are clamped at 0"
+        else:
+            return
+        self._defer(
+            "logits.clamped_scores",
+            HINT_CLAMPED,
+            evidence,
+            lambda v: (
+                f"{consumer} received class scores that {how}: {v:.1%} of them are exactly 0 and pass "
+                "no gradient, and no score can go below 0 to rule a class out."
+            ),
+            threshold=threshold,
+        )
+
+    def _clamp(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+        # clamp(min >= 0) of scores: tagged; a clamp of a tagged tensor (probabilities) keeps its tag.
+        x = _arg(args, kwargs, 0, "input")
+        kind = self._tag_of(x)
+        if kind is not None:
+            return kind
+        low = _arg(args, kwargs, 1, "min")
+        return f"{CLAMPED}clamp(min={low:g})" if _is_number(low) and low >= 0 else None
+
+    def _relu(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+        return self._tag_of(_arg(args, kwargs, 0, "input")) or f"{CLAMPED}relu"
+
+    def _hardtanh(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+        kind = self._tag_of(_arg(args, kwargs, 0, "input"))
+        if kind is not None:
+            return kind
+        low = _arg(args, kwargs, 1, "min_val")
+        low = -1.0 if low is None else low
+        return f"{CLAMPED}hardtanh/relu6 (min_val={low:g})" if _is_number(low) and low >= 0 else None
+
+    def _relu6(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+        return self._tag_of(_arg(args, kwargs, 0, "input")) or f"{CLAMPED}hardtanh/relu6 (min_val=0)"
+
 
 # ---- the table of interesting functions -------------------------------------------------------
 Rule = Callable[[LogitsInterceptor, tuple[Any, ...], dict[str, Any]], "str | None"]
@@ -645,18 +668,23 @@ def _build_rules() -> dict[Any, Rule]:
                     "permute",
                     "transpose",
                     "t",
-                    "clamp",
-                    "clamp_",
-                    "clamp_min",
                     "clamp_max",
-                    "clip",
-                    "clip_",
                     "__getitem__",
                 ),
-                torch_names=("clamp", "clip", "clamp_min", "clamp_max", "reshape", "flatten", "squeeze"),
+                torch_names=("clamp_max", "reshape", "flatten", "squeeze"),
             ),
             L._pass,
         ),
+        (
+            _funcs(
+                ("clamp", "clip", "clamp_min"),
+                ("clamp", "clamp_", "clamp_min", "clamp_min_", "clip", "clip_"),
+            ),
+            L._clamp,
+        ),
+        (_funcs(("relu", "relu_"), ("relu", "relu_"), (F.relu,)), L._relu),
+        ([F.hardtanh], L._hardtanh),
+        ([F.relu6], L._relu6),
         (
             _funcs(
                 ("add", "mul", "multiply"),

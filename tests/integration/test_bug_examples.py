@@ -35,6 +35,8 @@ CASES = [
     ("logits_naive_softmax", "logits.naive_softmax", LOGITS, True),
     ("logits_sigmoid_bce", "logits.sigmoid_bce", LOGITS, True),
     ("softmax_saturated", "softmax.saturated", LOGITS, True),
+    ("logits_unnormalized_log_probs", "logits.unnormalized_log_probs", LOGITS, True),
+    ("logits_clamped_scores", "logits.clamped_scores", LOGITS, True),
     ("hessian_sharpness", "hessian.sharpness", HESSIAN, True),
     # random initialisations have negative curvature too: the fix removes the saddle, not the info
     ("hessian_negative_curvature", "hessian.negative_curvature", HESSIAN, False),

@@ -151,3 +151,89 @@ def test_state_round_trip(tmp_path) -> None:
     restored.load_state_dict(state)
     assert restored.sampled_steps == check.sampled_steps == 2  # steps 0 and 1 (0 is also 0 % 100)
     assert restored.monitor_state() == check.monitor_state()
+
+
+# ---- scores into the wrong loss: raw scores into nll_loss, ReLU'd scores into cross_entropy --------
+class _NLLClassifier(DigitsClassifier):
+    """nll_loss on the model's output: raw scores (the bug) or log_softmax of them (the fix)."""
+
+    def __init__(self, *, log_softmax: bool, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.log_softmax = log_softmax
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        scores = self(x)
+        if self.log_softmax:
+            loss = F.nll_loss(F.log_softmax(scores, dim=1), y)
+        else:
+            loss = F.nll_loss(scores, y)
+        self.log("train_loss", loss)
+        return loss
+
+
+def _line_of(fn: Any, text: str) -> str:
+    lines, first = inspect.getsourcelines(fn)
+    (line,) = [first + i for i, code in enumerate(lines) if text in code]
+    return f"{os.path.realpath(inspect.getsourcefile(fn))}:{line}"
+
+
+def _accuracy(model: DigitsClassifier) -> float:
+    x, y = digits()
+    with torch.no_grad():
+        return float((model(x).argmax(1) == y).float().mean())
+
+
+def test_raw_scores_into_nll_loss_are_named_at_the_line_and_the_fix_trains(tmp_path) -> None:
+    torch.manual_seed(0)
+    buggy = _NLLClassifier(log_softmax=False)
+    torch.manual_seed(0)
+    fixed = _NLLClassifier(log_softmax=True)
+    check_buggy, check_fixed = LogitsCheck(), LogitsCheck()
+    with pytest.warns(UserWarning, match="logits.unnormalized_log_probs"):
+        tr_buggy = _fit(tmp_path / "buggy", buggy, [check_buggy], max_steps=60)
+    tr_fixed = _fit(tmp_path / "fixed", fixed, [check_fixed], max_steps=60)
+
+    (alert,) = check_buggy.alerts
+    assert alert.code == "logits.unnormalized_log_probs" and alert.severity == "error"
+    assert _real(alert.where) == _line_of(_NLLClassifier.training_step, "F.nll_loss(scores, y)")
+    assert "F.log_softmax" in alert.hint and "unbounded below" in alert.message
+    assert alert.value is not None and alert.value > 1.0  # the rows' logsumexp, not 0
+    assert alert.count == 3  # sampled steps 0, 1, 2
+    assert check_fixed.alerts == []
+
+    # what the alert warns of: the loss falls below any log-likelihood while the model is worse
+    loss_buggy, loss_fixed = (
+        float(tr_buggy.callback_metrics["train_loss"]),
+        float(tr_fixed.callback_metrics["train_loss"]),
+    )
+    assert loss_buggy < -10 < 0 < loss_fixed  # measured: -77 vs 0.63
+    assert _accuracy(fixed) > _accuracy(buggy) + 0.1  # measured: 0.90 vs 0.65
+
+
+class _ReluScoresClassifier(DigitsClassifier):
+    """The digits MLP with a ReLU after its last layer: the class scores are clamped at 0."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.net.append(torch.nn.ReLU())
+
+
+def test_relu_on_the_scores_is_named_at_the_loss_line_and_hidden_relus_are_quiet(tmp_path) -> None:
+    torch.manual_seed(0)
+    buggy = _ReluScoresClassifier()
+    torch.manual_seed(0)
+    fixed = DigitsClassifier()  # ReLU between the hidden layers only
+    check_buggy, check_fixed = LogitsCheck(), LogitsCheck()
+    with pytest.warns(UserWarning, match="logits.clamped_scores"):
+        _fit(tmp_path / "buggy", buggy, [check_buggy], max_steps=60)
+    _fit(tmp_path / "fixed", fixed, [check_fixed], max_steps=60)
+
+    (alert,) = check_buggy.alerts
+    assert alert.code == "logits.clamped_scores" and alert.severity == "warning"
+    assert _real(alert.where) == _cross_entropy_line()
+    assert "relu" in alert.message and "ReLU" in alert.hint
+    assert alert.value is not None and 0.3 < alert.value < 0.8  # measured: 0.55 of the scores are 0
+    assert alert.count == 3
+    assert check_fixed.alerts == []
+    assert _accuracy(fixed) > _accuracy(buggy) + 0.1  # the clamp slows training; measured: 0.90 vs 0.71

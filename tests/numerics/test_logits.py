@@ -25,8 +25,8 @@ from healthmon.numerics.logits import (
     looks_like_sigmoid,
     looks_like_softmax,
     saturated_fraction,
-    user_frame_location,
 )
+from healthmon.numerics.source_lines import user_frame_location
 
 N, C = 16, 5
 
@@ -142,6 +142,68 @@ def bce_on_sigmoid(x, y, t):
     return nn.BCELoss()(torch.sigmoid(x), t)  # <-
 
 
+def nll_on_raw_scores(x, y, t):
+    return F.nll_loss(x, y)  # <-
+
+
+def nll_module_on_linear_output(x, y, t):
+    torch.manual_seed(0)
+    head = nn.Linear(C, C)
+    return nn.NLLLoss()(head(x), y)  # <-
+
+
+def nll_method_chain_on_raw_scores(x, y, t):
+    scores = x.float().reshape(N, C)
+    return F.nll_loss(scores, y, reduction="sum")  # <-
+
+
+def kl_div_on_raw_scores(x, y, t):
+    return F.kl_div(x, F.softmax(t, -1), reduction="batchmean")  # <-
+
+
+def kl_div_module_on_raw_scores_log_target(x, y, t):
+    return nn.KLDivLoss(reduction="batchmean", log_target=True)(x / 2.0, F.log_softmax(t, -1))  # <-
+
+
+def nll_on_relu_scores(x, y, t):
+    return F.nll_loss(F.relu(x), y)  # <-
+
+
+def ce_on_relu(x, y, t):
+    return F.cross_entropy(F.relu(x), y)  # <-
+
+
+def ce_module_on_relu_module(x, y, t):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(C, 8), nn.ReLU(), nn.Linear(8, C), nn.ReLU())
+    return nn.CrossEntropyLoss()(model(x), y)  # <-
+
+
+def ce_on_relu_method(x, y, t):
+    return F.cross_entropy(x.relu(), y)  # <-
+
+
+def ce_on_clamp_min_zero(x, y, t):
+    return F.cross_entropy(torch.clamp(x, min=0), y)  # <-
+
+
+def ce_on_clamp_min_method_scaled(x, y, t):
+    return F.cross_entropy(x.clamp_min(0.0) / 0.5, y)  # <-
+
+
+def ce_on_relu6(x, y, t):
+    return F.cross_entropy(nn.ReLU6()(x), y)  # <-
+
+
+def log_softmax_of_relu(x, y, t):
+    logp = F.log_softmax(F.relu(x), dim=1)  # <-
+    return F.nll_loss(logp, y)
+
+
+def bce_with_logits_on_relu(x, y, t):
+    return nn.BCEWithLogitsLoss()(torch.relu(x), t)  # <-
+
+
 FIRING: list[tuple[Callable, set[str]]] = [
     (ce_functional_softmax, {"logits.probabilities"}),
     (ce_module_softmax, {"logits.probabilities"}),
@@ -165,6 +227,20 @@ FIRING: list[tuple[Callable, set[str]]] = [
     (naive_softmax_inplace, {"logits.naive_softmax"}),
     (naive_softmax_into_ce, {"logits.naive_softmax", "logits.probabilities"}),
     (bce_on_sigmoid, {"logits.sigmoid_bce"}),
+    (nll_on_raw_scores, {"logits.unnormalized_log_probs"}),
+    (nll_module_on_linear_output, {"logits.unnormalized_log_probs"}),
+    (nll_method_chain_on_raw_scores, {"logits.unnormalized_log_probs"}),
+    (kl_div_on_raw_scores, {"logits.unnormalized_log_probs"}),
+    (kl_div_module_on_raw_scores_log_target, {"logits.unnormalized_log_probs"}),
+    (nll_on_relu_scores, {"logits.unnormalized_log_probs"}),
+    (ce_on_relu, {"logits.clamped_scores"}),
+    (ce_module_on_relu_module, {"logits.clamped_scores"}),
+    (ce_on_relu_method, {"logits.clamped_scores"}),
+    (ce_on_clamp_min_zero, {"logits.clamped_scores"}),
+    (ce_on_clamp_min_method_scaled, {"logits.clamped_scores"}),
+    (ce_on_relu6, {"logits.clamped_scores"}),
+    (log_softmax_of_relu, {"logits.clamped_scores"}),
+    (bce_with_logits_on_relu, {"logits.clamped_scores"}),
 ]
 
 
@@ -247,6 +323,65 @@ def scaled_logits(x, y, t):
     return F.cross_entropy(x / 0.5, y) + F.cross_entropy((x - 1.0) * 2, y)
 
 
+def nll_on_log_softmax_module_and_method(x, y, t):
+    return nn.NLLLoss()(nn.LogSoftmax(dim=1)(x), y) + F.nll_loss(x.log_softmax(1), y)
+
+
+def nll_on_log_softmax_then_dropout(x, y, t):
+    return F.nll_loss(F.dropout(F.log_softmax(x, dim=1), p=0.3), y)
+
+
+def nll_on_manual_log_softmax(x, y, t):
+    return F.nll_loss(x - x.logsumexp(dim=1, keepdim=True), y)
+
+
+def nll_on_clamped_log_probabilities(x, y, t):
+    return F.nll_loss(F.log_softmax(x, dim=1).clamp(min=-100.0), y)
+
+
+def nll_on_log_of_a_mixture(x, y, t):
+    p = 0.5 * F.softmax(x, dim=1) + 0.5 * F.softmax(x * 2, dim=1)  # a mixture of two predictions
+    return F.nll_loss(torch.log(p + 1e-8), y)
+
+
+def focal_loss_through_nll(x, y, t):
+    logp = F.log_softmax(x, dim=1)
+    return F.nll_loss((1 - logp.exp()) ** 2 * logp, y)
+
+
+def label_smoothing_by_hand(x, y, t):
+    logp = F.log_softmax(x, dim=-1)
+    return 0.9 * F.nll_loss(logp, y) - 0.1 * logp.mean(-1).mean()
+
+
+def kl_div_log_target(x, y, t):
+    student, teacher = F.log_softmax(x, -1), F.log_softmax(t, -1)
+    return F.kl_div(student, teacher, log_target=True, reduction="batchmean")
+
+
+def kl_div_bernoulli_logsigmoid(x, y, t):
+    return nn.KLDivLoss(reduction="batchmean")(F.logsigmoid(x), t)
+
+
+def relu_inside_hidden_layers(x, y, t):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(C, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(inplace=True), nn.Linear(8, C))
+    return F.cross_entropy(model(x), y) + F.cross_entropy(nn.Linear(C, C)(F.relu(x)), y)
+
+
+def logit_clipping_for_safety(x, y, t):
+    return F.cross_entropy(x.clamp(-30.0, 30.0), y) + F.cross_entropy(torch.clamp(x, max=5.0), y)
+
+
+def clamped_probabilities_into_nll(x, y, t):
+    logp = F.log_softmax(x, dim=1)
+    return F.nll_loss(logp.clamp(max=0.0), y)
+
+
+def relu_scores_for_a_regression_head(x, y, t):
+    return F.mse_loss(F.relu(x), t) + F.cross_entropy(x, y)
+
+
 LEGIT: list[Callable] = [
     attention_then_logits,
     attention_module,
@@ -263,6 +398,19 @@ LEGIT: list[Callable] = [
     probabilities_for_a_metric,
     bce_with_logits_on_logits,
     scaled_logits,
+    nll_on_log_softmax_module_and_method,
+    nll_on_log_softmax_then_dropout,
+    nll_on_manual_log_softmax,
+    nll_on_clamped_log_probabilities,
+    nll_on_log_of_a_mixture,
+    focal_loss_through_nll,
+    label_smoothing_by_hand,
+    kl_div_log_target,
+    kl_div_bernoulli_logsigmoid,
+    relu_inside_hidden_layers,
+    logit_clipping_for_safety,
+    clamped_probabilities_into_nll,
+    relu_scores_for_a_regression_head,
 ]
 
 
@@ -390,6 +538,72 @@ def test_values_decide_when_there_is_no_graph_and_no_tag() -> None:
     assert [f.code for f in findings] == ["logits.probabilities"] * 3
     assert len({f.where for f in findings}) == 3
     assert all(f.value is None for f in findings)
+
+
+def test_raw_scores_and_clamped_scores_by_graph_made_before_interception() -> None:
+    torch.manual_seed(0)
+    x, y, t = _data()
+    head = nn.Linear(C, C)
+    scores = head(x)  # made before interception: only the graph says what they are
+    clamped = F.relu(scores)
+    log_probs = F.dropout(F.log_softmax(scores, 1), 0.2)
+    mode = LogitsInterceptor()
+    with mode:
+        F.nll_loss(scores, y)  # fires: raw scores
+        F.kl_div(scores, F.softmax(t, -1), reduction="batchmean")  # fires: raw scores
+        F.cross_entropy(clamped, y)  # fires: relu
+        F.nll_loss(log_probs, y)  # log-probabilities behind dropout: silent
+        F.cross_entropy(scores, y)  # silent
+        F.cross_entropy(scores.clamp(-5.0, 5.0), y)  # a safety clip, not a clamp at 0: silent
+    findings = mode.findings()
+    assert sorted(f.code for f in findings) == [
+        "logits.clamped_scores",
+        "logits.unnormalized_log_probs",
+        "logits.unnormalized_log_probs",
+    ]
+    relu = next(f for f in findings if f.code == "logits.clamped_scores")
+    assert "went through relu" in relu.message
+    assert relu.value == pytest.approx((clamped == 0).float().mean().item())
+
+
+def test_raw_scores_and_clamped_scores_by_values_without_graph() -> None:
+    x, y, t = _data()
+    log_probs, clamped = F.log_softmax(x, 1), F.relu(x)  # made outside interception, no graph
+    mode = LogitsInterceptor()
+    with mode:
+        F.nll_loss(x, y)  # fires
+        F.nll_loss(x[0], y[0])  # fires (unbatched input: classes along dim 0)
+        F.cross_entropy(clamped, y)  # fires
+        F.nll_loss(log_probs, y)  # silent
+        F.nll_loss(F.dropout(log_probs, 0.3), y)  # silent: still never positive
+        F.nll_loss(torch.softmax(x, 1).detach(), y)  # probabilities: the other rule, once
+        F.cross_entropy(torch.zeros(N, C), y)  # a zero-initialised head's output: silent
+        F.cross_entropy(x, y)  # silent
+    findings = mode.findings()
+    assert sorted(f.code for f in findings) == [
+        "logits.clamped_scores",
+        "logits.probabilities",
+        "logits.unnormalized_log_probs",
+        "logits.unnormalized_log_probs",
+    ]
+    raw = next(f for f in findings if f.code == "logits.unnormalized_log_probs" and f.value is not None)
+    expected = max(abs(torch.logsumexp(x, 1)).tolist())
+    assert raw.value == pytest.approx(expected, rel=1e-6)
+    assert f"{expected:.3g}" in raw.message
+    relu = next(f for f in findings if f.code == "logits.clamped_scores")
+    assert relu.value == pytest.approx((clamped == 0).float().mean().item())
+    assert "are clamped at 0" in relu.message
+
+
+def test_new_codes_take_their_hint_from_the_registry() -> None:
+    from healthmon.alerts import code_info
+
+    cases = ((nll_on_raw_scores, "logits.unnormalized_log_probs"), (ce_on_relu, "logits.clamped_scores"))
+    for fn, code in cases:
+        (finding,) = _intercept(fn, True)[1]
+        assert finding.code == code and finding.hint == code_info(code).hint
+    assert "F.log_softmax" in code_info("logits.unnormalized_log_probs").hint
+    assert "ReLU" in code_info("logits.clamped_scores").hint
 
 
 def test_value_rules_against_brute_force() -> None:
