@@ -205,13 +205,16 @@ class GradientNormMonitor(Monitor):
     def _judge(self, trainer: pl.Trainer, norm: float, loss: float | None, optimizer_index: int = 0) -> None:
         hub = self.hub
         rules = self.rules(optimizer_index)
-        of = f" (optimizer {optimizer_index})" if len(trainer.optimizers) > 1 else ""
+        # several optimizers: say which one, and keep their alerts apart (de-duplication key)
+        where = f"optimizer {optimizer_index}" if len(trainer.optimizers) > 1 else None
+        of = f" ({where})" if where else ""
         ratio = rules["spike"].update(norm)
         if ratio is not None:
             hub.alert(
                 trainer,
                 "grad.explosion",
                 f"Gradient norm{of} {norm:.3g} is {ratio:.3g}x its running level.",
+                where=where,
                 value=norm,
             )
         drop = rules["collapse"].update(norm, loss)
@@ -221,13 +224,14 @@ class GradientNormMonitor(Monitor):
                 "grad.vanishing",
                 f"Gradient norm{of} {norm:.3g} collapsed {drop:.1f} orders of magnitude below its peak "
                 "while the loss is still high.",
+                where=where,
                 value=norm,
             )
         if loss is None:
             return
         reason = rules["divergence"].update(loss)
         if reason is not None:
-            hub.alert(trainer, "loss.divergence", f"The loss{of} {reason}.", value=loss)
+            hub.alert(trainer, "loss.divergence", f"The loss{of} {reason}.", where=where, value=loss)
         trend = rules["opposing"].update(norm, loss)
         if trend is not None:
             hub.alert(
@@ -235,6 +239,7 @@ class GradientNormMonitor(Monitor):
                 "grad.norm_rising",
                 f"Over the last {rules['opposing'].window} steps the gradient norm{of} rose "
                 f"(correlation {trend[0]:.2f}) while the loss fell ({trend[1]:.2f}).",
+                where=where,
             )
 
     # ---- optimizer step hook: the update itself, and the gradient after clipping ----------------

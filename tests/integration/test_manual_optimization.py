@@ -71,9 +71,11 @@ def mixture_loader() -> DataLoader:
     return DataLoader(TensorDataset(data), batch_size=64, shuffle=True, generator=g)
 
 
-def fit(tmp_path: Any, mon: Any, *, max_steps: int, **kwargs: Any) -> tuple[GAN, dict[str, dict[int, float]]]:
+def fit(
+    tmp_path: Any, mon: Any, *, max_steps: int, model: GAN | None = None, **kwargs: Any
+) -> tuple[GAN, dict[str, dict[int, float]]]:
     torch.manual_seed(0)
-    model = GAN()
+    model = model or GAN()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         t = trainer(tmp_path, [mon], max_steps=max_steps, **kwargs)
@@ -128,3 +130,21 @@ def test_trend_rules_are_kept_and_checkpointed_per_optimizer(tmp_path: Any) -> N
     for index in (0, 1):
         for name, rule in gn.rules(index).items():
             assert rule_state(restored.rules(index)[name]) == rule_state(rule), (index, name)
+
+
+class RunawayGenerator(GAN):
+    """The sick twin: the generator's SGD learning rate is far too high (50)."""
+
+    def configure_optimizers(self) -> Any:
+        return [
+            torch.optim.Adam(self.disc.parameters(), lr=2e-3, betas=(0.5, 0.999)),
+            torch.optim.SGD(self.gen.parameters(), lr=50.0),
+        ]
+
+
+def test_a_runaway_optimizer_is_named(tmp_path: Any) -> None:
+    mon = HealthMonitor(summary=False)
+    fit(tmp_path, mon, max_steps=300, model=RunawayGenerator())
+    generator = [a for a in mon.alerts if a.where == "optimizer 1" and a.severity != "info"]
+    assert generator, [a.line() for a in mon.alerts]
+    assert all("(optimizer 1)" in a.message for a in generator)
