@@ -70,7 +70,8 @@ class GradStep:
     with one host synchronisation.
     Norms are measured after AMP unscaling and before gradient clipping. ``loss`` is the loss
     handed to backward since the previous optimizer step (the user's loss: AMP scaling undone),
-    summed over accumulated micro-batches. ``skipped``: a ``GradScaler`` is active and the
+    summed over accumulated micro-batches, which Lightning divides by their number: their mean.
+    ``skipped``: a ``GradScaler`` is active and the
     gradients are non-finite, so the scaler will skip this step (``loss_scale`` is the scale it
     used). ``optimizer_index`` is the optimizer's position in ``trainer.optimizers``; ``logged``
     says whether scalars are written at this step (``layer_norms``/``group_norms`` are then set).
