@@ -80,7 +80,8 @@ class Monitor(Callback):
 
     @property
     def alerts(self) -> list[Alert]:
-        """Alerts in the order detected (de-duplicated; see ``Alert.count``)."""
+        """Alerts in the order detected (de-duplicated; see ``Alert.count``), of every monitor
+        sharing this monitor's hub (the run's report)."""
         return [] if self._hub is None else self._hub.book.alerts
 
     @property
