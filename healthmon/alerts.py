@@ -62,6 +62,18 @@ CODES: dict[str, CodeInfo] = _codes(
         "Overflow and underflow",
     ),
     CodeInfo(
+        "amp.scaler_unstable",
+        "error",
+        "The fp16 GradScaler cannot find a working loss scale: it skips step after step, or its "
+        "scale fell below 1.",
+        "Gradients that are non-finite at every loss scale come from the model, not the scaler: "
+        "find what overflows float16 (unnormalised inputs or targets, a loss summed over a huge "
+        "number of terms, an unguarded sqrt/log/division; `where` names the first parameter whose "
+        "gradient was non-finite) and fix it, keep that computation in float32, or train with "
+        "precision='bf16-mixed', which has float32's range and needs no scaler.",
+        "Overflow and underflow",
+    ),
+    CodeInfo(
         "activation.nonfinite",
         "error",
         "A module's forward output holds NaN or Inf.",

@@ -2,8 +2,12 @@
 
 Subclasses override Lightning hooks and call ``super()``: first in ``on_before_backward`` (the hub
 records the loss), last in ``on_before_optimizer_step`` (a ``stop`` policy drops the step) and in
-``on_train_batch_end``. When a monitor is used on its own it owns its hub and drives it; inside
-``HealthMonitor`` the bundle drives the shared hub and the monitor only reads and writes through it.
+``on_train_batch_end``. Inside ``HealthMonitor`` the bundle drives the shared hub and the monitor
+only reads and writes through it. Monitors used on their own (directly in ``Trainer(callbacks=...)``)
+share one hub per Trainer, so a run has one report holding every monitor's alerts: a
+``HealthMonitor``'s hub when the Trainer has one, else one hub driven by the last standalone
+monitor in the callback list (its hooks run after the others', so the policy is enforced, the loss
+reset and the report written once every monitor has seen the step).
 """
 
 from __future__ import annotations
@@ -18,8 +22,18 @@ from typing_extensions import override
 
 from healthmon import _checks
 from healthmon._checks import Cadence
-from healthmon.alerts import Alert, AlertPolicy, OnAlert, Severity
+from healthmon.alerts import Alert, AlertPolicy, OnAlert, Severity, severity_rank
 from healthmon.monitors.hub import Hub
+
+
+def strictest_policy(policies: list[AlertPolicy]) -> AlertPolicy:
+    """One policy for callbacks that share a hub: the strongest action ("raise" > "stop" >
+    "warn") at the lowest ``fail_on`` of the callbacks that act."""
+    acting = [p for p in policies if p.on_alert != "warn"]
+    if not acting:
+        return AlertPolicy("warn", min((p.fail_on for p in policies), key=severity_rank, default="warning"))
+    on_alert = max((p.on_alert for p in acting), key=("warn", "stop", "raise").index)
+    return AlertPolicy(on_alert, min((p.fail_on for p in acting), key=severity_rank))
 
 
 class Monitor(Callback):
@@ -54,7 +68,8 @@ class Monitor(Callback):
             _checks.positive_int(log_every_n_steps, "log_every_n_steps")
         self.log_every_n_steps = log_every_n_steps
         self._hub: Hub | None = None
-        self._owns_hub = False
+        self._owns_hub = False  # this monitor drives the hub (lifecycle, loss, policy, report)
+        self._bundled = False  # bound by a HealthMonitor, which drives the hub
 
     # ---- public --------------------------------------------------------------------------
     @property
@@ -65,7 +80,8 @@ class Monitor(Callback):
 
     @property
     def alerts(self) -> list[Alert]:
-        """Alerts in the order detected (de-duplicated; see ``Alert.count``)."""
+        """Alerts in the order detected (de-duplicated; see ``Alert.count``), of every monitor
+        sharing this monitor's hub (the run's report)."""
         return [] if self._hub is None else self._hub.book.alerts
 
     @property
@@ -81,6 +97,36 @@ class Monitor(Callback):
         """Share a hub owned by a bundle (``HealthMonitor``)."""
         self._hub = hub
         self._owns_hub = False
+        self._bundled = True
+
+    def _share_hub(self, trainer: pl.Trainer) -> None:
+        """Attach to the one hub of this Trainer's healthmon callbacks (see the module docstring).
+
+        Idempotent: every standalone monitor calls it in ``setup`` and all reach the same hub and
+        driver. The hub's policy is the strictest of the callbacks' policies.
+        """
+        callbacks = list(getattr(trainer, "callbacks", None) or [])
+        peers = [cb for cb in callbacks if isinstance(cb, Monitor) and not cb._bundled]
+        if self not in peers:
+            peers.append(self)
+        bundle = next(
+            (
+                cb
+                for cb in callbacks
+                if not isinstance(cb, Monitor) and isinstance(getattr(cb, "hub", None), Hub)
+            ),
+            None,
+        )
+        if bundle is not None:
+            hub, driver, policies = bundle.hub, None, [bundle.policy]
+        else:
+            hub = next((m._hub for m in peers if m._owns_hub and m._hub is not None), None)
+            every = next((m.log_every_n_steps for m in peers if m.log_every_n_steps is not None), None)
+            hub = hub or Hub(self.policy, log_every_n_steps=every)
+            driver, policies = peers[-1], []
+        for m in peers:
+            m._hub, m._owns_hub = hub, m is driver
+        hub.policy = strictest_policy(policies + [m.policy for m in peers])
 
     def should_run(self, trainer: pl.Trainer) -> bool:
         return bool(self._schedule(int(trainer.global_step)))
@@ -95,13 +141,14 @@ class Monitor(Callback):
     # ---- Lightning hooks -----------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._hub is None:
-            self._hub = Hub(self.policy, log_every_n_steps=self.log_every_n_steps)
-            self._owns_hub = True
+        if not self._bundled:
+            self._share_hub(trainer)
+        hub = self.hub
         if self._owns_hub:
-            self._hub.setup(trainer, pl_module)
-            self._hub.config[type(self).__name__] = self.config()
-        self.declare_layout(self._hub)
+            hub.setup(trainer, pl_module)
+        if not self._bundled:
+            hub.config[type(self).__name__] = self.config()
+        self.declare_layout(hub)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -118,6 +165,7 @@ class Monitor(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         if self._owns_hub:
+            self.hub.end_step()
             self.hub.enforce_policy(trainer, optimizer)
 
     @override
@@ -125,7 +173,6 @@ class Monitor(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if self._owns_hub:
-            self.hub.end_step()
             self.hub.enforce_policy(trainer)
             if self.hub.is_log_step(trainer):
                 self.hub.gather_alerts(trainer)

@@ -30,6 +30,14 @@ TAG_NORM_CLIPPED = "healthmon/grad/norm_clipped"
 TAG_LAYER = "healthmon/grad/layer/"
 TAG_GROUP = "healthmon/grad/group/"
 TAG_UPDATE_RATIO = "healthmon/update_ratio/"
+TAG_OPTIMIZER = "healthmon/optimizer_{}/"
+RULES = ("spike", "collapse", "divergence", "opposing")
+
+
+def optimizer_tag(tag: str, index: int) -> str:
+    """The tag of optimizer ``index``: optimizer 0 keeps the contract tags (``healthmon/loss``,
+    ``healthmon/grad/norm``); optimizer k > 0 gets ``healthmon/optimizer_k/loss``, ..."""
+    return tag if index == 0 else TAG_OPTIMIZER.format(index) + tag.removeprefix("healthmon/")
 
 
 class GradientNormMonitor(Monitor):
@@ -38,6 +46,12 @@ class GradientNormMonitor(Monitor):
     Norms are measured in ``on_before_optimizer_step``: after gradients are final (accumulation
     done) and AMP-unscaled, before clipping. When clipping is on, the norm after clipping is
     logged too (``healthmon/grad/norm_clipped``, measured right before ``optimizer.step``).
+
+    Each optimizer (manual optimisation, e.g. a GAN's generator and discriminator) has its own
+    loss and norm series and its own trend rules: optimizer 0 logs ``healthmon/loss`` and
+    ``healthmon/grad/norm``, optimizer k > 0 ``healthmon/optimizer_k/loss`` and
+    ``healthmon/optimizer_k/grad/norm``. Steps the ``GradScaler`` skips (overflow) log the loss
+    but feed no trend rule.
 
     Alerts: ``grad.explosion`` (norm > ``spike_factor`` x its running level, and 4 standard
     deviations of its log-noise above it), ``grad.vanishing``
@@ -99,12 +113,29 @@ class GradientNormMonitor(Monitor):
         self._snapshot_step = 0
 
     def _reset_rules(self) -> None:
-        self.spike = SpikeRule(factor=self.spike_factor, warmup=self.warmup_steps)
-        self.collapse = CollapseRule(orders=self.collapse_orders, warmup=self.warmup_steps)
-        self.divergence = DivergenceRule(
-            blowup=self.blowup_factor, window=self.divergence_window, rise=self.divergence_rise
-        )
-        self.opposing = OpposingTrendRule()
+        self._rules: dict[int, dict[str, Any]] = {}
+
+    def _new_rules(self) -> dict[str, Any]:
+        return {
+            "spike": SpikeRule(factor=self.spike_factor, warmup=self.warmup_steps),
+            "collapse": CollapseRule(orders=self.collapse_orders, warmup=self.warmup_steps),
+            "divergence": DivergenceRule(
+                blowup=self.blowup_factor, window=self.divergence_window, rise=self.divergence_rise
+            ),
+            "opposing": OpposingTrendRule(),
+        }
+
+    def rules(self, optimizer_index: int = 0) -> dict[str, Any]:
+        """The trend rules of one optimizer's series (created on first use)."""
+        if optimizer_index not in self._rules:
+            self._rules[optimizer_index] = self._new_rules()
+        return self._rules[optimizer_index]
+
+    # optimizer 0's rules, by name
+    spike = property(lambda self: self.rules(0)["spike"])
+    collapse = property(lambda self: self.rules(0)["collapse"])
+    divergence = property(lambda self: self.rules(0)["divergence"])
+    opposing = property(lambda self: self.rules(0)["opposing"])
 
     @override
     def config(self) -> dict[str, Any]:
@@ -128,6 +159,7 @@ class GradientNormMonitor(Monitor):
                 "gradient norm before / after clipping": [TAG_NORM, TAG_NORM_CLIPPED],
                 "per-layer gradient norms": [TAG_LAYER + ".*"],
                 "update / weight ratio per layer": [TAG_UPDATE_RATIO + ".*"],
+                "further optimizers: gradient norm vs loss": [r"healthmon/optimizer_\d+/.*"],
             },
         )
 
@@ -150,15 +182,16 @@ class GradientNormMonitor(Monitor):
     def _check(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> None:
         hub = self.hub
         stats = hub.grad_step(trainer, optimizer)
-        step = stats.step
+        step, index = stats.step, stats.optimizer_index
         values: dict[str, float] = {}
-        if stats.layer_norms is not None:  # a logged step
-            values[TAG_NORM] = stats.norm
-            if stats.loss is not None:
-                values[TAG_LOSS] = stats.loss
+        if stats.logged and stats.loss is not None:
+            values[optimizer_tag(TAG_LOSS, index)] = stats.loss
+        if stats.layer_norms is not None and not stats.skipped:  # a logged step
+            values[optimizer_tag(TAG_NORM, index)] = stats.norm
             values.update({TAG_LAYER + name: v for name, v in stats.layer_norms.items()})
             if len(optimizer.param_groups) > 1 and stats.group_norms is not None:
-                values.update({f"{TAG_GROUP}{i}": v for i, v in enumerate(stats.group_norms)})
+                group = optimizer_tag(TAG_GROUP, index)
+                values.update({f"{group}{i}": v for i, v in enumerate(stats.group_norms)})
             if (self.update_ratios or self._clip_on) and stats.params:
                 # Weights before the update; the post-step hook measures the update and, with
                 # clipping on, the clipped gradient (clipping runs after this hook, in place).
@@ -166,39 +199,47 @@ class GradientNormMonitor(Monitor):
                 self._snapshot_params = stats.params
                 self._snapshot = [p.detach().clone() for p in stats.params] if self.update_ratios else []
         hub.log(trainer, values, step)
-        self._judge(trainer, stats.norm, stats.loss)
+        if not stats.skipped:  # a step the GradScaler skips says nothing about the trends
+            self._judge(trainer, stats.norm, stats.loss, index)
 
-    def _judge(self, trainer: pl.Trainer, norm: float, loss: float | None) -> None:
+    def _judge(self, trainer: pl.Trainer, norm: float, loss: float | None, optimizer_index: int = 0) -> None:
         hub = self.hub
-        ratio = self.spike.update(norm)
+        rules = self.rules(optimizer_index)
+        # several optimizers: say which one, and keep their alerts apart (de-duplication key)
+        where = f"optimizer {optimizer_index}" if len(trainer.optimizers) > 1 else None
+        of = f" ({where})" if where else ""
+        ratio = rules["spike"].update(norm)
         if ratio is not None:
             hub.alert(
                 trainer,
                 "grad.explosion",
-                f"Gradient norm {norm:.3g} is {ratio:.3g}x its running level.",
+                f"Gradient norm{of} {norm:.3g} is {ratio:.3g}x its running level.",
+                where=where,
                 value=norm,
             )
-        drop = self.collapse.update(norm, loss)
+        drop = rules["collapse"].update(norm, loss)
         if drop is not None:
             hub.alert(
                 trainer,
                 "grad.vanishing",
-                f"Gradient norm {norm:.3g} collapsed {drop:.1f} orders of magnitude below its peak "
+                f"Gradient norm{of} {norm:.3g} collapsed {drop:.1f} orders of magnitude below its peak "
                 "while the loss is still high.",
+                where=where,
                 value=norm,
             )
         if loss is None:
             return
-        reason = self.divergence.update(loss)
+        reason = rules["divergence"].update(loss)
         if reason is not None:
-            hub.alert(trainer, "loss.divergence", f"The loss {reason}.", value=loss)
-        trend = self.opposing.update(norm, loss)
+            hub.alert(trainer, "loss.divergence", f"The loss{of} {reason}.", where=where, value=loss)
+        trend = rules["opposing"].update(norm, loss)
         if trend is not None:
             hub.alert(
                 trainer,
                 "grad.norm_rising",
-                f"Over the last {self.opposing.window} steps the gradient norm rose "
+                f"Over the last {rules['opposing'].window} steps the gradient norm{of} rose "
                 f"(correlation {trend[0]:.2f}) while the loss fell ({trend[1]:.2f}).",
+                where=where,
             )
 
     # ---- optimizer step hook: the update itself, and the gradient after clipping ----------------
@@ -242,14 +283,20 @@ class GradientNormMonitor(Monitor):
     @override
     def monitor_state(self) -> dict[str, Any]:
         return {
-            "spike": rule_state(self.spike),
-            "collapse": rule_state(self.collapse),
-            "divergence": rule_state(self.divergence),
-            "opposing": rule_state(self.opposing),
+            "optimizers": {
+                str(index): {name: rule_state(rule) for name, rule in rules.items()}
+                for index, rules in self._rules.items()
+            }
         }
 
     @override
     def load_monitor_state(self, state: dict[str, Any]) -> None:
-        for name in ("spike", "collapse", "divergence", "opposing"):
-            if name in state:
-                load_rule_state(getattr(self, name), state[name])
+        saved = state.get("optimizers")
+        if saved is None:  # a checkpoint from before per-optimizer rules: optimizer 0's
+            saved = {"0": {name: state[name] for name in RULES if name in state}}
+        self._reset_rules()
+        for index, rules in saved.items():
+            mine = self.rules(int(index))
+            for name in RULES:
+                if name in rules:
+                    load_rule_state(mine[name], rules[name])

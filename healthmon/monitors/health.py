@@ -13,7 +13,7 @@ from typing_extensions import override
 
 from healthmon import _checks
 from healthmon.alerts import Alert, AlertPolicy, OnAlert, Severity
-from healthmon.monitors.base import Monitor
+from healthmon.monitors.base import Monitor, strictest_policy
 from healthmon.monitors.gradient_norm import GradientNormMonitor
 from healthmon.monitors.hessian import HessianEigenMonitor
 from healthmon.monitors.hub import Hub
@@ -131,6 +131,9 @@ class HealthMonitor(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.hub.setup(trainer, pl_module)
         self.hub.config.update(self.config())
+        # standalone monitors on the same Trainer join this hub (see Monitor._share_hub)
+        peers = [cb for cb in trainer.callbacks if isinstance(cb, Monitor) and not cb._bundled]
+        self.hub.policy = strictest_policy([self.policy] + [m.policy for m in peers])
         for m in self.monitors:
             m.setup(trainer, pl_module, stage)
 
@@ -169,6 +172,7 @@ class HealthMonitor(Callback):
     ) -> None:
         for m in self._per_step["on_before_optimizer_step"]:
             m.on_before_optimizer_step(trainer, pl_module, optimizer)
+        self.hub.end_step()  # the next optimizer step (of this or another optimizer) gets its own loss
         self.hub.enforce_policy(trainer, optimizer)
 
     @override
@@ -184,7 +188,6 @@ class HealthMonitor(Callback):
     ) -> None:
         for m in self._per_step["on_train_batch_end"]:
             m.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        self.hub.end_step()
         self.hub.enforce_policy(trainer)
         if self.hub.is_log_step(trainer):
             self.hub.gather_alerts(trainer)

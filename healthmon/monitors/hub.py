@@ -8,6 +8,7 @@ synchronisation) so that several monitors reading them cost no more than one.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import time
@@ -67,7 +68,13 @@ class GradStep:
 
     ``per_tensor`` stays on the device (``per_tensor_host`` is its copy); the floats were fetched
     with one host synchronisation.
-    Norms are measured after AMP unscaling and before gradient clipping.
+    Norms are measured after AMP unscaling and before gradient clipping. ``loss`` is the loss
+    handed to backward since the previous optimizer step (the user's loss: AMP scaling undone),
+    summed over accumulated micro-batches, which Lightning divides by their number: their mean.
+    ``skipped``: a ``GradScaler`` is active and the
+    gradients are non-finite, so the scaler will skip this step (``loss_scale`` is the scale it
+    used). ``optimizer_index`` is the optimizer's position in ``trainer.optimizers``; ``logged``
+    says whether scalars are written at this step (``layer_norms``/``group_norms`` are then set).
     """
 
     step: int
@@ -78,6 +85,18 @@ class GradStep:
     loss: float | None
     layer_norms: dict[str, float] | None
     group_norms: list[float] | None
+    optimizer_index: int = 0
+    logged: bool = False
+    skipped: bool = False
+    loss_scale: float | None = None
+
+
+def active_scaler(trainer: Any) -> Any:
+    """The enabled ``GradScaler`` of the run's precision plugin (fp16 mixed precision), or None."""
+    scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
+    if scaler is None or not getattr(scaler, "is_enabled", lambda: True)():
+        return None
+    return scaler
 
 
 def optimizer_params_with_grad(optimizer: Any) -> tuple[list[Tensor], list[int]]:
@@ -89,6 +108,14 @@ def optimizer_params_with_grad(optimizer: Any) -> tuple[list[Tensor], list[int]]
                 params.append(p)
                 groups.append(gi)
     return params, groups
+
+
+def optimizer_index(trainer: Any, optimizer: Any) -> int:
+    """The position of ``optimizer`` in ``trainer.optimizers`` (0 when it is not found there)."""
+    for i, candidate in enumerate(getattr(trainer, "optimizers", ()) or ()):
+        if candidate is optimizer or getattr(candidate, "optimizer", None) is optimizer:
+            return i
+    return 0
 
 
 try:
@@ -142,6 +169,8 @@ class Hub:
         self.report_path: str | None = None
         self.crash_path: str | None = None
         self.params: ParamIndex | None = None
+        self.scaler: Any = None
+        self.amp_skipped_steps = 0
         self.layout: dict[str, dict[str, list[Any]]] = {}
         self.last: dict[str, float] = {}
         self.stop_requested = False
@@ -151,6 +180,7 @@ class Hub:
         self._grad_cache: dict[int, GradStep] = {}
         self._deferred: list[tuple[Tensor, Callable[[list[float]], None]]] = []
         self._cache_step = -1
+        self._last_logged: dict[int, int] = {}
         self._started_at = 0.0
         self._finished = False
 
@@ -158,6 +188,9 @@ class Hub:
     def setup(self, trainer: Any, pl_module: torch.nn.Module) -> None:
         """Resolve where to write and index the parameters; called once per fit/validate run."""
         self.params = ParamIndex(pl_module)
+        self.scaler = active_scaler(trainer)
+        self._loss_sum = None
+        self._last_logged.clear()
         self._finished = False
         self.stop_requested = False
         self._started_at = time.time()
@@ -219,13 +252,34 @@ class Hub:
         )
 
     # ---- per-step state --------------------------------------------------------------------
-    def is_log_step(self, trainer: Any) -> bool:
+    def is_log_step(self, trainer: Any, optimizer_index: int | None = None) -> bool:
+        """Whether scalars are written at this step.
+
+        Every ``log_every_n_steps`` global steps; with ``optimizer_index``, also when that
+        optimizer has not logged for that many steps (under manual optimisation each optimizer
+        step is a global step, so a second optimizer may never step on a multiple).
+        """
         every = self.log_every_n_steps or max(int(getattr(trainer, "log_every_n_steps", 50)), 1)
-        return trainer.global_step % every == 0
+        step = int(trainer.global_step)
+        if optimizer_index is None:
+            return step % every == 0
+        last = self._last_logged.get(optimizer_index)
+        if step % every == 0 or last is None or step - last >= every:
+            self._last_logged[optimizer_index] = step
+            return True
+        return False
 
     def add_loss(self, loss: Tensor) -> None:
-        """Accumulate the (accumulation-normalised) loss handed to backward; no host sync."""
+        """Accumulate the (accumulation-normalised) loss handed to backward; no host sync.
+
+        Lightning calls ``on_before_backward`` with the loss already multiplied by the
+        ``GradScaler``'s scale (fp16 mixed precision); dividing by the scale tensor on the device
+        gives back the loss ``training_step`` returned (exactly: the scale is a power of two).
+        """
         loss = loss.detach().float()
+        scale = getattr(self.scaler, "_scale", None) if self.scaler is not None else None
+        if isinstance(scale, Tensor):
+            loss = loss / scale.to(loss.device)
         self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
 
     def grad_step(self, trainer: Any, optimizer: Any) -> GradStep:
@@ -250,6 +304,9 @@ class Hub:
         device, dtype = per_tensor.device, per_tensor.dtype
         loss = self._loss_sum
         parts = [per_tensor] if loss is None else [per_tensor, loss.to(device=device, dtype=dtype).reshape(1)]
+        scale = getattr(self.scaler, "_scale", None) if self.scaler is not None else None
+        if isinstance(scale, Tensor):
+            parts.append(scale.detach().to(device=device, dtype=dtype).reshape(1))
         deferred, self._deferred = self._deferred, []
         parts.extend(t.detach().reshape(-1).to(device=device, dtype=dtype) for t, _ in deferred)
         host = (torch.cat(parts) if len(parts) > 1 else parts[0]).tolist()  # the one host sync
@@ -259,8 +316,14 @@ class Hub:
             callback(host[start:end])
             end = start
         norms = host[: len(params)]
+        index = optimizer_index(trainer, optimizer)
+        norm = combined_norm(norms)  # = the norm of the concatenated gradient
+        # The scaler skips the step exactly when the unscaled gradients hold NaN/Inf.
+        skipped = self.scaler is not None and not math.isfinite(norm)
+        self.amp_skipped_steps += int(skipped)
         layer_norms = group_norms = None
-        if self.is_log_step(trainer) and self.params is not None and params:
+        logged = self.is_log_step(trainer, index)
+        if logged and self.params is not None and params:
             layers = [self.params.layers[self.params.layer_of.get(id(p), 0)] for p in params]
             layer_norms = combined_norms_by_group(norms, layers)  # type: ignore[assignment]
             by_group = combined_norms_by_group(norms, groups)
@@ -270,10 +333,14 @@ class Hub:
             params=params,
             per_tensor=per_tensor,
             per_tensor_host=norms,
-            norm=combined_norm(norms),  # = the norm of the concatenated gradient
+            norm=norm,
             loss=None if loss is None else host[len(params)],
             layer_norms=layer_norms,
             group_norms=group_norms,
+            optimizer_index=index,
+            logged=logged,
+            skipped=skipped,
+            loss_scale=host[len(params) + (loss is not None)] if isinstance(scale, Tensor) else None,
         )
         self._grad_cache[id(optimizer)] = result
         return result
@@ -293,7 +360,9 @@ class Hub:
             callback(values.detach().reshape(-1).float().tolist())
 
     def end_step(self) -> None:
-        """Forget the accumulated loss once the optimizer step has been taken."""
+        """Forget the accumulated loss: called by the driving callback once every monitor has
+        seen this optimizer step (end of ``on_before_optimizer_step``), so that the next
+        optimizer step, of the same or of another optimizer, gets only its own loss."""
         self._loss_sum = None
 
     # ---- output ----------------------------------------------------------------------------
@@ -413,11 +482,16 @@ class Hub:
 
     # ---- checkpoints -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"alerts": self.book.state_dict(), "last": dict(self.last)}
+        return {
+            "alerts": self.book.state_dict(),
+            "last": dict(self.last),
+            "amp_skipped_steps": self.amp_skipped_steps,
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.book.load_state_dict(state.get("alerts", {}))
         self.last.update(state.get("last", {}))
+        self.amp_skipped_steps = int(state.get("amp_skipped_steps", 0))
 
 
 class HealthWarning(UserWarning):

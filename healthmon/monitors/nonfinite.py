@@ -7,6 +7,12 @@ replayed once, without gradients and with forward hooks on every module, to name
 (in execution order) whose output holds NaN/Inf. The replay runs inside
 :func:`~healthmon.monitors.isolation.isolated` (RNGs, buffers, modes, torchmetrics states and
 ``self.log`` results restored); a model that cannot be replayed safely is not replayed.
+
+Under fp16 mixed precision a ``GradScaler`` turns overflowing gradients into skipped steps: a step
+whose loss is finite but whose gradients are not is the scaler working (counted in
+``healthmon/amp/skipped_steps``, no alert). Only a scaler that cannot find a working scale is an
+alert (``amp.scaler_unstable``, see :mod:`healthmon.numerics.loss_scale`). A non-finite loss is a
+fault whatever the scaler does.
 """
 
 from __future__ import annotations
@@ -24,10 +30,14 @@ from healthmon import _checks
 from healthmon._checks import Cadence
 from healthmon.alerts import OnAlert, Severity
 from healthmon.monitors.base import Monitor
+from healthmon.monitors.hub import GradStep, Hub
 from healthmon.monitors.isolation import isolated, replay_blocker
 from healthmon.numerics.gradients import nonfinite_indices, tensor_norms
+from healthmon.numerics.loss_scale import LossScaleRule
 
 MAX_NAMES = 10
+TAG_LOSS_SCALE = "healthmon/amp/loss_scale"
+TAG_SKIPPED = "healthmon/amp/skipped_steps"
 
 
 def _tensors(value: Any) -> list[Tensor]:
@@ -80,10 +90,20 @@ class NonFiniteMonitor(Monitor):
     that would write NaN into the weights is not applied. A crash record (step, batch index,
     offending names) is written beside the report at the first non-finite step.
 
+    With a ``GradScaler`` (``precision="16-mixed"``), non-finite gradients under a finite loss are
+    overflow that the scaler handles by skipping the step: they are counted
+    (``healthmon/amp/skipped_steps``, beside the scale ``healthmon/amp/loss_scale``), not
+    reported. ``amp.scaler_unstable`` is raised when the scaler is in trouble.
+
     Args:
         every_n_steps: steps at which to check (default every step).
         find_module: replay the batch to name the first module with a non-finite output.
         max_replays: how many replays a run may spend (each costs one forward pass).
+        max_consecutive_skips: this many steps in a row skipped by the ``GradScaler`` raise
+            ``amp.scaler_unstable`` (default 20: from the default initial scale 2**16 a healthy
+            run finds a working scale within 16 halvings).
+        min_loss_scale: a loss scale below this raises ``amp.scaler_unstable`` (default 1, the
+            floor DeepSpeed and Megatron-LM use: below it gradients overflow float16 unscaled).
         on_alert: see :class:`~healthmon.monitors.base.Monitor`.
         fail_on: see :class:`~healthmon.monitors.base.Monitor`.
         log_every_n_steps: see :class:`~healthmon.monitors.base.Monitor`.
@@ -95,6 +115,8 @@ class NonFiniteMonitor(Monitor):
         every_n_steps: Cadence = 1,
         find_module: bool = True,
         max_replays: int = 3,
+        max_consecutive_skips: int = 20,
+        min_loss_scale: float = 1.0,
         on_alert: OnAlert = "warn",
         fail_on: Severity = "warning",
         log_every_n_steps: int | None = None,
@@ -109,6 +131,11 @@ class NonFiniteMonitor(Monitor):
             raise TypeError(f"`find_module`: expected True or False, got {find_module!r}.")
         self.find_module = find_module
         self.max_replays = _checks.positive_int(max_replays, "max_replays", minimum=0)
+        self.max_consecutive_skips = _checks.positive_int(max_consecutive_skips, "max_consecutive_skips")
+        self.min_loss_scale = _checks.positive_float(min_loss_scale, "min_loss_scale")
+        self.scaler_rule = LossScaleRule(
+            max_consecutive_skips=self.max_consecutive_skips, min_scale=self.min_loss_scale
+        )
         self.replays = 0
         self._batch: Any = None
         self._batch_idx = -1
@@ -116,7 +143,19 @@ class NonFiniteMonitor(Monitor):
 
     @override
     def config(self) -> dict[str, Any]:
-        return {**super().config(), "find_module": self.find_module, "max_replays": self.max_replays}
+        return {
+            **super().config(),
+            "find_module": self.find_module,
+            "max_replays": self.max_replays,
+            "max_consecutive_skips": self.max_consecutive_skips,
+            "min_loss_scale": self.min_loss_scale,
+        }
+
+    @override
+    def declare_layout(self, hub: Hub) -> None:
+        hub.declare_layout(
+            "healthmon: precision", {"AMP loss scale and skipped steps": [TAG_LOSS_SCALE, TAG_SKIPPED]}
+        )
 
     @override
     def on_train_batch_start(
@@ -139,6 +178,10 @@ class NonFiniteMonitor(Monitor):
         stats = hub.grad_step(trainer, optimizer)
         loss_bad = stats.loss is not None and not math.isfinite(stats.loss)
         grads_bad = not math.isfinite(stats.norm)
+        if hub.scaler is not None:
+            self._watch_scaler(trainer, stats)
+            if stats.skipped and not loss_bad:
+                return  # overflow: the scaler skips this step and lowers its scale
         if not (loss_bad or grads_bad):
             return
         names: list[str] = []
@@ -178,6 +221,28 @@ class NonFiniteMonitor(Monitor):
                 ),
                 where=names[0] if names else None,
             )
+
+    def _watch_scaler(self, trainer: pl.Trainer, stats: GradStep) -> None:
+        """Log the loss scale and the skipped steps; alert when the scaler is in trouble."""
+        hub = self.hub
+        if stats.logged:
+            values = {TAG_SKIPPED: float(hub.amp_skipped_steps)}
+            if stats.loss_scale is not None:
+                values[TAG_LOSS_SCALE] = stats.loss_scale
+            hub.log(trainer, values, stats.step)
+        reason = self.scaler_rule.update(stats.skipped, stats.loss_scale)
+        if reason is None:
+            return
+        bad = nonfinite_indices(stats.per_tensor_host) if hub.params is not None else []
+        where = hub.params.name(stats.params[bad[0]]) if bad and hub.params is not None else None
+        first = f" The first parameter with a non-finite gradient is {where}." if where else ""
+        hub.alert(
+            trainer,
+            "amp.scaler_unstable",
+            f"The GradScaler {reason} ({hub.amp_skipped_steps} step(s) skipped so far).{first}",
+            where=where,
+            value=stats.loss_scale,
+        )
 
     def _replay(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[str | None, bool]:
         """Run this step's batch again under forward hooks; (first bad module, its inputs finite)."""
@@ -235,9 +300,17 @@ class NonFiniteMonitor(Monitor):
 
     @override
     def monitor_state(self) -> dict[str, Any]:
-        return {"replays": self.replays, "crash_written": self._crash_written}
+        rule = self.scaler_rule
+        return {
+            "replays": self.replays,
+            "crash_written": self._crash_written,
+            "scaler": {"consecutive": rule.consecutive, "below_floor": rule.below_floor},
+        }
 
     @override
     def load_monitor_state(self, state: dict[str, Any]) -> None:
         self.replays = int(state.get("replays", 0))
         self._crash_written = bool(state.get("crash_written", False))
+        scaler = state.get("scaler", {})
+        self.scaler_rule.consecutive = int(scaler.get("consecutive", 0))
+        self.scaler_rule.below_floor = bool(scaler.get("below_floor", False))

@@ -21,8 +21,8 @@ optimizer steps), with one host synchronisation per monitored step:
   magnitude from the last layer back to the first (deep sigmoid/tanh stacks).
 
 All statistics are measured in ``on_before_optimizer_step``: after gradient accumulation and AMP
-unscaling (Lightning unscales before this hook), before clipping. With a ``GradScaler`` the loss
-scale and the number of steps it skipped are logged too.
+unscaling (Lightning unscales before this hook), before clipping. A step the ``GradScaler`` skips
+(its gradients overflowed) is not judged; the scaler itself is watched by ``NonFiniteMonitor``.
 """
 
 from __future__ import annotations
@@ -68,8 +68,6 @@ TAG_DEPTH = "healthmon/grad/depth_decay_orders"
 TAG_RMS = "healthmon/grad/rms/"
 TAG_STALE_DTYPE = "healthmon/update/stale_fraction/dtype/"
 TAG_STALE_LAYER = "healthmon/update/stale_fraction/layer/"
-TAG_LOSS_SCALE = "healthmon/amp/loss_scale"
-TAG_SKIPPED = "healthmon/amp/skipped_steps"
 TAG_HIST = "healthmon/grad/log10_abs/"
 
 _EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
@@ -178,9 +176,6 @@ class GradientUnderflowMonitor(Monitor):
         self._last_log = -1
         self._stale_before: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
         self._pending_stale: tuple[int, list[int], list[str], Tensor] | None = None
-        self._scaler: Any = None
-        self._awaiting_step = False
-        self.skipped_steps = 0
 
     @override
     def config(self) -> dict[str, Any]:
@@ -212,7 +207,6 @@ class GradientUnderflowMonitor(Monitor):
                 "stale updates per layer": [TAG_STALE_LAYER + ".*"],
                 "stale updates per dtype": [TAG_STALE_DTYPE + ".*"],
                 "gradient decay along depth (orders of magnitude)": [TAG_DEPTH],
-                "AMP loss scale and skipped steps": [TAG_LOSS_SCALE, TAG_SKIPPED],
             },
         )
 
@@ -221,7 +215,6 @@ class GradientUnderflowMonitor(Monitor):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._relus = [(n or "(root)", m) for n, m in pl_module.named_modules() if isinstance(m, RELU_FAMILY)]
         self._structural = {id(m.weight) for m in pl_module.modules() if isinstance(m, _EMBEDDINGS)}
-        self._scaler = getattr(trainer.precision_plugin, "scaler", None)
         # Lightning runs the closure (forward, backward, on_before_optimizer_step) *inside*
         # optimizer.step, so a step pre-hook fires before the gradients exist: the weights are
         # sampled in on_before_optimizer_step and again in the post-hook, right after the update.
@@ -256,10 +249,6 @@ class GradientUnderflowMonitor(Monitor):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        if self._scaler is not None:
-            if self._awaiting_step:  # the previous step never reached optimizer.step
-                self.skipped_steps += 1
-            self._awaiting_step = True
         if self.should_run(trainer):
             self._remove_forward_hooks()
             self._check(trainer, optimizer)
@@ -282,9 +271,6 @@ class GradientUnderflowMonitor(Monitor):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._scaler is not None and self._awaiting_step:
-            self.skipped_steps += 1
-            self._awaiting_step = False
         if self._pending_stale is not None and self._hub is not None:
             self._judge_stale(trainer, self._pending_stale, self._pending_stale[3].cpu(), log=True)
             self._pending_stale = None
@@ -317,6 +303,8 @@ class GradientUnderflowMonitor(Monitor):
         profile = [i for i, s in enumerate(structural) if not s and not grads[i].is_sparse]
         # per-tensor norms and the loss come from the hub's shared per-step statistics
         stats = hub.grad_step(trainer, optimizer)
+        if stats.skipped:  # overflow the GradScaler handles: these gradients are never applied
+            return
         shared = {id(p): i for i, p in enumerate(stats.params)}
         rows = torch.tensor([shared[id(params[i])] for i in profile], dtype=torch.long)
         norms = stats.per_tensor[rows.to(stats.per_tensor.device)] if profile else torch.zeros(0)
@@ -331,9 +319,6 @@ class GradientUnderflowMonitor(Monitor):
         pending = self._pending_stale
         if pending is not None:
             parts.append(pending[3].to(device=device, dtype=torch.float64).reshape(-1))
-        scale = getattr(self._scaler, "_scale", None) if self._scaler is not None else None
-        if isinstance(scale, Tensor):
-            parts.append(scale.detach().to(device, torch.float64).reshape(1))
         host = torch.cat(parts).cpu()  # the one host synchronisation of this monitored step
         self._alive = {}
 
@@ -350,9 +335,6 @@ class GradientUnderflowMonitor(Monitor):
             pos += size
             self._pending_stale = None
         loss_h = math.nan if stats.loss is None else stats.loss
-        scale_h = host[pos].item() if isinstance(scale, Tensor) else None
-        if scale_h is None and self._scaler is not None and hasattr(self._scaler, "get_scale"):
-            scale_h = float(self._scaler.get_scale())
 
         loss_nonzero = math.isnan(loss_h) or abs(loss_h) > self.loss_tolerance
         values: dict[str, float] = {}
@@ -379,10 +361,6 @@ class GradientUnderflowMonitor(Monitor):
             values[TAG_RMS + layers[li]] = rms_h[li]
         if decay is not None and math.isfinite(decay):
             values[TAG_DEPTH] = decay
-        if self._scaler is not None:
-            if scale_h is not None:
-                values[TAG_LOSS_SCALE] = scale_h
-            values[TAG_SKIPPED] = float(self.skipped_steps)
         log = self._log_due(trainer, step)
         if log:
             hub.log(trainer, values, step)
@@ -459,7 +437,12 @@ class GradientUnderflowMonitor(Monitor):
         """
         hub = self.hub
         stats = hub.grad_step(trainer, optimizer)
-        if hub.params is None or stats.loss is None or not abs(stats.loss) > self.loss_tolerance:
+        if (
+            stats.skipped
+            or hub.params is None
+            or stats.loss is None
+            or not abs(stats.loss) > self.loss_tolerance
+        ):
             return
         hits = [
             i
@@ -582,7 +565,6 @@ class GradientUnderflowMonitor(Monitor):
                 self._stale_before.append((p, idx, torch.take(p.detach(), idx), torch.take(g, idx)))
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        self._awaiting_step = False
         if not self._stale_before or self._hub is None or self._hub.params is None:
             return
         index = self._hub.params
@@ -611,9 +593,8 @@ class GradientUnderflowMonitor(Monitor):
     # ---- checkpoints -----------------------------------------------------------------------------
     @override
     def monitor_state(self) -> dict[str, Any]:
-        return {"skipped_steps": self.skipped_steps, "samplings": self._samplings}
+        return {"samplings": self._samplings}
 
     @override
     def load_monitor_state(self, state: dict[str, Any]) -> None:
-        self.skipped_steps = int(state.get("skipped_steps", 0))
         self._samplings = int(state.get("samplings", 0))

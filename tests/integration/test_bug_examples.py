@@ -22,6 +22,7 @@ CASES = [
     ("loss_nonfinite", "loss.nonfinite", None, True),
     ("grad_nonfinite", "grad.nonfinite", None, True),
     ("activation_nonfinite", "activation.nonfinite", None, True),
+    ("amp_scaler_unstable", "amp.scaler_unstable", None, True),
     ("grad_explosion", "grad.explosion", None, True),
     ("loss_divergence", "loss.divergence", None, True),
     ("grad_zero", "grad.zero", UNDERFLOW, True),

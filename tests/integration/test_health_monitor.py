@@ -104,14 +104,24 @@ def test_clipping_logs_the_norm_before_and_after(tmp_path: Any) -> None:
 
 
 def test_gradient_accumulation_measures_the_accumulated_gradient(tmp_path: Any) -> None:
+    class MicroBatchLosses(RecordingClassifier):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            loss = super().training_step(batch, batch_idx)
+            self.micro.setdefault(self.trainer.global_step, []).append(float(loss))
+            return loss
+
     mon = HealthMonitor(summary=False)
-    model = RecordingClassifier()
+    model = MicroBatchLosses()
+    model.micro = {}
     t = trainer(tmp_path, [mon], max_steps=4, accumulate_grad_batches=3)
     t.fit(model, digits_loader())
     tags = _scalars(t.logger.log_dir)
     assert set(model.reference) == {0, 1, 2, 3}
     for step, ref in model.reference.items():
         assert tags["healthmon/grad/norm"][step] == pytest.approx(ref, rel=1e-5)
+        # the loss of the step is the mean over its micro-batches, not the last one's share
+        assert len(model.micro[step]) == 3
+        assert tags["healthmon/loss"][step] == pytest.approx(sum(model.micro[step]) / 3, rel=1e-6)
 
 
 def test_nan_in_forward_names_the_module_and_stop_keeps_weights_finite(tmp_path: Any) -> None:
