@@ -150,20 +150,25 @@ class NonFiniteMonitor(Monitor):
         origin: Origin | None = None
         signature = (loss_bad, tuple(names), tuple(corrupted))
         known = self._diagnosed.get(signature)
+        grads_explained = False
         if known is not None:
             for code, message, where, hint in known:  # the same failure again: count it, no replay
                 hub.alert(trainer, code, message, where=where, hint=hint)
-        elif corrupted_params:
+                grads_explained = grads_explained or code == "grad.nonfinite"
+        elif corrupted_params and self._clean_step == step - 1:
             self._alert_update(trainer, corrupted_params, signature, step)
+        elif corrupted_params:
+            pass  # non-finite gradients of an earlier step corrupted them: reported at that step
         else:
             trace = self._replay(trainer, pl_module)
             origin = trace.origin if trace is not None else None
             if origin is not None:
                 self._alert_origin(trainer, origin, names, signature)
+                grads_explained = origin.phase == "backward"
         self._write_crash_record(trainer, stats.loss, names, origin)
         if loss_bad:
             hub.alert(trainer, "loss.nonfinite", f"The loss is {stats.loss}.", value=stats.loss)
-        if grads_bad and not (origin is not None and origin.phase == "backward"):
+        if grads_bad and not grads_explained:
             hub.alert(
                 trainer,
                 "grad.nonfinite",
@@ -213,8 +218,6 @@ class NonFiniteMonitor(Monitor):
                 when = (
                     f"The optimizer step of step {step - 1} wrote NaN/Inf into the weights although its "
                     "gradients were finite: the update, not the gradients, is the culprit."
-                    if self._clean_step == step - 1
-                    else "An earlier optimizer step wrote NaN/Inf into the weights."
                 )
                 opt_name = type(opt).__name__
                 message = (

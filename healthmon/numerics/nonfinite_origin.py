@@ -637,6 +637,7 @@ def _zeros_note(x: Tensor, tracer: NonFiniteTracer) -> str:
     return f" Its input comes from {fn} at {src.where}, which underflowed to exactly 0 (or 1 for 1 - p)."
 
 
+@torch.no_grad()
 def explain_forward(
     op: _Op,
     args: tuple[Any, ...],
@@ -650,8 +651,6 @@ def explain_forward(
     """What about the inputs of ``op`` produced the non-finite ``new`` kinds in ``out``, and the fix."""
     name = op.name
     produced = "/".join(sorted(new))
-    args = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
-    kwargs = {k: v.detach() if isinstance(v, Tensor) else v for k, v in kwargs.items()}
     x = _arg(args, kwargs, 0, "input")
     finfo = _finfo(out)
     dt = _dtype_name(out.dtype)
@@ -823,11 +822,11 @@ def _overflow_hint(dtype: torch.dtype) -> str:
 
 
 # ---- backward -------------------------------------------------------------------------------
+@torch.no_grad()
 def explain_backward(op: _Op, grad_out: list[Tensor | None], grad_in: list[Tensor | None]) -> tuple[str, str]:
     """Why the derivative of ``op`` produced NaN/Inf from a finite incoming gradient, and the fix."""
     name = op.name
-    args = tuple(a.detach() if isinstance(a, Tensor) else a for a in op.args)
-    kwargs = {k: v.detach() if isinstance(v, Tensor) else v for k, v in op.kwargs.items()}
+    args, kwargs = op.args, op.kwargs
     x = _arg(args, kwargs, 0, "input")
     masked = ""
     g = next((t for t in grad_out if isinstance(t, Tensor)), None)
