@@ -146,12 +146,38 @@ def _flag_tensor(t: Tensor) -> Tensor:
     return torch.stack([r.isnan().any(), r.isposinf().any(), r.isneginf().any()])
 
 
+@torch.no_grad()
+def _extremes(t: Tensor) -> Tensor:
+    """(min, max) in float64 (NaN when the tensor holds one): one fused pass, no synchronisation."""
+    r = _real(t.detach())
+    if r.numel() == 0:
+        return torch.zeros(2, dtype=torch.float64, device=r.device)
+    lo, hi = torch.aminmax(r.reshape(-1))
+    return torch.stack([lo, hi]).double()
+
+
 def nonfinite_kinds(tensors: list[Tensor]) -> list[frozenset[str]]:
-    """The kinds of non-finite values (NaN, +inf, -inf) each tensor holds; one host synchronisation."""
+    """The kinds of non-finite values (NaN, +inf, -inf) each tensor holds.
+
+    One fused min/max pass per tensor and one host synchronisation; the tensors holding NaN (whose
+    min/max hide any infinities) get an exact second look.
+    """
     if not tensors:
         return []
-    flags = torch.stack([_flag_tensor(t).to("cpu", non_blocking=False) for t in tensors]).tolist()
-    return [frozenset(k for k, f in zip((NAN, POSINF, NEGINF), row, strict=True) if f) for row in flags]
+    ext = torch.stack([_extremes(t).cpu() for t in tensors]).tolist()
+    kinds: list[frozenset[str]] = []
+    nan_rows = []
+    for i, (lo, hi) in enumerate(ext):
+        if math.isnan(lo) or math.isnan(hi):
+            nan_rows.append(i)
+            kinds.append(frozenset({NAN}))
+        else:
+            kinds.append(frozenset(k for k, f in ((POSINF, hi == math.inf), (NEGINF, lo == -math.inf)) if f))
+    if nan_rows:
+        flags = torch.stack([_flag_tensor(tensors[i]).cpu() for i in nan_rows]).tolist()
+        for i, row in zip(nan_rows, flags, strict=True):
+            kinds[i] = frozenset(k for k, f in zip((NAN, POSINF, NEGINF), row, strict=True) if f)
+    return kinds
 
 
 def _number_kind(x: float) -> str | None:

@@ -36,6 +36,9 @@ def test_nonfinite_kinds_are_exact() -> None:
     assert nonfinite_kinds(t) == [frozenset({"NaN"}), frozenset({"-inf"}), frozenset(), frozenset()]
     c = torch.tensor([complex(1, float("inf"))])
     assert nonfinite_kinds([c]) == [frozenset({"+inf"})]
+    mixed = torch.tensor([float("nan"), float("inf"), float("-inf")], dtype=torch.float16)
+    assert nonfinite_kinds([mixed]) == [frozenset({"NaN", "+inf", "-inf"})]
+    assert nonfinite_kinds([torch.tensor([1e300], dtype=torch.float64)]) == [frozenset()]
 
 
 def test_the_tracer_never_changes_results() -> None:
