@@ -24,10 +24,10 @@ from typing import Any
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from overhead import MLP, TinyLM, digits_loader, token_loader  # noqa: E402
+from overhead import MLP, TinyLM, digits_loader, token_loader
 
-from healthmon.monitors.isolation import isolated  # noqa: E402
-from healthmon.numerics.nonfinite_origin import trace_nonfinite  # noqa: E402
+from healthmon.monitors.isolation import isolated
+from healthmon.numerics.nonfinite_origin import trace_nonfinite
 
 
 def timed(fn: Callable[[], Any], repeats: int) -> float:
@@ -48,8 +48,9 @@ def bench(name: str, model: Any, batch: Any, repeats: int) -> None:
     def traced(backward: bool) -> Callable[[], None]:
         def run() -> None:
             with isolated(model):
-                trace = trace_nonfinite(lambda: model.training_step(batch, 0), module=model, batch=batch,
-                                        backward=backward)
+                trace = trace_nonfinite(
+                    lambda: model.training_step(batch, 0), module=model, batch=batch, backward=backward
+                )
             assert trace.origin is None and not trace.errors, trace
 
         return run
@@ -57,10 +58,13 @@ def bench(name: str, model: Any, batch: Any, repeats: int) -> None:
     base = timed(plain, repeats)
     fwd = timed(traced(False), repeats)
     both = timed(traced(True), repeats)
-    ops = trace_nonfinite(lambda: model.training_step(batch, 0), module=model, batch=batch, backward=False).ops
+    ops = trace_nonfinite(
+        lambda: model.training_step(batch, 0), module=model, batch=batch, backward=False
+    ).ops
     rng = timed(torch.get_rng_state, 200)
     print(
-        f"{name}: plain step {base * 1e3:.1f} ms; replay (forward origin) {fwd * 1e3:.1f} ms = {fwd / base:.1f}x; "
+        f"{name}: plain step {base * 1e3:.1f} ms; "
+        f"replay (forward origin) {fwd * 1e3:.1f} ms = {fwd / base:.1f}x; "
         f"replay (backward origin) {both * 1e3:.1f} ms = {both / base:.1f}x; {ops} traced ops; "
         f"healthy steps: RNG copy {rng * 1e6:.1f} us = {rng / base:.2%} of a step"
     )

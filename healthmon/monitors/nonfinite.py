@@ -148,6 +148,7 @@ class NonFiniteMonitor(Monitor):
         corrupted_params = [weights[i] for i in nonfinite_indices(weight_norms)]
         corrupted = [hub.params.name(p) for p in corrupted_params] if hub.params else []
         origin: Origin | None = None
+        unreproduced = ""
         signature = (loss_bad, tuple(names), tuple(corrupted))
         known = self._diagnosed.get(signature)
         grads_explained = False
@@ -162,12 +163,18 @@ class NonFiniteMonitor(Monitor):
         else:
             trace = self._replay(trainer, pl_module)
             origin = trace.origin if trace is not None else None
+            if trace is not None and trace.loss_finite and trace.grads_finite:
+                unreproduced = (
+                    " A replay of this step from the same batch, weights and RNG state was finite: the "
+                    "NaN/Inf depends on something the replay does not reproduce (a non-deterministic "
+                    "kernel, state changed by the step itself, loss scaling)."
+                )
             if origin is not None:
                 self._alert_origin(trainer, origin, names, signature)
                 grads_explained = origin.phase == "backward"
         self._write_crash_record(trainer, stats.loss, names, origin)
         if loss_bad:
-            hub.alert(trainer, "loss.nonfinite", f"The loss is {stats.loss}.", value=stats.loss)
+            hub.alert(trainer, "loss.nonfinite", f"The loss is {stats.loss}.{unreproduced}", value=stats.loss)
         if grads_bad and not grads_explained:
             hub.alert(
                 trainer,
@@ -177,7 +184,7 @@ class NonFiniteMonitor(Monitor):
                     f" {len(corrupted)} weight tensor(s) are already non-finite"
                     " (corrupted by an earlier step)."
                     if corrupted
-                    else ""
+                    else unreproduced
                 ),
                 where=names[0] if names else None,
             )
@@ -187,7 +194,9 @@ class NonFiniteMonitor(Monitor):
     ) -> None:
         self._diagnosed.setdefault(signature, []).append((code, message, where, hint))
 
-    def _alert_origin(self, trainer: pl.Trainer, origin: Origin, names: list[str], signature: tuple[Any, ...]) -> None:
+    def _alert_origin(
+        self, trainer: pl.Trainer, origin: Origin, names: list[str], signature: tuple[Any, ...]
+    ) -> None:
         """Turn the replay's origin into one alert, by where the NaN/Inf came from."""
         message = origin.describe()
         if origin.phase == "input" and origin.source_kind == "batch":

@@ -82,7 +82,16 @@ def base_name(func: Any) -> str:
     return name
 
 
-_ARITH = {"add": "+", "sub": "-", "rsub": "-", "mul": "*", "div": "/", "true_divide": "/", "pow": "**", "matmul": "@"}
+_ARITH = {
+    "add": "+",
+    "sub": "-",
+    "rsub": "-",
+    "mul": "*",
+    "div": "/",
+    "true_divide": "/",
+    "pow": "**",
+    "matmul": "@",
+}
 
 
 def display_name(func: Any) -> str:
@@ -104,8 +113,10 @@ def display_name(func: Any) -> str:
 
 def _is_inplace(func: Any) -> bool:
     raw = _raw_name(func)
-    return raw == "__setitem__" or (raw.startswith("__i") and raw.endswith("__")) or (
-        raw.endswith("_") and not raw.endswith("__")
+    return (
+        raw == "__setitem__"
+        or (raw.startswith("__i") and raw.endswith("__"))
+        or (raw.endswith("_") and not raw.endswith("__"))
     )
 
 
@@ -241,7 +252,10 @@ class Origin:
         inside = f" (in {self.module})" if self.module else ""
         then = f" {self.then}" if self.then else ""
         if self.phase == "backward":
-            return f"The forward pass is finite; the first {produced} appears in the backward of {self.op}{place}{inside}: {self.cause}{then}"
+            return (
+                f"The forward pass is finite; the first {produced} appears in the backward of "
+                f"{self.op}{place}{inside}: {self.cause}{then}"
+            )
         return f"The first {produced} of the step is produced by {self.op}{place}{inside}: {self.cause}{then}"
 
 
@@ -437,7 +451,8 @@ class NonFiniteTracer(TorchFunctionMode):
                     if intended
                     else self._origin(
                         op,
-                        f"an infinite constant among its arguments ({', '.join(sorted(constant))}), e.g. a mask.",
+                        f"an infinite constant among its arguments ({', '.join(sorted(constant))}), e.g. a "
+                        f"mask.",
                         HINT_MASK,
                         frozenset(kinds),
                         intended=True,
@@ -464,7 +479,11 @@ class NonFiniteTracer(TorchFunctionMode):
         for t in inputs:
             prov = self._prov.get(t)
             provs.append(prov)
-            kinds_list.append(prov.produced if prov is not None and id(t) not in kinds_of else kinds_of.get(id(t), frozenset()))
+            kinds_list.append(
+                prov.produced
+                if prov is not None and id(t) not in kinds_of
+                else kinds_of.get(id(t), frozenset())
+            )
         # a tensor with provenance holds at least the kinds its origin produced; fetch exact kinds
         known = [i for i, t in enumerate(inputs) if provs[i] is not None and id(t) not in kinds_of]
         if known:
@@ -488,10 +507,14 @@ class NonFiniteTracer(TorchFunctionMode):
                 bad, size = int(idx.numel()), int(rows.numel())
                 samples = idx[:MAX_SAMPLES].tolist()
             shown = ", ".join(map(str, samples)) + (" ..." if bad > len(samples) else "")
-            cause = f"The batch holds {what}: {name} has {what} in {bad} of its {size} samples (indices {shown})."
+            cause = (
+                f"The batch holds {what}: {name} has {what} in {bad} of its {size} samples (indices {shown})."
+            )
             hint = HINT_BATCH
         elif kind == "parameter":
-            cause = f"The weight {name} already holds {what} before the step (an earlier update corrupted it)."
+            cause = (
+                f"The weight {name} already holds {what} before the step (an earlier update corrupted it)."
+            )
             hint = HINT_WEIGHTS
         elif kind == "buffer":
             cause = f"The buffer {name} holds {what} (e.g. BatchNorm running statistics that absorbed NaN)."
@@ -613,7 +636,9 @@ _PASS_THROUGH = frozenset(
 _PROB_OPS = {"softmax", "sigmoid", "expit", "exp"}
 _SPREAD_OPS = {"std", "var", "std_mean", "var_mean", "norm", "vector_norm", "sqrt"}
 
-HINT_GENERIC = "Guard the inputs of this operation (clamp to its domain, add an epsilon) or use a stable form."
+HINT_GENERIC = (
+    "Guard the inputs of this operation (clamp to its domain, add an epsilon) or use a stable form."
+)
 HINT_CONSTANT = "Remove the NaN literal (a placeholder or a debugging leftover)."
 HINT_MASK = (
     "An infinite mask is fine as long as every row keeps at least one finite entry; nothing to change "
@@ -623,7 +648,10 @@ HINT_BATCH = (
     "Fix the data: find these samples in the dataset (the crash record has the batch index), drop or "
     "repair them (torch.nan_to_num, imputation), or check the transform that produced them."
 )
-HINT_WEIGHTS = "See the alert of the step that corrupted them (update.nonfinite); restart from the last finite checkpoint."
+HINT_WEIGHTS = (
+    "See the alert of the step that corrupted them (update.nonfinite); restart from the last finite "
+    "checkpoint."
+)
 
 
 def _finfo(t: Tensor) -> torch.finfo:
@@ -690,14 +718,20 @@ def explain_forward(
         note = _zeros_note(x, tracer) if zeros else ""
         src = _came_from(tracer.producer(x), _PROB_OPS)
         if src is not None and src.name == "softmax":
-            hint = "Use F.log_softmax(z, dim=...) instead of torch.log(F.softmax(z, dim=...)) (or F.cross_entropy on z)."
+            hint = (
+                "Use F.log_softmax(z, dim=...) instead of torch.log(F.softmax(z, dim=...)) (or "
+                "F.cross_entropy on z)."
+            )
         elif src is not None and src.name in ("sigmoid", "expit"):
             hint = (
                 "Use F.logsigmoid(z) for log(sigmoid(z)) and F.logsigmoid(-z) for log(1 - sigmoid(z)), "
                 "or F.binary_cross_entropy_with_logits(z, y)."
             )
         else:
-            hint = "Keep the argument of log positive: torch.log(x.clamp_min(eps)) or torch.log(x + eps), or work in log space."
+            hint = (
+                "Keep the argument of log positive: torch.log(x.clamp_min(eps)) or torch.log(x + "
+                "eps), or work in log space."
+            )
         return " ".join(parts) + note, hint
     if name == "log1p" and isinstance(x, Tensor):
         return (
@@ -747,10 +781,10 @@ def explain_forward(
                         "across the batch has a spread of exactly 0."
                     )
                 elif _came_from(tracer.producer(den), {"sum", "count_nonzero"}) is not None:
-                    note = " The denominator is a count or a sum that is 0 in this batch (e.g. no positives)."
+                    note = " The denominator is a count or a sum that is 0 in this batch (no positives?)."
                 return (
-                    f"division by exact zero: {n_zero} denominator entr{'y is' if n_zero == 1 else 'ies are'} 0"
-                    f"{detail}.{note}",
+                    f"division by exact zero: {n_zero} denominator "
+                    f"entr{'y is' if n_zero == 1 else 'ies are'} 0{detail}.{note}",
                     "Guard the denominator: x / (d + eps) or x / d.clamp_min(eps); for a count, "
                     "count.clamp_min(1); or torch.where(d > 0, x / d.clamp_min(eps), 0).",
                 )
@@ -777,7 +811,8 @@ def explain_forward(
         )
     if name in ("sub", "rsub", "add", "radd", "isub", "iadd") and NAN in new:
         return (
-            "inf - inf = NaN: infinities of the same sign are subtracted (e.g. a fully masked row minus its max).",
+            "inf - inf = NaN: infinities of the same sign are subtracted (e.g. a fully masked row minus "
+            "its max).",
             "Keep at least one finite entry per row, or use torch.finfo(dtype).min instead of -inf.",
         )
     if name in ("mul", "rmul", "imul") and NAN in new:
@@ -807,12 +842,14 @@ def explain_forward(
         if x.numel() == 0:
             return (
                 "the mean of an empty tensor (a mask that selected nothing) is 0/0 = NaN.",
-                "Guard the mean: x.sum() / mask.sum().clamp_min(1), or skip the term when nothing is selected.",
+                "Guard the mean: x.sum() / mask.sum().clamp_min(1), or skip the term when nothing is "
+                "selected.",
             )
         if name in ("cross_entropy", "nll_loss"):
             return (
                 "every target equals ignore_index: the mean over 0 elements is 0/0 = NaN.",
-                "Skip batches without a valid target, or use reduction='sum' divided by the count clamped to 1.",
+                "Skip batches without a valid target, or use reduction='sum' divided by the count clamped "
+                "to 1.",
             )
     if name in ("acos", "arccos", "asin", "arcsin", "atanh", "arctanh") and isinstance(x, Tensor):
         top = float(x.detach().abs().max())
@@ -844,7 +881,10 @@ def _overflow_hint(dtype: torch.dtype) -> str:
             "float16 overflows above 65504: use bf16 (precision='bf16-mixed'), loss scaling "
             "(precision='16-mixed'), or keep this operation in float32; normalise the activations."
         )
-    return "Check the scale of the inputs (normalisation, initialisation, learning rate) or compute in a wider dtype."
+    return (
+        "Check the scale of the inputs (normalisation, initialisation, learning rate) "
+        "or compute in a wider dtype."
+    )
 
 
 # ---- backward -------------------------------------------------------------------------------
@@ -874,7 +914,10 @@ def explain_backward(op: _Op, grad_out: list[Tensor | None], grad_in: list[Tenso
         zeros, neg = _count(x == 0), _count(x < 0)
         parts = []
         if zeros:
-            parts.append(f"the derivative of sqrt, 1/(2 sqrt(x)), is infinite at the {zeros} entries where x is exactly 0")
+            parts.append(
+                f"the derivative of sqrt, 1/(2 sqrt(x)), is infinite at the {zeros} entries where x is "
+                f"exactly 0"
+            )
         if neg:
             parts.append(f"sqrt of {neg} negative entries is NaN (its derivative too)")
         cause = " and ".join(parts) + "." + masked
@@ -882,8 +925,8 @@ def explain_backward(op: _Op, grad_out: list[Tensor | None], grad_in: list[Tenso
             f"{safe_where}; or add an epsilon inside the root (torch.sqrt(d2 + 1e-12)); for a norm or a "
             "distance use torch.linalg.vector_norm(h - c, dim=-1), whose gradient at 0 is 0."
             if masked
-            else "Add an epsilon inside the root (torch.sqrt(d2 + 1e-12)) or clamp (d2.clamp_min(1e-12)); for a "
-            "norm or a distance use torch.linalg.vector_norm(h - c, dim=-1), whose gradient at 0 is 0."
+            else "Add an epsilon inside the root (torch.sqrt(d2 + 1e-12)) or clamp (d2.clamp_min(1e-12)); "
+            "for a norm or a distance use torch.linalg.vector_norm(h - c, dim=-1), whose gradient at 0 is 0."
         )
         return cause, hint
     if name in ("log", "log2", "log10") and isinstance(x, Tensor):
@@ -904,28 +947,33 @@ def explain_backward(op: _Op, grad_out: list[Tensor | None], grad_in: list[Tenso
         den = x if name in ("rtruediv", "reciprocal") else _arg(args, kwargs, 1, "other")
         zeros = _count(den == 0) if isinstance(den, Tensor) else 0
         return (
-            f"the derivative of a / b, -a / b^2, is infinite where the denominator is 0 ({zeros} entries).{masked}",
-            "Guard the denominator: d + eps or d.clamp_min(eps), also inside the branch torch.where discards.",
+            f"the derivative of a / b, -a / b^2, is infinite where the denominator is 0 ({zeros} "
+            f"entries).{masked}",
+            "Guard the denominator: d + eps or d.clamp_min(eps), also inside the branch torch.where "
+            "discards.",
         )
     if name in ("norm", "vector_norm", "dist", "cdist"):
         return (
             f"the derivative of a norm, x / ||x||, is 0/0 = NaN for a zero vector (a distance between "
             f"identical points).{masked}",
-            "Use torch.linalg.vector_norm (its gradient at 0 is 0) or add an epsilon: sqrt(sum(x^2) + 1e-12).",
+            "Use torch.linalg.vector_norm (its gradient at 0 is 0) or add an epsilon: sqrt(sum(x^2) + "
+            "1e-12).",
         )
     if name in ("acos", "arccos", "asin", "arcsin") and isinstance(x, Tensor):
         return (
-            f"the derivative of {name}, 1/sqrt(1 - x^2), is infinite at |x| = 1 ({_count(x.abs() >= 1)} entries).",
+            f"the derivative of {name}, 1/sqrt(1 - x^2), is infinite at |x| = 1 ({_count(x.abs() >= 1)} "
+            f"entries).",
             "Clamp into the open interval: x.clamp(-1 + 1e-7, 1 - 1e-7).",
         )
     return (
         f"its derivative is not finite at the values it received.{masked}",
-        "Keep the inputs of this operation inside the region where its derivative is finite (add an epsilon, clamp).",
+        "Keep the inputs of this operation inside the region where its derivative is finite (add an "
+        "epsilon, clamp).",
     )
 
 
 class BackwardWatch:
-    """Hooks on the autograd nodes of a traced step: the first node that turned a finite gradient into NaN/Inf.
+    """Hooks on the autograd nodes of a traced step: the first node that made a finite gradient NaN/Inf.
 
     Nodes recorded by the tracer are named after their operation; the nodes inside a composite
     operation (the log-softmax inside ``cross_entropy``) belong to the nearest recorded node above

@@ -86,7 +86,8 @@ def explain_update(optimizer: Any, group: dict[str, Any], params: Sequence[Tenso
             if isinstance(value, Tensor) and value.is_floating_point() and value.numel() > 1:
                 if not bool(torch.isfinite(value).all()):
                     return UpdateCause(
-                        f"the optimizer state '{key}' holds NaN/Inf (it overflowed in {dtype_name(value.dtype)} "
+                        f"the optimizer state '{key}' holds NaN/Inf (it overflowed in "
+                        f"{dtype_name(value.dtype)} "
                         "or absorbed an earlier non-finite gradient).",
                         "Keep the optimizer state in float32 (mixed precision with float32 master weights), "
                         "and reset the state after a non-finite step.",

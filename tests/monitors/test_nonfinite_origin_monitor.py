@@ -257,8 +257,9 @@ def test_float16_adam_default_eps_names_the_optimizer_step(tmp_path: Any) -> Non
     t.fit(Fp16Adam(), digits_loader())
     a = origin(mon, "update.nonfinite")
     assert a.where == "Adam param group 0" and a.step == 1
-    assert "The optimizer step of step 0 wrote NaN/Inf into the weights although its gradients were finite" in (
-        a.message
+    assert (
+        "The optimizer step of step 0 wrote NaN/Inf into the weights although its gradients were finite"
+        in (a.message)
     )
     assert "eps=1e-08 rounds to 0 in float16" in a.message and "5.96e-08" in a.message
     assert "second-moment entr" in a.message and "float32 master weights" in a.hint
@@ -271,7 +272,8 @@ def test_float16_adam_with_a_representable_eps_is_healthy(tmp_path: Any) -> None
 
 
 class EveryStepDistance(DistanceToCentre):
-    """The same bug at every step, with the gradients sanitised after healthmon saw them (weights stay finite)."""
+    """The same bug at every step, with the gradients sanitised after healthmon saw them (weights stay "
+    "finite)."""
 
     def on_before_optimizer_step(self, optimizer: Any) -> None:
         for p in self.parameters():

@@ -237,7 +237,11 @@ def test_backward_of_the_where_trap_names_the_masked_zero_gradient() -> None:
 @pytest.mark.parametrize(
     ("make", "op", "phrase"),
     [
-        (lambda h: torch.where(h > 0, torch.log(h), 0.0), "`torch.log`", "1/x, is infinite at the 1 exact zero"),
+        (
+            lambda h: torch.where(h > 0, torch.log(h), 0.0),
+            "`torch.log`",
+            "1/x, is infinite at the 1 exact zero",
+        ),
         (lambda h: h**0.5, "`**` (pow)", "is infinite at the 1 exact zero(s)"),
         (lambda h: torch.sqrt((h * h).sum(-1, keepdim=True)), "`torch.sqrt`", "x is exactly 0"),
         (lambda h: torch.asin(h), "`torch.asin`", "infinite at |x| = 1 (1 entries)"),
