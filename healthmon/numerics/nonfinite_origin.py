@@ -79,7 +79,7 @@ def base_name(func: Any) -> str:
         name = name[2:-2]
     if name.endswith("_") and not name.endswith("__"):
         name = name[:-1]
-    return name
+    return name.removeprefix("linalg_")
 
 
 _ARITH = {
@@ -102,6 +102,8 @@ def display_name(func: Any) -> str:
     module = str(getattr(func, "__module__", "") or "")
     if raw.startswith("__") and name in _OPERATORS:
         return f"`{_OPERATORS[name]}` ({name})"
+    if raw.startswith("linalg_"):
+        return f"`torch.linalg.{raw.removeprefix('linalg_')}`"
     if module.startswith(("torch.nn.functional", "torch._C._nn")):
         return f"`F.{raw}`"
     if qualname.startswith(("TensorBase.", "Tensor.")):
@@ -285,6 +287,15 @@ class OriginTrace:
 
 
 @dataclass
+class _Before:
+    """What an in-place operation's target held before the operation overwrote it."""
+
+    kinds: frozenset[str]
+    prov: Origin | None
+    saved: Tensor | None
+
+
+@dataclass
 class _Op:
     """A traced operation: enough to explain its backward later."""
 
@@ -302,7 +313,6 @@ class _Op:
 # ---- the tracer ----------------------------------------------------------------------------
 _SKIP_FUNCS = frozenset(
     {
-        "__get__",
         "__set__",
         "size",
         "dim",
@@ -324,6 +334,12 @@ _SKIP_FUNCS = frozenset(
         "__iter__",
         "__hash__",
     }
+)
+
+#: Operations whose forward is explained from their input values (kept for in-place variants).
+_EXPLAINED = frozenset(
+    {"log", "log2", "log10", "log1p", "sqrt", "rsqrt", "div", "divide", "true_divide", "truediv", "itruediv"}
+    | {"reciprocal", "exp", "exp2", "expm1", "pow", "ipow", "acos", "arccos", "asin", "arcsin", "atanh"}
 )
 
 #: Operations whose inputs are kept so their backward can be explained.
@@ -388,16 +404,41 @@ class NonFiniteTracer(TorchFunctionMode):
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
     ) -> Any:
         kwargs = kwargs or {}
+        before: _Before | None = None
+        if _is_inplace(func) and args and _floating(args[0]) and _raw_name(func) not in _SKIP_FUNCS:
+            try:  # an in-place op overwrites its input: remember what it held
+                before = self._before_inplace(func, args[0])
+            except Exception as exc:
+                if len(self.errors) < 10:
+                    self.errors.append(f"{_raw_name(func)}: {type(exc).__name__}: {exc}")
         out = func(*args, **kwargs)
         if _raw_name(func) not in _SKIP_FUNCS:
             try:
-                self._observe(func, args, kwargs, out)
+                self._observe(func, args, kwargs, out, before)
             except Exception as exc:  # the tracer must never break the user's step
                 if len(self.errors) < 10:
                     self.errors.append(f"{_raw_name(func)}: {type(exc).__name__}: {exc}")
         return out
 
-    def _observe(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+    def _before_inplace(self, func: Any, target: Tensor) -> _Before:
+        """The kinds and provenance of an in-place op's target before the op (and its values, if needed)."""
+        if target in self._prov:
+            prov = self._prov[target]
+            kinds = nonfinite_kinds([target])[0] if prov is not None else frozenset()
+        else:
+            kinds = nonfinite_kinds([target])[0]
+            prov = self._external(target, kinds, None) if kinds else None
+        saved = target.detach().clone() if base_name(func) in _EXPLAINED else None
+        return _Before(kinds, prov, saved)
+
+    def _observe(
+        self,
+        func: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        out: Any,
+        before: _Before | None = None,
+    ) -> None:
         outputs = [t for t in _tensors_in(out) if _floating(t)]
         if _is_inplace(func) and args and _floating(args[0]) and not any(t is args[0] for t in outputs):
             outputs.append(args[0])
@@ -406,6 +447,8 @@ class NonFiniteTracer(TorchFunctionMode):
         self.ops += 1
         inputs = [t for t in _tensors_in((args, kwargs)) if _floating(t) and not any(t is o for o in outputs)]
         name = base_name(func)
+        if before is not None and before.saved is not None:
+            args = (before.saved, *args[1:])  # explain with the values the op read
         op = _Op(
             seq=self.ops,
             func=func,
@@ -427,7 +470,10 @@ class NonFiniteTracer(TorchFunctionMode):
                 self._prov[t] = None
             return
         op.out_nonfinite = True
-        in_kinds, in_prov = self._input_state(inputs)
+        in_kinds, in_prov = self._input_state(inputs, op)
+        if before is not None:
+            in_kinds.append(before.kinds)
+            in_prov.append(before.prov)
         constant = self._constant_kinds(args, kwargs)
         present = set(constant).union(*in_kinds) if in_kinds else set(constant)
         real = [p for p in in_prov if p is not None and not p.intended]
@@ -468,33 +514,38 @@ class NonFiniteTracer(TorchFunctionMode):
                 kinds.append(k)
         return kinds
 
-    def _input_state(self, inputs: list[Tensor]) -> tuple[list[frozenset[str]], list[Origin | None]]:
-        """Kinds and provenance of each input; tensors made before the step are checked now."""
+    def _input_state(
+        self, inputs: list[Tensor], op: _Op | None
+    ) -> tuple[list[frozenset[str]], list[Origin | None]]:
+        """Kinds and provenance of each input; tensors not seen before are checked now."""
         unknown = [t for t in inputs if t not in self._prov]
         kinds_of = dict(zip([id(t) for t in unknown], nonfinite_kinds(unknown), strict=True))
         for t in unknown:
             kinds = kinds_of[id(t)]
-            self._prov[t] = self._external(t, kinds) if kinds else None
-        kinds_list, provs = [], []
-        for t in inputs:
-            prov = self._prov.get(t)
-            provs.append(prov)
-            kinds_list.append(
-                prov.produced
-                if prov is not None and id(t) not in kinds_of
-                else kinds_of.get(id(t), frozenset())
-            )
-        # a tensor with provenance holds at least the kinds its origin produced; fetch exact kinds
-        known = [i for i, t in enumerate(inputs) if provs[i] is not None and id(t) not in kinds_of]
-        if known:
-            exact = nonfinite_kinds([inputs[i] for i in known])
-            for i, k in zip(known, exact, strict=True):
-                kinds_list[i] = k
-        return kinds_list, provs
+            base = t._base
+            if not kinds:
+                self._prov[t] = None
+            elif base is not None and self._prov.get(base) is not None:
+                self._prov[t] = self._prov[base]  # a view made outside the traced calls
+            else:
+                self._prov[t] = self._external(t, kinds, op)
+        known = [t for t in inputs if id(t) not in kinds_of and self._prov.get(t) is not None]
+        exact = dict(zip([id(t) for t in known], nonfinite_kinds(known), strict=True))
+        kinds_list = [kinds_of.get(id(t), exact.get(id(t), frozenset())) for t in inputs]
+        return kinds_list, [self._prov.get(t) for t in inputs]
 
-    def _external(self, t: Tensor, kinds: frozenset[str]) -> Origin:
-        """Provenance of NaN/Inf in a tensor made before the step (batch, weight, buffer, other)."""
-        kind, name = self.names.get(t, ("tensor", "a tensor made before the step"))
+    def _external(self, t: Tensor, kinds: frozenset[str], op: _Op | None) -> Origin:
+        """Provenance of NaN/Inf in a tensor the tracer did not make (batch, weight, buffer, other)."""
+        default = (
+            ("untraced", "a tensor computed by code the tracer does not see")
+            if t.grad_fn is not None
+            else ("tensor", "a tensor made before the step")
+        )
+        kind, name = self.names.get(t, default)
+        used = ""
+        if op is not None:
+            inside = f" in {op.module}" if op.module else ""
+            used = f" It first enters the computation at {display_name(op.func)}{inside} at {op.where}."
         intended = NAN not in kinds and (kind != "batch" or kinds == {NEGINF})
         what = "/".join(sorted(kinds))
         samples: list[int] = []
@@ -508,19 +559,29 @@ class NonFiniteTracer(TorchFunctionMode):
                 samples = idx[:MAX_SAMPLES].tolist()
             shown = ", ".join(map(str, samples)) + (" ..." if bad > len(samples) else "")
             cause = (
-                f"The batch holds {what}: {name} has {what} in {bad} of its {size} samples (indices {shown})."
+                f"The batch holds {what}: {name} has {what} in {bad} of its {size} samples "
+                f"(indices {shown}).{used}"
             )
             hint = HINT_BATCH
         elif kind == "parameter":
             cause = (
-                f"The weight {name} already holds {what} before the step (an earlier update corrupted it)."
+                f"The weight {name} already holds {what} before the step (an earlier update "
+                f"corrupted it).{used}"
             )
             hint = HINT_WEIGHTS
         elif kind == "buffer":
-            cause = f"The buffer {name} holds {what} (e.g. BatchNorm running statistics that absorbed NaN)."
+            cause = (
+                f"The buffer {name} holds {what} (e.g. BatchNorm running statistics that absorbed NaN).{used}"
+            )
             hint = HINT_WEIGHTS
+        elif kind == "untraced":
+            cause = (
+                f"{what} comes from {name} (a custom autograd Function, a C++/Triton extension or a "
+                f"compiled region).{used}"
+            )
+            hint = HINT_GENERIC
         else:
-            cause = f"A tensor made before the step (a captured constant or attribute) holds {what}."
+            cause = f"A tensor made before the step (a captured constant or attribute) holds {what}.{used}"
             hint = HINT_MASK if intended else HINT_WEIGHTS
         origin = Origin(
             phase="input",
@@ -756,13 +817,27 @@ def explain_forward(
             f"rsqrt of {_count(x == 0)} exact zero(s) gives +inf.",
             "Add an epsilon: torch.rsqrt(v + eps).",
         )
-    if name in ("div", "divide", "true_divide", "truediv", "rtruediv", "reciprocal", "floor_divide"):
+    if name in (
+        "div",
+        "divide",
+        "true_divide",
+        "truediv",
+        "itruediv",
+        "rtruediv",
+        "reciprocal",
+        "floor_divide",
+    ):
         if name == "rtruediv":
             num, den = _arg(args, kwargs, 1, "other"), x
         elif name == "reciprocal":
             num, den = 1.0, x
         else:
             num, den = x, _arg(args, kwargs, 1, "other")
+        if isinstance(den, (int, float)) and den == 0:
+            return (
+                "division by the constant 0.",
+                "Divide by a non-zero value (a count clamped to 1, or + eps).",
+            )
         if isinstance(den, Tensor):
             zero = den == 0
             n_zero = _count(zero)
@@ -775,11 +850,18 @@ def explain_forward(
                 detail = f" ({both} of them 0/0 = NaN)" if both else ""
                 note = ""
                 src = _came_from(tracer.producer(den), _SPREAD_OPS)
-                if src is not None:
+                if src is not None and src.name in ("std", "var", "std_mean", "var_mean"):
                     note = (
                         f" The denominator comes from {src.name} at {src.where}: a feature that is constant "
                         "across the batch has a spread of exactly 0."
                     )
+                elif src is not None and src.name == "sqrt":
+                    note = (
+                        f" The denominator comes from sqrt at {src.where}, which is 0 there (a variance or "
+                        "a squared norm that is exactly 0)."
+                    )
+                elif src is not None:
+                    note = f" The denominator comes from {src.name} at {src.where}: a zero vector has norm 0."
                 elif _came_from(tracer.producer(den), {"sum", "count_nonzero"}) is not None:
                     note = " The denominator is a count or a sum that is 0 in this batch (no positives?)."
                 return (
@@ -820,7 +902,7 @@ def explain_forward(
             "0 * inf = NaN: an infinite factor meets an exact zero.",
             "Remove the infinity before multiplying (torch.where / masked_fill with a finite value).",
         )
-    if name in ("pow", "rpow", "float_power") and isinstance(x, Tensor):
+    if name in ("pow", "ipow", "rpow", "float_power") and isinstance(x, Tensor):
         e = _arg(args, kwargs, 1, "exponent")
         if NAN in new:
             return (
@@ -845,7 +927,14 @@ def explain_forward(
                 "Guard the mean: x.sum() / mask.sum().clamp_min(1), or skip the term when nothing is "
                 "selected.",
             )
-        if name in ("cross_entropy", "nll_loss"):
+        target = _arg(args, kwargs, 1, "target")
+        ignore = kwargs.get("ignore_index", args[4] if len(args) > 4 else -100)
+        if (
+            name in ("cross_entropy", "nll_loss")
+            and isinstance(target, Tensor)
+            and not target.is_floating_point()
+            and bool((target == ignore).all())
+        ):
             return (
                 "every target equals ignore_index: the mean over 0 elements is 0/0 = NaN.",
                 "Skip batches without a valid target, or use reduction='sum' divided by the count clamped "
@@ -964,6 +1053,17 @@ def explain_backward(op: _Op, grad_out: list[Tensor | None], grad_in: list[Tenso
             f"the derivative of {name}, 1/sqrt(1 - x^2), is infinite at |x| = 1 ({_count(x.abs() >= 1)} "
             f"entries).",
             "Clamp into the open interval: x.clamp(-1 + 1e-7, 1 - 1e-7).",
+        )
+    bad = [t for t in grad_in if isinstance(t, Tensor) and t.is_floating_point()]
+    kinds = frozenset().union(*nonfinite_kinds(bad)) if bad else frozenset()
+    if kinds and NAN not in kinds and not masked:
+        top = _largest_finite([t for t in grad_out if isinstance(t, Tensor)])
+        dt = _dtype_name(bad[0].dtype)
+        return (
+            f"the gradient overflows the {dt} maximum {_g(torch.finfo(bad[0].dtype).max)} in the backward "
+            f"of this operation (largest incoming gradient {_g(top or 0.0)}): exploding gradients.",
+            "Lower the learning rate, clip gradients (Trainer(gradient_clip_val=1.0)), normalise the "
+            "activations; in float16 use loss scaling or bf16.",
         )
     return (
         f"its derivative is not finite at the values it received.{masked}",

@@ -260,3 +260,91 @@ def test_finite_steps_trace_nothing_and_report_finite_gradients() -> None:
     t = trace_nonfinite(lambda: lin(torch.ones(4, 3)).pow(2).mean(), module=lin)
     assert t.loss_finite and t.grads_finite and t.origin is None and t.ops >= 3 and not t.errors
     assert lin.weight.grad is None  # autograd.grad: .grad is never written
+
+
+def test_in_place_ops_are_explained_with_the_values_they_read() -> None:
+    x = torch.tensor([0.0, 1.0, 0.0])
+    o = trace_nonfinite(lambda: x.clone().log_().sum()).forward
+    assert o is not None and o.op == "`Tensor.log_`" and "log of 2 exact zero(s)" in o.cause
+
+
+def test_an_in_place_op_on_a_non_finite_tensor_is_not_a_new_origin() -> None:
+    x = torch.tensor([0.0, 1.0])
+
+    def step() -> torch.Tensor:
+        y = torch.log(x)  # <- first
+        y.mul_(0.0)  # -inf * 0 = NaN, in place: the origin stays the log
+        return y.sum()
+
+    o = trace_nonfinite(step).forward
+    assert o is not None and o.where == line("first") and o.op == "`torch.log`"
+
+
+def test_properties_and_views_keep_their_provenance() -> None:
+    x = torch.tensor([[0.0, 1.0], [2.0, 3.0]])
+
+    def step() -> torch.Tensor:
+        y = torch.log(x)  # <- log_t
+        return (y.T @ torch.ones(2, 2)).sum() + y.mT.sum()
+
+    o = trace_nonfinite(step).forward
+    assert o is not None and o.where == line("log_t")
+
+
+def test_cross_entropy_with_every_target_ignored() -> None:
+    z = torch.randn(3, 4)
+    y = torch.full((3,), -100)
+    o = trace_nonfinite(lambda: F.cross_entropy(z, y)).forward
+    assert o is not None and o.op == "`F.cross_entropy`" and "every target equals ignore_index" in o.cause
+
+
+def test_division_by_a_zero_norm() -> None:
+    x = torch.tensor([[0.0, 0.0], [3.0, 4.0]])
+    o = trace_nonfinite(lambda: (x / torch.linalg.vector_norm(x, dim=1, keepdim=True)).sum()).forward
+    assert o is not None and "comes from vector_norm" in o.cause and "zero vector" in o.cause
+
+
+def test_a_backward_overflow_is_named_as_exploding_gradients() -> None:
+    w = leaf(1.0, 2.0)
+    t = trace_nonfinite(lambda: torch.sin(torch.sin(w * 1e30) * 1e30).sum())  # d/dw ~ 1e60
+    o = t.backward
+    assert (
+        t.loss_finite and o is not None and o.op == "`*` (mul)" and "overflows the float32 maximum" in o.cause
+    )
+    assert "clip gradients" in o.hint
+
+
+def test_the_batch_origin_says_where_it_enters_the_computation() -> None:
+    lin = nn.Linear(2, 1)
+    x = torch.tensor([[1.0, float("nan")]])
+    o = trace_nonfinite(lambda: lin(x).sum(), module=lin, batch=[x]).forward
+    assert o is not None and o.source == "batch[0]"
+    assert "It first enters the computation at `F.linear` in Linear.forward at" in o.cause
+
+
+def test_custom_autograd_functions_are_traced_inside() -> None:
+    class Bad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:
+            return x / 0.0  # <- custom
+
+        @staticmethod
+        def backward(ctx: object, g: torch.Tensor) -> torch.Tensor:
+            return g
+
+    x = torch.ones(2, requires_grad=True)
+    o = trace_nonfinite(lambda: (Bad.apply(x) * 2).sum()).forward
+    assert o is not None and o.where == line("custom") and "division by the constant 0" in o.cause
+
+
+def test_values_made_by_code_the_tracer_does_not_see_are_named_so() -> None:
+    x = torch.ones(2, requires_grad=True)
+
+    def step() -> torch.Tensor:
+        with torch._C.DisableTorchFunction():  # as an extension kernel would
+            y = x / 0.0
+        return (y * 2).sum()
+
+    o = trace_nonfinite(step).forward
+    assert o is not None and o.phase == "input" and o.source_kind == "untraced"
+    assert "custom autograd Function" in o.cause
