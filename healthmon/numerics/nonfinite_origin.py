@@ -884,6 +884,13 @@ def explain_forward(
             "Subtract the max before exponentiating (x - x.amax(dim, keepdim=True)), or use the stable "
             "forms: torch.softmax / F.log_softmax / torch.logsumexp / F.softplus.",
         )
+    if name in ("scaled_dot_product_attention", "multi_head_attention_forward") and NAN in new:
+        return (
+            "a query whose keys are all masked (a fully masked row: every position of a sequence is "
+            "padding, or the attention mask hides every key): its softmax is 0/0 = NaN.",
+            "Make sure every query keeps at least one visible key (drop all-padding sequences, or unmask "
+            "one position and zero the outputs of empty rows).",
+        )
     if name in ("softmax", "log_softmax", "logsumexp") and NAN in new:
         return (
             "a row whose entries are all -inf (a fully masked row, e.g. a padding-only sequence): "

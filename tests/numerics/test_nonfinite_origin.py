@@ -348,3 +348,12 @@ def test_values_made_by_code_the_tracer_does_not_see_are_named_so() -> None:
     o = trace_nonfinite(step).forward
     assert o is not None and o.phase == "input" and o.source_kind == "untraced"
     assert "custom autograd Function" in o.cause
+
+
+def test_multi_head_attention_with_a_fully_padded_sequence() -> None:
+    attn = nn.MultiheadAttention(4, 1, batch_first=True)
+    x = torch.randn(2, 3, 4)
+    pad = torch.tensor([[False, False, True], [True, True, True]])  # the second sequence is all padding
+    o = trace_nonfinite(lambda: attn(x, x, x, key_padding_mask=pad)[0].sum(), module=attn).forward
+    assert o is not None and o.op == "`F.multi_head_attention_forward`" and "keys are all masked" in o.cause
+    assert o.module == "MultiheadAttention.forward"
