@@ -193,6 +193,11 @@ def nonfinite_kinds(tensors: list[Tensor]) -> list[frozenset[str]]:
     return kinds
 
 
+def kinds_text(kinds: frozenset[str]) -> str:
+    """``NaN/+inf/-inf`` in a fixed order ("NaN/Inf" when empty)."""
+    return "/".join(k for k in (NAN, POSINF, NEGINF) if k in kinds) or "NaN/Inf"
+
+
 def _number_kind(x: float) -> str | None:
     if math.isnan(x):
         return NAN
@@ -247,7 +252,7 @@ class Origin:
 
     def describe(self) -> str:
         """One paragraph for an alert message."""
-        produced = "/".join(sorted(self.produced)) or "NaN/Inf"
+        produced = kinds_text(self.produced)
         if self.phase == "input":
             return self.cause
         place = f" at {self.where}" if self.where else ""
@@ -547,7 +552,7 @@ class NonFiniteTracer(TorchFunctionMode):
             inside = f" in {op.module}" if op.module else ""
             used = f" It first enters the computation at {display_name(op.func)}{inside} at {op.where}."
         intended = NAN not in kinds and (kind != "batch" or kinds == {NEGINF})
-        what = "/".join(sorted(kinds))
+        what = kinds_text(kinds)
         samples: list[int] = []
         bad = size = 0
         if kind == "batch":
@@ -633,7 +638,7 @@ class NonFiniteTracer(TorchFunctionMode):
             cause, hint = explain_forward(op, args, kwargs, inputs, in_kinds, out, new, self)
         except Exception as exc:  # an explanation must not hide the origin
             self.errors.append(f"explain {op.name}: {type(exc).__name__}: {exc}")
-            cause, hint = f"it turned finite inputs into {'/'.join(sorted(new))}.", HINT_GENERIC
+            cause, hint = f"it turned finite inputs into {kinds_text(new)}.", HINT_GENERIC
         return self._origin(op, cause, hint, new)
 
     # -- provenance queries --------------------------------------------------------------------
@@ -749,7 +754,13 @@ def _zeros_note(x: Tensor, tracer: NonFiniteTracer) -> str:
     if src is None:
         return ""
     fn = {"softmax": "softmax", "sigmoid": "sigmoid", "expit": "sigmoid", "exp": "exp"}[src.name]
-    return f" Its input comes from {fn} at {src.where}, which underflowed to exactly 0 (or 1 for 1 - p)."
+    direct = tracer.producer(x) is src
+    if direct:
+        return f" Its input comes from {fn} at {src.where}, which underflowed to exactly 0."
+    return (
+        f" Its input is computed from {fn} at {src.where}, which saturated: e.g. 1 - p is exactly 0 "
+        "where p rounded to 1.0."
+    )
 
 
 @torch.no_grad()
@@ -765,7 +776,7 @@ def explain_forward(
 ) -> tuple[str, str]:
     """What about the inputs of ``op`` produced the non-finite ``new`` kinds in ``out``, and the fix."""
     name = op.name
-    produced = "/".join(sorted(new))
+    produced = kinds_text(new)
     x = _arg(args, kwargs, 0, "input")
     finfo = _finfo(out)
     dt = _dtype_name(out.dtype)
@@ -1018,8 +1029,7 @@ def explain_backward(op: _Op, grad_out: list[Tensor | None], grad_in: list[Tenso
             parts.append(f"sqrt of {neg} negative entries is NaN (its derivative too)")
         cause = " and ".join(parts) + "." + masked
         hint = (
-            f"{safe_where}; or add an epsilon inside the root (torch.sqrt(d2 + 1e-12)); for a norm or a "
-            "distance use torch.linalg.vector_norm(h - c, dim=-1), whose gradient at 0 is 0."
+            f"{safe_where}, or clamp inside the root: torch.sqrt(h.clamp_min(1e-12))."
             if masked
             else "Add an epsilon inside the root (torch.sqrt(d2 + 1e-12)) or clamp (d2.clamp_min(1e-12)); "
             "for a norm or a distance use torch.linalg.vector_norm(h - c, dim=-1), whose gradient at 0 is 0."
