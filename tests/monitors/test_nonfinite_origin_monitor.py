@@ -288,3 +288,40 @@ def test_a_repeated_failure_is_counted_without_a_new_replay(tmp_path: Any) -> No
     a = origin(mon, "grad.nonfinite")
     assert a.where == line_of("distance") and a.count == 4
     assert nf.replays == 1
+
+
+class NoisyLoss(Base):
+    """A random penalty that is log(0) on some steps only: the replay must draw the same numbers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 10)
+        )
+
+    def loss(self, z: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        u = torch.rand(())
+        gate = (u > 0.7).float()  # 1 on about 30% of the steps
+        return F.cross_entropy(z, y) - 0.01 * torch.log(1.0 - gate)  # BUG: noisy
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        for p in self.parameters():
+            if p.grad is not None:
+                p.grad.nan_to_num_(0.0, 0.0, 0.0)
+
+
+def test_the_replay_draws_the_same_random_numbers_and_leaves_the_run_unchanged(tmp_path: Any) -> None:
+    def run(callbacks: list[Any], root: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        torch.manual_seed(7)
+        model = NoisyLoss()
+        trainer(root, callbacks, max_steps=12).fit(model, digits_loader())
+        return [p.detach().clone() for p in model.parameters()], [b.clone() for b in model.buffers()]
+
+    nf = NonFiniteMonitor(max_replays=12)
+    watched = run([HealthMonitor(monitors=[nf], summary=False)], tmp_path / "watched")
+    plain = run([], tmp_path / "plain")
+    assert all(torch.equal(a, b) for a, b in zip(plain[0] + plain[1], watched[0] + watched[1], strict=True))
+    alerts = [x for x in nf.alerts if x.code == "activation.nonfinite"]
+    assert alerts and alerts[0].where == line_of("noisy") and "log of 1 exact zero(s)" in alerts[0].message
+    assert nf.replays == 1  # found at the first failing step: the same draw was replayed
+    assert not nf.last_trace.errors
