@@ -96,9 +96,9 @@ class NonFiniteMonitor(Monitor):
         self.max_replays = _checks.positive_int(max_replays, "max_replays", minimum=0)
         self.replays = 0
         self.last_trace: OriginTrace | None = None
-        self._batch: Any = None
         self._batch_idx = -1
-        self._rng: tuple[Any, Any] | None = None
+        # (batch, batch_idx, RNG state at its start) of each micro-batch of the current optimizer step
+        self._window: list[tuple[Any, int, tuple[Any, Any] | None]] = []
         self._crash_written = False
         self._clean_step = -1  # last global step whose loss and gradients were checked finite
         self._diagnosed: dict[tuple[Any, ...], list[tuple[str, str, str | None, str | None]]] = {}
@@ -111,14 +111,18 @@ class NonFiniteMonitor(Monitor):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self._batch, self._batch_idx = batch, batch_idx
+        self._batch_idx = batch_idx
+        if len(self._window) >= max(int(getattr(trainer, "accumulate_grad_batches", 1)), 1):
+            self._window = []
+        rng = None
         if self.find_module and self.replays < self.max_replays:
             cuda = (
                 torch.cuda.get_rng_state_all()
                 if torch.cuda.is_available() and torch.cuda.is_initialized()
                 else None
             )
-            self._rng = (torch.get_rng_state(), cuda)
+            rng = (torch.get_rng_state(), cuda)
+        self._window.append((batch, batch_idx, rng))
 
     @override
     def on_before_optimizer_step(
@@ -126,6 +130,7 @@ class NonFiniteMonitor(Monitor):
     ) -> None:
         if self.should_run(trainer):
             self._check(trainer, pl_module, optimizer)
+        self._window = []  # this step's micro-batches are consumed
         super().on_before_optimizer_step(trainer, pl_module, optimizer)
 
     def _check(
@@ -238,24 +243,32 @@ class NonFiniteMonitor(Monitor):
                 self._remember(signature, "update.nonfinite", message, where, cause.hint)
 
     def _replay(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> OriginTrace | None:
-        """Run this step's batch again, from the same RNG state, under the op-level tracer."""
-        if not self.find_module or self.replays >= self.max_replays or self._batch is None:
+        """Run this step's batches again, from the same RNG states, under the op-level tracer.
+
+        With gradient accumulation every micro-batch of the step is replayed in order until one
+        shows where its NaN/Inf came from (one replay in the count).
+        """
+        if not self.find_module or self.replays >= self.max_replays or not self._window:
             return None
         self.replays += 1
-        batch, idx, rng = self._batch, self._batch_idx, self._rng
         automatic = bool(getattr(pl_module, "automatic_optimization", True))
+        trace: OriginTrace | None = None
+        for batch, idx, rng in list(self._window):
 
-        def step() -> Any:
-            if rng is not None:
-                torch.set_rng_state(rng[0])
-                if rng[1] is not None:
-                    torch.cuda.set_rng_state_all(rng[1])
-            return _loss_of(pl_module.training_step(batch, idx))
+            def step(batch: Any = batch, idx: int = idx, rng: Any = rng) -> Any:
+                if rng is not None:
+                    torch.set_rng_state(rng[0])
+                    if rng[1] is not None:
+                        torch.cuda.set_rng_state_all(rng[1])
+                return _loss_of(pl_module.training_step(batch, idx))
 
-        with isolated(pl_module), trainer.precision_plugin.train_step_context():
-            # manual optimisation steps the optimizer inside training_step: trace its forward only
-            with torch.enable_grad() if automatic else torch.no_grad():
-                trace = trace_nonfinite(step, module=pl_module, batch=batch, backward=automatic)
+            with isolated(pl_module), trainer.precision_plugin.train_step_context():
+                # manual optimisation steps the optimizer inside training_step: trace its forward only
+                with torch.enable_grad() if automatic else torch.no_grad():
+                    trace = trace_nonfinite(step, module=pl_module, batch=batch, backward=automatic)
+            if trace.origin is not None:
+                self._batch_idx = idx
+                break
         self.last_trace = trace
         return trace
 
@@ -296,7 +309,8 @@ class NonFiniteMonitor(Monitor):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._batch = self._rng = None  # do not keep the batch alive between steps
+        if self._window and len(self._window) >= max(int(getattr(trainer, "accumulate_grad_batches", 1)), 1):
+            self._window = []  # the step is complete: do not keep its batches alive
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     @override

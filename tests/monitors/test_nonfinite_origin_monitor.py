@@ -325,3 +325,18 @@ def test_the_replay_draws_the_same_random_numbers_and_leaves_the_run_unchanged(t
     assert alerts and alerts[0].where == line_of("noisy") and "log of 1 exact zero(s)" in alerts[0].message
     assert nf.replays == 1  # found at the first failing step: the same draw was replayed
     assert not nf.last_trace.errors
+
+
+class BadFirstMicroBatch(Base):
+    """With accumulation over 3 micro-batches, only the first micro-batch of step 1 divides by zero."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        count = (y >= 0).sum() * float(batch_idx != 3)  # batch 3 is the first micro-batch of step 1
+        return F.cross_entropy(self(x), y, reduction="sum") / count  # BUG: micro
+
+
+def test_accumulation_replays_the_micro_batch_that_broke(tmp_path: Any) -> None:
+    mon = fit(BadFirstMicroBatch(), tmp_path, steps=3, accumulate_grad_batches=3)
+    a = origin(mon, "activation.nonfinite")
+    assert a.where == line_of("micro") and a.step == 1 and "division by exact zero" in a.message
