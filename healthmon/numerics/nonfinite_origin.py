@@ -312,7 +312,6 @@ class _Op:
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     parents: list[_Op | None]
-    out_nonfinite: bool = False
 
 
 # ---- the tracer ----------------------------------------------------------------------------
@@ -474,7 +473,6 @@ class NonFiniteTracer(TorchFunctionMode):
             for t in outputs:
                 self._prov[t] = None
             return
-        op.out_nonfinite = True
         in_kinds, in_prov = self._input_state(inputs, op)
         if before is not None:
             in_kinds.append(before.kinds)
