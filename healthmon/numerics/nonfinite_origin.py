@@ -890,8 +890,9 @@ def explain_forward(
         return (
             f"{name} overflows to +inf: the largest input is {_g(top)}, and {name}(x) exceeds the {dt} "
             f"maximum {_g(finfo.max)} above x = {limit:.2f}.",
-            "Subtract the max before exponentiating (x - x.amax(dim, keepdim=True)), or use the stable "
-            "forms: torch.softmax / F.log_softmax / torch.logsumexp / F.softplus.",
+            "For a softmax or a log-sum-exp, subtract the max first (x - x.amax(dim, keepdim=True)) or "
+            "use torch.softmax / F.log_softmax / torch.logsumexp; for a scale such as exp(logvar), "
+            "clamp the input (logvar.clamp(max=20)) or use F.softplus.",
         )
     if name in ("scaled_dot_product_attention", "multi_head_attention_forward") and NAN in new:
         return (
@@ -899,6 +900,13 @@ def explain_forward(
             "padding, or the attention mask hides every key): its softmax is 0/0 = NaN.",
             "Make sure every query keeps at least one visible key (drop all-padding sequences, or unmask "
             "one position and zero the outputs of empty rows).",
+        )
+    if name in ("layer_norm", "group_norm", "instance_norm", "batch_norm", "rms_norm") and NAN in new:
+        eps = kwargs.get("eps", args[4] if name == "layer_norm" and len(args) > 4 else None)
+        shown = f" with eps={eps!r}" if eps is not None else ""
+        return (
+            f"normalising values whose variance is exactly 0{shown}: (x - mean) / sqrt(var + eps) is 0/0.",
+            "Keep a positive eps (the default 1e-5), or drop constant inputs.",
         )
     if name in ("softmax", "log_softmax", "logsumexp") and NAN in new:
         return (

@@ -357,3 +357,9 @@ def test_multi_head_attention_with_a_fully_padded_sequence() -> None:
     o = trace_nonfinite(lambda: attn(x, x, x, key_padding_mask=pad)[0].sum(), module=attn).forward
     assert o is not None and o.op == "`F.multi_head_attention_forward`" and "keys are all masked" in o.cause
     assert o.module == "MultiheadAttention.forward"
+
+
+def test_layer_norm_of_a_constant_row_without_eps() -> None:
+    h = torch.ones(2, 4)
+    o = trace_nonfinite(lambda: F.layer_norm(h, (4,), eps=0.0).sum()).forward
+    assert o is not None and o.op == "`F.layer_norm`" and "variance is exactly 0 with eps=0.0" in o.cause
