@@ -56,7 +56,8 @@ CODES: dict[str, CodeInfo] = _codes(
     CodeInfo(
         "grad.nonfinite",
         "error",
-        "A gradient holds NaN or Inf.",
+        "A gradient holds NaN or Inf (where: the user's file.py:LINE when the backward of an operation "
+        "there produced it, else the first such parameter).",
         "Clip gradients (Trainer(gradient_clip_val=1.0)), lower the learning rate, or use loss "
         "scaling / bf16 instead of plain fp16.",
         "Overflow and underflow",
@@ -76,10 +77,29 @@ CODES: dict[str, CodeInfo] = _codes(
     CodeInfo(
         "activation.nonfinite",
         "error",
-        "A module's forward output holds NaN or Inf.",
-        "Inspect the named module's inputs; guard log/sqrt/division against 0 and use the "
+        "The forward pass produced NaN or Inf (where: the user's file.py:LINE of the first operation "
+        "that turned finite inputs into NaN/Inf; the module running it is named in the message).",
+        "Inspect the named operation's inputs; guard log/sqrt/division against 0 and use the "
         "numerically stable functional forms (log_softmax, logsumexp).",
         "Overflow and underflow",
+    ),
+    CodeInfo(
+        "batch.nonfinite",
+        "error",
+        "The batch itself holds NaN or Inf (where: the tensor's path in the batch, e.g. batch[0]; the "
+        "message lists the sample indices).",
+        "Fix the data: drop or repair those samples (torch.nan_to_num, imputation) or the transform that "
+        "produced them.",
+        "Overflow and underflow",
+    ),
+    CodeInfo(
+        "update.nonfinite",
+        "error",
+        "An optimizer step wrote NaN or Inf into the weights although the gradients were finite "
+        "(where: the optimizer and parameter group).",
+        "Keep float32 master weights for low-precision training, use an eps the weights' dtype can "
+        "represent, and check the learning-rate schedule.",
+        "Rounding: (a + 1e-8) == a",
     ),
     CodeInfo(
         "grad.zero",

@@ -1,12 +1,16 @@
-"""NonFiniteMonitor: NaN/Inf in the loss, the gradients, and the first module whose output broke.
+"""NonFiniteMonitor: NaN/Inf in the loss and the gradients, and the operation that produced them.
 
-Checking every module's output on every step costs a synchronisation per module. Instead the
-monitor pays only when something is wrong: the loss and gradients are checked through the shared
-per-step statistics (no extra synchronisation), and when one is non-finite the same batch is
-replayed once, without gradients and with forward hooks on every module, to name the first module
-(in execution order) whose output holds NaN/Inf. The replay runs inside
-:func:`~healthmon.monitors.isolation.isolated` (RNGs, buffers, modes, torchmetrics states and
-``self.log`` results restored); a model that cannot be replayed safely is not replayed.
+Checking every operation on every step costs a synchronisation per operation. Instead the monitor
+pays only when something is wrong: the loss and gradients are checked through the shared per-step
+statistics (no extra synchronisation), and when one is non-finite the same batch is replayed once,
+from the same RNG state, under an op-level tracer
+(:mod:`healthmon.numerics.nonfinite_origin`) that names the first operation that turned finite
+inputs into NaN/Inf, at the user's source line: in the forward pass, in the backward pass (the
+derivative of ``sqrt``/``log``/``pow`` at 0, the ``torch.where`` trap), or the batch itself. When the
+weights are already non-finite, the optimizer step that wrote them is named instead. The replay
+runs inside :func:`~healthmon.monitors.isolation.isolated` (every RNG, buffers, modes, gradients,
+torchmetrics states and ``self.log`` results restored); a model that cannot be replayed safely is
+not replayed.
 
 Under fp16 mixed precision a ``GradScaler`` turns overflowing gradients into skipped steps: a step
 whose loss is finite but whose gradients are not is the scaler working (counted in
@@ -23,7 +27,6 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from torch import Tensor
 from typing_extensions import override
 
 from healthmon import _checks
@@ -34,61 +37,45 @@ from healthmon.monitors.hub import GradStep, Hub
 from healthmon.monitors.isolation import isolated, replay_blocker
 from healthmon.numerics.gradients import nonfinite_indices, tensor_norms
 from healthmon.numerics.loss_scale import LossScaleRule
+from healthmon.numerics.nonfinite_origin import Origin, OriginTrace, trace_nonfinite
+from healthmon.numerics.update_origin import explain_update
 
 MAX_NAMES = 10
 TAG_LOSS_SCALE = "healthmon/amp/loss_scale"
 TAG_SKIPPED = "healthmon/amp/skipped_steps"
 
 
-def _tensors(value: Any) -> list[Tensor]:
-    """Floating tensors inside a module output (tensor, tuple/list, dict, dataclass-like)."""
-    if isinstance(value, Tensor):
-        return [value] if value.is_floating_point() or value.is_complex() else []
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in _tensors(v)]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in _tensors(v)]
-    return []
+def _loss_of(output: Any) -> Any:
+    """The loss inside what ``training_step`` returned (a tensor or a dict with "loss")."""
+    if isinstance(output, dict):
+        return output.get("loss")
+    return output
 
 
-def _finite(value: Any) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in _tensors(value))
-
-
-class FirstNonFiniteModule:
-    """Forward hooks that remember the first module whose output holds NaN/Inf.
-
-    Hooks fire when a module's forward ends, so a child is seen before its parent: the first hit
-    is the innermost module that produced the bad value. ``inputs_finite`` tells whether that
-    module received finite inputs (if not, the batch itself carried NaN/Inf).
-    """
-
-    def __init__(self, module: torch.nn.Module) -> None:
-        self.where: str | None = None
-        self.inputs_finite = True
-        self._handles = [
-            m.register_forward_hook(self._hook(name or "(root)")) for name, m in module.named_modules()
-        ]
-
-    def _hook(self, name: str) -> Any:
-        def hook(module: torch.nn.Module, inputs: Any, output: Any) -> None:
-            if self.where is None and not _finite(output):
-                self.where = f"{name} ({type(module).__name__})"
-                self.inputs_finite = _finite(inputs)
-
-        return hook
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
+def _shown(names: list[str]) -> str:
+    more = f" and {len(names) - MAX_NAMES} more" if len(names) > MAX_NAMES else ""
+    return ", ".join(names[:MAX_NAMES]) + more
 
 
 class NonFiniteMonitor(Monitor):
-    """``loss.nonfinite``, ``grad.nonfinite`` (names the parameters) and ``activation.nonfinite``.
+    """NaN/Inf in the loss and gradients, and where they came from.
 
     Checked in ``on_before_optimizer_step``, so under ``on_alert="stop"`` or ``"raise"`` the step
     that would write NaN into the weights is not applied. A crash record (step, batch index,
-    offending names) is written beside the report at the first non-finite step.
+    offending names, origin) is written beside the report at the first non-finite step.
+
+    Alerts: ``loss.nonfinite``; ``grad.nonfinite`` (the parameters; ``where`` is the user's
+    ``file.py:LINE`` when the replay finds that the backward of an operation produced the NaN/Inf);
+    ``activation.nonfinite`` (``where``: the user's line of the first forward operation that turned
+    finite inputs into NaN/Inf; the module running it is named in the message); ``batch.nonfinite``
+    (the batch itself holds NaN/Inf: ``where`` is its path, e.g. ``batch[0]``, the message lists the
+    sample indices); ``update.nonfinite`` (the gradients of the previous step were finite but the
+    optimizer step made the weights non-finite: ``where`` names the optimizer and parameter group).
+
+    Cost: nothing on healthy steps but one copy of the CPU RNG state (a few kB) at batch start, so
+    that the replay draws the same random numbers (dropout, noise). A replay costs one forward and
+    one backward pass with a host synchronisation per operation; a repeated failure with the same
+    non-finite parameters is counted on the alerts already raised instead of replayed again.
 
     With a ``GradScaler`` (``precision="16-mixed"``), non-finite gradients under a finite loss are
     overflow that the scaler handles by skipping the step: they are counted
@@ -97,8 +84,8 @@ class NonFiniteMonitor(Monitor):
 
     Args:
         every_n_steps: steps at which to check (default every step).
-        find_module: replay the batch to name the first module with a non-finite output.
-        max_replays: how many replays a run may spend (each costs one forward pass).
+        find_module: replay the failing step to find the operation (and module) that produced NaN/Inf.
+        max_replays: how many replays a run may spend.
         max_consecutive_skips: this many steps in a row skipped by the ``GradScaler`` raise
             ``amp.scaler_unstable`` (default 20: from the default initial scale 2**16 a healthy
             run finds a working scale within 16 halvings).
@@ -137,9 +124,13 @@ class NonFiniteMonitor(Monitor):
             max_consecutive_skips=self.max_consecutive_skips, min_scale=self.min_loss_scale
         )
         self.replays = 0
-        self._batch: Any = None
+        self.last_trace: OriginTrace | None = None
         self._batch_idx = -1
+        # (batch, batch_idx, RNG state at its start) of each micro-batch of the current optimizer step
+        self._window: list[tuple[Any, int, tuple[Any, Any] | None]] = []
         self._crash_written = False
+        self._clean_step = -1  # last global step whose loss and gradients were checked finite
+        self._diagnosed: dict[tuple[Any, ...], list[tuple[str, str, str | None, str | None]]] = {}
 
     @override
     def config(self) -> dict[str, Any]:
@@ -161,7 +152,18 @@ class NonFiniteMonitor(Monitor):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self._batch, self._batch_idx = batch, batch_idx
+        self._batch_idx = batch_idx
+        if len(self._window) >= max(int(getattr(trainer, "accumulate_grad_batches", 1)), 1):
+            self._window = []
+        rng = None
+        if self.find_module and self.replays < self.max_replays:
+            cuda = (
+                torch.cuda.get_rng_state_all()
+                if torch.cuda.is_available() and torch.cuda.is_initialized()
+                else None
+            )
+            rng = (torch.get_rng_state(), cuda)
+        self._window.append((batch, batch_idx, rng))
 
     @override
     def on_before_optimizer_step(
@@ -169,6 +171,7 @@ class NonFiniteMonitor(Monitor):
     ) -> None:
         if self.should_run(trainer):
             self._check(trainer, pl_module, optimizer)
+        self._window = []  # this step's micro-batches are consumed
         super().on_before_optimizer_step(trainer, pl_module, optimizer)
 
     def _check(
@@ -178,11 +181,13 @@ class NonFiniteMonitor(Monitor):
         stats = hub.grad_step(trainer, optimizer)
         loss_bad = stats.loss is not None and not math.isfinite(stats.loss)
         grads_bad = not math.isfinite(stats.norm)
+        step = int(trainer.global_step)
         if hub.scaler is not None:
             self._watch_scaler(trainer, stats)
             if stats.skipped and not loss_bad:
                 return  # overflow: the scaler skips this step and lowers its scale
         if not (loss_bad or grads_bad):
+            self._clean_step = step
             return
         names: list[str] = []
         if grads_bad and hub.params is not None:
@@ -190,34 +195,46 @@ class NonFiniteMonitor(Monitor):
             names = [hub.params.name(stats.params[i]) for i in bad]
         weights = [p for p in pl_module.parameters() if p.is_floating_point() or p.is_complex()]
         weight_norms = tensor_norms([p.detach() for p in weights]).tolist() if weights else []
-        corrupted = (
-            [hub.params.name(weights[i]) for i in nonfinite_indices(weight_norms)] if hub.params else []
-        )
-        module, inputs_finite = (None, True) if corrupted else self._replay(trainer, pl_module)
-        self._write_crash_record(trainer, stats.loss, names, module)
-        if module is not None:
-            cause = "" if inputs_finite else " Its inputs were already non-finite: the batch holds NaN/Inf."
-            hub.alert(
-                trainer,
-                "activation.nonfinite",
-                f"The output of {module} is the first non-finite activation in the forward pass.{cause}",
-                where=module.split(" ")[0],
-            )
+        corrupted_params = [weights[i] for i in nonfinite_indices(weight_norms)]
+        corrupted = [hub.params.name(p) for p in corrupted_params] if hub.params else []
+        origin: Origin | None = None
+        unreproduced = ""
+        signature = (loss_bad, tuple(names), tuple(corrupted))
+        known = self._diagnosed.get(signature)
+        grads_explained = False
+        if known is not None:
+            for code, message, where, hint in known:  # the same failure again: count it, no replay
+                hub.alert(trainer, code, message, where=where, hint=hint)
+                grads_explained = grads_explained or code == "grad.nonfinite"
+        elif corrupted_params and self._clean_step == step - 1:
+            self._alert_update(trainer, corrupted_params, signature, step)
+        elif corrupted_params:
+            pass  # non-finite gradients of an earlier step corrupted them: reported at that step
+        else:
+            trace = self._replay(trainer, pl_module)
+            origin = trace.origin if trace is not None else None
+            if trace is not None and trace.loss_finite and trace.grads_finite:
+                unreproduced = (
+                    " A replay of this step from the same batch, weights and RNG state was finite: the "
+                    "NaN/Inf depends on something the replay does not reproduce (a non-deterministic "
+                    "kernel, state changed by the step itself, loss scaling)."
+                )
+            if origin is not None:
+                self._alert_origin(trainer, origin, names, signature)
+                grads_explained = origin.phase == "backward"
+        self._write_crash_record(trainer, stats.loss, names, origin)
         if loss_bad:
-            hub.alert(trainer, "loss.nonfinite", f"The loss is {stats.loss}.", value=stats.loss)
-        if grads_bad:
-            shown = ", ".join(names[:MAX_NAMES]) + (
-                f" and {len(names) - MAX_NAMES} more" if len(names) > MAX_NAMES else ""
-            )
+            hub.alert(trainer, "loss.nonfinite", f"The loss is {stats.loss}.{unreproduced}", value=stats.loss)
+        if grads_bad and not grads_explained:
             hub.alert(
                 trainer,
                 "grad.nonfinite",
-                f"{len(names)} parameter gradient(s) hold NaN/Inf: {shown}."
+                f"{len(names)} parameter gradient(s) hold NaN/Inf: {_shown(names)}."
                 + (
                     f" {len(corrupted)} weight tensor(s) are already non-finite"
                     " (corrupted by an earlier step)."
                     if corrupted
-                    else ""
+                    else unreproduced
                 ),
                 where=names[0] if names else None,
             )
@@ -244,33 +261,96 @@ class NonFiniteMonitor(Monitor):
             value=stats.loss_scale,
         )
 
-    def _replay(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[str | None, bool]:
-        """Run this step's batch again under forward hooks; (first bad module, its inputs finite)."""
-        if not self.find_module or self.replays >= self.max_replays or self._batch is None:
-            return None, True
+    def _remember(
+        self, signature: tuple[Any, ...], code: str, message: str, where: str | None, hint: str | None
+    ) -> None:
+        self._diagnosed.setdefault(signature, []).append((code, message, where, hint))
+
+    def _alert_origin(
+        self, trainer: pl.Trainer, origin: Origin, names: list[str], signature: tuple[Any, ...]
+    ) -> None:
+        """Turn the replay's origin into one alert, by where the NaN/Inf came from."""
+        message = origin.describe()
+        if origin.phase == "input" and origin.source_kind == "batch":
+            code, where = "batch.nonfinite", origin.source
+        elif origin.phase == "input":
+            code, where = "activation.nonfinite", origin.source
+        elif origin.phase == "backward":
+            code, where = "grad.nonfinite", origin.where or (names[0] if names else None)
+            message += f" {len(names)} parameter gradient(s) hold NaN/Inf: {_shown(names)}."
+        else:
+            code, where = "activation.nonfinite", origin.where or origin.module
+        self.hub.alert(trainer, code, message, where=where, hint=origin.hint)
+        self._remember(signature, code, message, where, origin.hint)
+
+    def _alert_update(
+        self, trainer: pl.Trainer, corrupted: list[torch.Tensor], signature: tuple[Any, ...], step: int
+    ) -> None:
+        """The weights are non-finite: name the optimizer step and parameter group that wrote them."""
+        hub = self.hub
+        ids = {id(p) for p in corrupted}
+        for opt in trainer.optimizers:
+            for gi, group in enumerate(opt.param_groups):
+                params = [p for p in group["params"] if id(p) in ids]
+                if not params:
+                    continue
+                names = [hub.params.name(p) for p in params] if hub.params else []
+                cause = explain_update(opt, group, params)
+                when = (
+                    f"The optimizer step of step {step - 1} wrote NaN/Inf into the weights although its "
+                    "gradients were finite: the update, not the gradients, is the culprit."
+                )
+                opt_name = type(opt).__name__
+                message = (
+                    f"{when} {opt_name}, param group {gi} (lr {group.get('lr')}): {len(params)} weight "
+                    f"tensor(s) non-finite ({_shown(names)}). Cause: {cause.cause}"
+                )
+                where = f"{opt_name} param group {gi}"
+                hub.alert(trainer, "update.nonfinite", message, where=where, hint=cause.hint)
+                self._remember(signature, "update.nonfinite", message, where, cause.hint)
+
+    def _replay(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> OriginTrace | None:
+        """Run this step's batches again, from the same RNG states, under the op-level tracer.
+
+        With gradient accumulation every micro-batch of the step is replayed in order until one
+        shows where its NaN/Inf came from (one replay in the count).
+        """
+        if not self.find_module or self.replays >= self.max_replays or not self._window:
+            return None
         blocker = replay_blocker(pl_module)
         if blocker is not None:
             self.hub.alert(
                 trainer,
                 "monitor.skipped",
-                "NonFiniteMonitor: the batch is not replayed to find the first non-finite module "
+                "NonFiniteMonitor: the step is not replayed to find where the NaN/Inf came from "
                 f"({blocker}).",
                 where="NonFiniteMonitor",
             )
-            return None, True
+            return None
         self.replays += 1
-        finder = FirstNonFiniteModule(pl_module)
-        try:
-            with isolated(pl_module), torch.no_grad(), trainer.precision_plugin.train_step_context():
-                pl_module.training_step(self._batch, self._batch_idx)
-        except Exception:  # the replay is best effort: the user's step may not be re-entrant
-            pass
-        finally:
-            finder.remove()
-        return finder.where, finder.inputs_finite
+        automatic = bool(getattr(pl_module, "automatic_optimization", True))
+        trace: OriginTrace | None = None
+        for batch, idx, rng in list(self._window):
+
+            def step(batch: Any = batch, idx: int = idx, rng: Any = rng) -> Any:
+                if rng is not None:
+                    torch.set_rng_state(rng[0])
+                    if rng[1] is not None:
+                        torch.cuda.set_rng_state_all(rng[1])
+                return _loss_of(pl_module.training_step(batch, idx))
+
+            with isolated(pl_module), trainer.precision_plugin.train_step_context():
+                # manual optimisation steps the optimizer inside training_step: trace its forward only
+                with torch.enable_grad() if automatic else torch.no_grad():
+                    trace = trace_nonfinite(step, module=pl_module, batch=batch, backward=automatic)
+            if trace.origin is not None:
+                self._batch_idx = idx
+                break
+        self.last_trace = trace
+        return trace
 
     def _write_crash_record(
-        self, trainer: pl.Trainer, loss: float | None, names: list[str], module: str | None
+        self, trainer: pl.Trainer, loss: float | None, names: list[str], origin: Origin | None
     ) -> None:
         if self._crash_written:
             return
@@ -286,7 +366,18 @@ class NonFiniteMonitor(Monitor):
                 "batch_idx": int(self._batch_idx),
                 "loss": loss,
                 "nonfinite_gradients": names,
-                "first_nonfinite_module": module,
+                "first_nonfinite_module": origin.module if origin is not None else None,
+                "origin": None
+                if origin is None
+                else {
+                    "phase": origin.phase,
+                    "op": origin.op.strip("`"),
+                    "where": origin.where,
+                    "module": origin.module,
+                    "source": origin.source,
+                    "samples": origin.samples,
+                    "cause": origin.cause,
+                },
                 "on_alert": self.hub.policy.on_alert,
             },
         )
@@ -295,22 +386,15 @@ class NonFiniteMonitor(Monitor):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._batch = None  # do not keep the batch alive between steps
+        if self._window and len(self._window) >= max(int(getattr(trainer, "accumulate_grad_batches", 1)), 1):
+            self._window = []  # the step is complete: do not keep its batches alive
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     @override
     def monitor_state(self) -> dict[str, Any]:
-        rule = self.scaler_rule
-        return {
-            "replays": self.replays,
-            "crash_written": self._crash_written,
-            "scaler": {"consecutive": rule.consecutive, "below_floor": rule.below_floor},
-        }
+        return {"replays": self.replays, "crash_written": self._crash_written}
 
     @override
     def load_monitor_state(self, state: dict[str, Any]) -> None:
         self.replays = int(state.get("replays", 0))
         self._crash_written = bool(state.get("crash_written", False))
-        scaler = state.get("scaler", {})
-        self.scaler_rule.consecutive = int(scaler.get("consecutive", 0))
-        self.scaler_rule.below_floor = bool(scaler.get("below_floor", False))

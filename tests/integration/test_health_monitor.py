@@ -124,19 +124,30 @@ def test_gradient_accumulation_measures_the_accumulated_gradient(tmp_path: Any) 
         assert tags["healthmon/loss"][step] == pytest.approx(sum(model.micro[step]) / 3, rel=1e-6)
 
 
+INJECT_LINE = next(
+    i
+    for i, line in enumerate(open(os.path.join(os.path.dirname(__file__), "..", "models.py")), 1)
+    if 'output * float("nan")' in line
+)
+
+
 def test_nan_in_forward_names_the_module_and_stop_keeps_weights_finite(tmp_path: Any) -> None:
     model = DigitsClassifier(hidden=(32, 32), nan_at_step=5, nan_layer=2)  # net.2 is the 2nd Linear
     mon = HealthMonitor(on_alert="stop", summary=False)
     t = trainer(tmp_path, [mon], max_steps=50)
     t.fit(model, digits_loader())
     codes = {a.code: a for a in mon.alerts}
-    assert codes["activation.nonfinite"].where == "net.2"
+    # the NaN comes from the forward hook of net.2 (tests/models.py): the line, and the module, are named
+    assert codes["activation.nonfinite"].where == f"tests/models.py:{INJECT_LINE}"
+    assert "in net.2 (Linear)" in codes["activation.nonfinite"].message
+    assert "NaN literal" in codes["activation.nonfinite"].message
     assert codes["activation.nonfinite"].step == 5
     assert {"loss.nonfinite", "grad.nonfinite"} <= set(codes)
     assert t.global_step <= 6 and t.should_stop
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
     crash = json.load(open(os.path.join(t.logger.log_dir, "healthmon_crash.json")))
     assert crash["global_step"] == 5 and crash["first_nonfinite_module"].startswith("net.2")
+    assert crash["origin"]["where"] == f"tests/models.py:{INJECT_LINE}"
     assert "net.0.weight" in crash["nonfinite_gradients"] and crash["batch_idx"] == 5
     report = json.load(open(mon.report_path))
     assert report["run"]["status"] == "stopped"
@@ -148,7 +159,9 @@ def test_raise_policy_raises_inside_fit_before_the_step(tmp_path: Any) -> None:
     t = trainer(tmp_path, [mon], max_steps=50)
     with pytest.raises(NumericalHealthError) as info:
         t.fit(model, digits_loader())
-    assert info.value.alert.code == "activation.nonfinite" and info.value.alert.where == "net.0"
+    alert = info.value.alert
+    assert alert.code == "activation.nonfinite" and alert.where == f"tests/models.py:{INJECT_LINE}"
+    assert "in net.0 (Linear)" in alert.message
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
     report = json.load(open(mon.report_path))
     assert report["run"]["status"] == "exception" and "NumericalHealthError" in report["run"]["error"]
@@ -157,11 +170,14 @@ def test_raise_policy_raises_inside_fit_before_the_step(tmp_path: Any) -> None:
 def test_nan_in_the_batch_is_blamed_on_the_input(tmp_path: Any) -> None:
     x, y = torch.randn(64, 64), torch.randint(0, 10, (64,))
     x[3, 5] = float("nan")
+    x[17, 0] = float("nan")
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=64)
     mon = HealthMonitor(on_alert="stop", summary=False)
     trainer(tmp_path, [mon], max_steps=3).fit(DigitsClassifier(), loader)
-    act = next(a for a in mon.alerts if a.code == "activation.nonfinite")
-    assert act.where == "net.0" and "batch holds NaN/Inf" in act.message
+    act = next(a for a in mon.alerts if a.code == "batch.nonfinite")
+    assert act.where == "batch[0]" and act.step == 0
+    assert "in 2 of its 64 samples (indices 3, 17)" in act.message
+    assert "activation.nonfinite" not in {a.code for a in mon.alerts}
 
 
 def test_learning_rate_100x_too_high_diverges(tmp_path: Any) -> None:
