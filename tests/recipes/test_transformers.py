@@ -72,8 +72,8 @@ def build_gpt2(sick: bool) -> tuple[Recorded, DataLoader, dict[str, Any]]:
     steps = 200
     module = HFModule(model, gpt2_loss, lr=3e-3, warmup=20, total=steps)
     options: dict[str, Any] = {"max_steps": steps}
-    if sick:  # the bug: pure fp16 weights and gradients, no loss scaling
-        options["precision"] = "16-true"
+    if sick:  # the bug: pure fp16 weights and gradients, no loss scaling (seen at step 0)
+        options.update(precision="16-true", max_steps=30)
     return module, loader(markov_tokens(2048, LENGTH, VOCAB), batch_size=16), options
 
 
@@ -156,7 +156,7 @@ def build_resnet(sick: bool) -> tuple[Recorded, DataLoader, dict[str, Any]]:
     module = HFModule(model, image_loss, lr=3e-3, warmup=25, total=steps)
     options: dict[str, Any] = {"max_steps": steps}
     if sick:  # the bug: model.half() training: fp16 weights, AdamW's eps 1e-8 rounds to 0, NaN at step 1
-        options["precision"] = "16-true"
+        options.update(precision="16-true", max_steps=30)
     x, y = digit_images()
     return module, loader(x, y, batch_size=64), options
 
