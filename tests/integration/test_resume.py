@@ -24,7 +24,7 @@ def test_resume_reports_alerts_once_and_continues_trends(tmp_path: Any) -> None:
     t1.fit(DigitsClassifier(lr=10.0), digits_loader(n=640, shuffle=False))
     at_20 = {(a.code, a.where): a.count for a in first.alerts}
     assert at_20, "the lr=10 run must have alerts before the checkpoint"
-    initial_loss = first.monitor(GradientNormMonitor).divergence.initial
+    initial_loss = first.monitor(GradientNormMonitor).divergence.baseline
 
     # the uninterrupted reference: the same run to step 30
     torch.manual_seed(0)
@@ -45,7 +45,7 @@ def test_resume_reports_alerts_once_and_continues_trends(tmp_path: Any) -> None:
     for key, count in at_20.items():
         assert dict(zip(codes, [a.count for a in resumed.alerts], strict=True))[key] >= count
     gn, ref = resumed.monitor(GradientNormMonitor), straight.monitor(GradientNormMonitor)
-    assert gn.divergence.initial == initial_loss
+    assert gn.divergence.baseline == initial_loss
     for rule in ("spike", "collapse", "divergence", "opposing"):  # trends continue, not restart
         assert rule_state(getattr(gn, rule)) == rule_state(getattr(ref, rule)), rule
     report = json.load(open(resumed.report_path))
