@@ -55,3 +55,37 @@ def test_resume_reports_alerts_once_and_continues_trends(tmp_path: Any) -> None:
     assert {(a.code, a.where, a.step) for a in resumed.alerts} == {
         (a.code, a.where, a.step) for a in straight.alerts
     }
+
+
+def test_resume_takes_the_configuration_of_the_resumed_run(tmp_path: Any) -> None:
+    """Checkpoints carry the rules' state; thresholds and window sizes come from the constructor."""
+    torch.manual_seed(0)
+    ckpt_dir = str(tmp_path / "ckpt")
+    first = GradientNormMonitor(spike_factor=10.0, divergence_window=50)
+    saver = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=20, save_top_k=-1)
+    t1 = trainer(
+        tmp_path / "a",
+        [HealthMonitor(monitors=[first], summary=False), saver],
+        max_steps=20,
+        enable_checkpointing=True,
+    )
+    t1.fit(DigitsClassifier(), digits_loader(n=640, shuffle=False))
+    saved = list(first.divergence.history)
+    assert len(saved) == 20
+
+    second = GradientNormMonitor(spike_factor=3.0, divergence_window=10)
+    # load the state, as fit(ckpt_path=...) does, then check it before the run moves on
+    second.load_monitor_state(first.monitor_state())
+    assert second.spike.factor == 3.0 and second.divergence.window == 10
+    assert list(second.divergence.history) == saved[-10:]  # the newest values that fit
+    assert second.spike.seen == 20 and second.divergence.baseline == first.divergence.baseline
+
+    torch.manual_seed(0)
+    resumed = GradientNormMonitor(spike_factor=3.0, divergence_window=10)
+    t2 = trainer(tmp_path / "c", [HealthMonitor(monitors=[resumed], summary=False)], max_steps=30)
+    ckpt = os.path.join(ckpt_dir, "epoch=1-step=20.ckpt")
+    t2.fit(DigitsClassifier(), digits_loader(n=640, shuffle=False), ckpt_path=ckpt)
+    assert resumed.spike.factor == 3.0 and resumed.divergence.window == 10
+    assert resumed.divergence.history.maxlen == 10 and len(resumed.divergence.history) == 10
+    assert resumed.spike.seen == 30 and resumed.divergence.seen == 30  # the trends continued
+    assert resumed.divergence.baseline == first.divergence.baseline

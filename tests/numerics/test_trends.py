@@ -168,3 +168,39 @@ def test_spike_threshold_adapts_to_the_noise_of_the_series() -> None:
     for _ in range(300):
         quiet.update(10 ** rng.gauss(0, 0.02))
     assert quiet.update(12.0) is not None
+
+
+def test_rule_state_carries_state_never_configuration() -> None:
+    rules = [SpikeRule(), CollapseRule(), DivergenceRule(), OpposingTrendRule()]
+    for rule in rules:
+        assert set(rule_state(rule)) == set(type(rule).STATE)
+    assert not {"factor", "z", "warmup", "alpha"} & set(rule_state(SpikeRule()))
+    assert not {"blowup", "window", "rise", "check_every", "baseline_steps"} & set(rule_state(DivergenceRule()))
+
+    saved = SpikeRule(factor=10.0, warmup=5)
+    for t in range(50):
+        saved.update(1.0 + 0.01 * (-1) ** t)
+    resumed = SpikeRule(factor=3.0, warmup=5)
+    load_rule_state(resumed, rule_state(saved))
+    assert resumed.factor == 3.0 and resumed.seen == 50 and resumed.level.value == saved.level.value
+    assert saved.update(5.0) is None and resumed.update(5.0) is not None  # the new factor judges
+
+
+def test_window_restored_into_another_size_keeps_the_newest_values_and_keeps_checking() -> None:
+    saved = DivergenceRule(window=50, check_every=10)
+    for t in range(45):
+        saved.update(1.0 + 0.01 * ((-1) ** t))  # flat
+    resumed = DivergenceRule(window=20, check_every=10)
+    load_rule_state(resumed, rule_state(saved))
+    assert resumed.window == 20 and resumed.history.maxlen == 20
+    assert list(resumed.history) == list(saved.history)[-20:]
+    assert resumed.baseline == saved.baseline and resumed.seen == 45
+    # the steady-rise check runs on the new window (a restored size used to stop it for good)
+    first = _first_alert(resumed, [1.0 + 0.05 * t for t in range(100)])
+    assert first is not None and first < 40
+
+    # an older checkpoint that stored configuration too: the configuration part is ignored
+    legacy = {**rule_state(saved), "window": 50, "blowup": 2.0, "initial": 1.0}
+    again = DivergenceRule(window=20)
+    load_rule_state(again, legacy)
+    assert again.window == 20 and again.blowup == 10.0 and len(again.history) == 20
