@@ -89,10 +89,16 @@ def _flag(value: Any, name: str) -> bool:
     return value
 
 
-def _learning_rate(group: dict[str, Any]) -> float:
-    """A parameter group's learning rate (groups of optimizers without one count as moving)."""
+def _learning_rate(group: dict[str, Any], *, exact: bool = True) -> float:
+    """A parameter group's learning rate (groups of optimizers without one count as moving).
+
+    A learning rate held in a device tensor (capturable optimizers) is read only when ``exact``:
+    reading it is a host synchronisation, which the every-step bookkeeping does not pay.
+    """
     lr = group.get("lr", 1.0)
-    return float(lr) if isinstance(lr, (int, float, Tensor)) else 1.0
+    if isinstance(lr, Tensor):
+        return float(lr) if exact or lr.device.type == "cpu" else 1.0
+    return float(lr) if isinstance(lr, (int, float)) else 1.0
 
 
 class GradientUnderflowMonitor(Monitor):
@@ -628,7 +634,7 @@ class GradientUnderflowMonitor(Monitor):
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self._awaiting_step = False
-        if any(_learning_rate(group) > 0.0 for group in optimizer.param_groups):
+        if any(_learning_rate(group, exact=False) > 0.0 for group in optimizer.param_groups):
             self._updates += 1
         if not self._stale_before or self._hub is None or self._hub.params is None:
             return
