@@ -21,7 +21,8 @@ optimizer steps), with one host synchronisation per monitored step:
 * ``update.stale``: most sampled weights of a layer were left bit-identical by the optimizer step
   although their gradient was nonzero (``w + update == w``: bfloat16/float16 weights with a small
   learning rate). Only updates the optimizer asked for count: parameters whose group's learning
-  rate is 0 (warm-up from 0) are not sampled. Works with any optimizer: a fixed random sample of
+  rate is 0 (warm-up from 0), or below 1% of its scheduler's base rate (the ends of a warm-up or
+  an annealing schedule), are not sampled. Works with any optimizer: a fixed random sample of
   elements per tensor is read
   right before and after ``optimizer.step`` (step hooks); the model is never copied.
 * ``grad.vanishing``: the root-mean-square gradient entry decays by ``depth_orders`` orders of
@@ -80,6 +81,7 @@ TAG_SKIPPED = "healthmon/amp/skipped_steps"
 TAG_HIST = "healthmon/grad/log10_abs/"
 
 _EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
+_SCHEDULE_FLOOR = 0.01  # update.stale: a scheduled lr below 1% of its base asks for no update
 _MAX_NAMES = 5
 
 
@@ -99,6 +101,22 @@ def _learning_rate(group: dict[str, Any], *, exact: bool = True) -> float:
     if isinstance(lr, Tensor):
         return float(lr) if exact or lr.device.type == "cpu" else 1.0
     return float(lr) if isinstance(lr, (int, float)) else 1.0
+
+
+def _asks_for_updates(group: dict[str, Any]) -> bool:
+    """Whether the optimizer asks this group's weights to move by more than a schedule's rounding.
+
+    A learning rate of 0 asks for nothing (the first step of a warm-up from 0, the end of a cosine
+    schedule). Below ``_SCHEDULE_FLOOR`` of the scheduler's base learning rate (``initial_lr``,
+    set by every ``torch.optim.lr_scheduler``), the schedule itself asks for vanishing updates:
+    float32 rounds away updates of 1e-9, which is the last steps of an annealing to 0 doing what
+    they were designed to, not a precision bug.
+    """
+    lr = _learning_rate(group)
+    base = group.get("initial_lr")
+    if isinstance(base, (int, float, Tensor)) and float(base) > 0.0:
+        return lr >= _SCHEDULE_FLOOR * float(base)
+    return lr > 0.0
 
 
 class GradientUnderflowMonitor(Monitor):
@@ -623,7 +641,7 @@ class GradientUnderflowMonitor(Monitor):
             self._indices.clear()
         self._stale_before = []
         for group in optimizer.param_groups:
-            if not _learning_rate(group) > 0.0:  # nothing was asked of these weights
+            if not _asks_for_updates(group):
                 continue
             for p in group["params"]:
                 g = p.grad

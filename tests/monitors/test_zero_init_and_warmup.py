@@ -128,3 +128,25 @@ def test_warmup_from_zero_is_not_a_stale_update(tmp_path, optimizer, lr):
     acc.Reload()
     stale = acc.Scalars(TAG_STALE_DTYPE + "float32")
     assert len(stale) >= 38 and max(e.value for e in stale) < 0.05
+
+
+class CosineClassifier(DigitsClassifier):
+    """SGD with momentum and a cosine annealing to lr 0 over the run, stepped per batch."""
+
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=300)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def test_the_end_of_a_cosine_annealing_is_not_a_stale_update(tmp_path):
+    torch.manual_seed(0)
+    under = GradientUnderflowMonitor(every_n_steps=1)
+    mon = HealthMonitor(monitors=[under], summary=False)
+    trainer(tmp_path, [mon], max_steps=301).fit(CosineClassifier(hidden=(64,)), digits_loader(64, n=512))
+    assert "update.stale" not in {a.code for a in mon.alerts}, [a.line() for a in mon.alerts]
+    acc = EventAccumulator(mon.log_dir, size_guidance={"scalars": 0})
+    acc.Reload()
+    stale = {e.step: e.value for e in acc.Scalars(TAG_STALE_DTYPE + "float32")}
+    # judged while the schedule asks for updates (lr >= 1% of its base), and those are not lost
+    assert len(stale) >= 270 and max(stale.values()) < 0.05
