@@ -157,7 +157,10 @@ class DivergenceRule:
     unlucky first batch does not anchor it) and the early noise envelope (the second-largest of
     those first losses: near a loss of 0, as when fine-tuning a converged model, per-batch ratios
     span orders of magnitude), on ``persistence`` consecutive steps. Judged from the
-    ``baseline_steps``-th loss on: a learning rate 100x too high is caught a few steps later.
+    ``baseline_steps``-th loss on: a learning rate 100x too high is caught a few steps later. A
+    loss that blows up within its first ``baseline_steps`` values and then levels off carries the
+    baseline up with it; that case is left to the steady-rise check and ``grad.explosion``
+    (one that keeps growing reaches 10x the median, or Inf, a few steps later).
 
     Steady rise: over the last ``window`` steps (fewer, down to ``min_window``, early in the run)
     the loss rose by more than ``rise`` (relative to its mean) with a correlation above
