@@ -56,8 +56,11 @@ class GradientNormMonitor(Monitor):
     Alerts: ``grad.explosion`` (norm > ``spike_factor`` x its running level, and 4 standard
     deviations of its log-noise above it), ``grad.vanishing``
     (norm fell ``collapse_orders`` orders of magnitude below its peak while the loss is still
-    above half its initial level), ``loss.divergence`` (loss > ``blowup_factor`` x its initial
-    value, or a steady rise of ``divergence_rise`` over ``divergence_window`` steps) and
+    above half its initial level and has climbed back from its best: a converged run is quiet),
+    ``loss.divergence`` (the median of the last 5 losses above ``blowup_factor`` x the median of
+    the first 10 on 3 consecutive steps, or a steady rise of ``divergence_rise`` over
+    ``divergence_window`` steps on two consecutive checks; see
+    :class:`~healthmon.numerics.trends.DivergenceRule`) and
     ``grad.norm_rising`` (info: norm rising while the loss falls, as in Goodfellow's figure).
 
     Args:
@@ -66,7 +69,7 @@ class GradientNormMonitor(Monitor):
         spike_factor: how far above the running level a norm is an explosion.
         warmup_steps: steps before the spike and collapse rules judge.
         collapse_orders: orders of magnitude of decay that count as a collapse.
-        blowup_factor: loss / initial loss that counts as blowing up.
+        blowup_factor: recent loss level / early loss level that counts as blowing up.
         divergence_window: steps over which a steady loss rise is judged.
         divergence_rise: relative rise over the window that counts as divergence.
         update_ratios: log ||update|| / ||weight|| per layer on logged steps.

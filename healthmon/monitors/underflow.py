@@ -4,9 +4,14 @@ The seed's debugging advice: "if your model is stuck, you are probably rounding 
 zero somewhere". This monitor looks for the places that happens, on a cadence (default every 100
 optimizer steps), with one host synchronisation per monitored step:
 
-* ``grad.zero``: a parameter's whole gradient is exactly zero while the loss is not ~0. Frozen
-  parameters and parameters unused this step (``grad is None``) are not looked at; the absent rows
-  of ``nn.Embedding`` gradients (dense or ``sparse=True``) are legitimate zeros and never counted.
+* ``grad.zero``: a parameter's whole gradient is exactly zero while the loss is not ~0, on
+  ``zero_steps`` (3) consecutive checked steps with an optimizer update between each two. A zero
+  that the first updates end is structural and transient: LoRA's ``B = 0`` zeroes A's gradient
+  until B has moved once, as do zero-initialised residual branches and zero convolutions; steps
+  the optimizer skipped (GradScaler overflow) or took with a learning rate of 0 (warm-up from 0)
+  move nothing, so they do not count. Frozen parameters and parameters unused this step
+  (``grad is None``) are not looked at; the absent rows of ``nn.Embedding`` gradients (dense or
+  ``sparse=True``) are legitimate zeros and never counted.
 * ``grad.underflow``: in some layer, a large share of the nonzero gradient entries sits in the
   subnormal range of its dtype (the flushed-to-zero estimate, see
   :mod:`healthmon.numerics.underflow`, is logged beside it). Typical cause: float16 training
@@ -15,7 +20,10 @@ optimizer steps), with one host synchronisation per monitored step:
   Forward hooks are installed only for the batches of a monitored step.
 * ``update.stale``: most sampled weights of a layer were left bit-identical by the optimizer step
   although their gradient was nonzero (``w + update == w``: bfloat16/float16 weights with a small
-  learning rate). Works with any optimizer: a fixed random sample of elements per tensor is read
+  learning rate). Only updates the optimizer asked for count: parameters whose group's learning
+  rate is 0 (warm-up from 0), or below 1% of its scheduler's base rate (the ends of a warm-up or
+  an annealing schedule), are not sampled. Works with any optimizer: a fixed random sample of
+  elements per tensor is read
   right before and after ``optimizer.step`` (step hooks); the model is never copied.
 * ``grad.vanishing``: the root-mean-square gradient entry decays by ``depth_orders`` orders of
   magnitude from the last layer back to the first (deep sigmoid/tanh stacks).
@@ -71,6 +79,7 @@ TAG_STALE_LAYER = "healthmon/update/stale_fraction/layer/"
 TAG_HIST = "healthmon/grad/log10_abs/"
 
 _EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
+_SCHEDULE_FLOOR = 0.01  # update.stale: a scheduled lr below 1% of its base asks for no update
 _MAX_NAMES = 5
 
 
@@ -78,6 +87,34 @@ def _flag(value: Any, name: str) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"`{name}`: expected True or False, got {value!r}.")
     return value
+
+
+def _learning_rate(group: dict[str, Any], *, exact: bool = True) -> float:
+    """A parameter group's learning rate (groups of optimizers without one count as moving).
+
+    A learning rate held in a device tensor (capturable optimizers) is read only when ``exact``:
+    reading it is a host synchronisation, which the every-step bookkeeping does not pay.
+    """
+    lr = group.get("lr", 1.0)
+    if isinstance(lr, Tensor):
+        return float(lr) if exact or lr.device.type == "cpu" else 1.0
+    return float(lr) if isinstance(lr, (int, float)) else 1.0
+
+
+def _asks_for_updates(group: dict[str, Any]) -> bool:
+    """Whether the optimizer asks this group's weights to move by more than a schedule's rounding.
+
+    A learning rate of 0 asks for nothing (the first step of a warm-up from 0, the end of a cosine
+    schedule). Below ``_SCHEDULE_FLOOR`` of the scheduler's base learning rate (``initial_lr``,
+    set by every ``torch.optim.lr_scheduler``), the schedule itself asks for vanishing updates:
+    float32 rounds away updates of 1e-9, which is the last steps of an annealing to 0 doing what
+    they were designed to, not a precision bug.
+    """
+    lr = _learning_rate(group)
+    base = group.get("initial_lr")
+    if isinstance(base, (int, float, Tensor)) and float(base) > 0.0:
+        return lr >= _SCHEDULE_FLOOR * float(base)
+    return lr > 0.0
 
 
 class GradientUnderflowMonitor(Monitor):
@@ -90,6 +127,9 @@ class GradientUnderflowMonitor(Monitor):
             every 100 steps still catches them early).
         zero_fraction: a parameter whose share of exactly-zero gradient entries reaches this
             raises ``grad.zero`` (default 1.0: the whole gradient is zero).
+        zero_steps: consecutive checked steps, with an optimizer update between each two, on which
+            a gradient must be zero before ``grad.zero`` is raised (structural zeros of
+            zero-initialised parameters end with the first update; default 3).
         underflow_fraction: a layer whose share of nonzero gradient entries in the subnormal
             range reaches this raises ``grad.underflow`` (exact count; the flushed-to-zero
             estimate is logged beside it but, being an upper bound, does not decide).
@@ -121,6 +161,7 @@ class GradientUnderflowMonitor(Monitor):
         *,
         every_n_steps: Cadence = 100,
         zero_fraction: float = 1.0,
+        zero_steps: int = 3,
         underflow_fraction: float = 0.05,
         loss_tolerance: float = 1e-8,
         dead_units: bool = True,
@@ -145,6 +186,7 @@ class GradientUnderflowMonitor(Monitor):
             log_every_n_steps=log_every_n_steps,
         )
         self.zero_fraction = _checks.fraction(zero_fraction, "zero_fraction")
+        self.zero_steps = _checks.positive_int(zero_steps, "zero_steps")
         self.underflow_fraction = _checks.fraction(underflow_fraction, "underflow_fraction")
         self.loss_tolerance = _checks.positive_float(loss_tolerance, "loss_tolerance", inclusive=True)
         self.dead_units = _flag(dead_units, "dead_units")
@@ -170,6 +212,8 @@ class GradientUnderflowMonitor(Monitor):
         self._fwd_hooks: list[Any] = []
         self._relus: list[tuple[str, nn.Module]] = []
         self._structural: set[int] = set()
+        self._zero_streaks: dict[int, tuple[int, int]] = {}  # id(param) -> (zero steps, updates seen)
+        self._updates = 0  # optimizer steps taken with a nonzero learning rate
         self._alive: dict[str, Tensor] = {}
         self._alive_step = -1
         self._armed_step = -1
@@ -182,6 +226,7 @@ class GradientUnderflowMonitor(Monitor):
         return {
             **super().config(),
             "zero_fraction": self.zero_fraction,
+            "zero_steps": self.zero_steps,
             "underflow_fraction": self.underflow_fraction,
             "loss_tolerance": self.loss_tolerance,
             "dead_units": self.dead_units,
@@ -452,6 +497,10 @@ class GradientUnderflowMonitor(Monitor):
             and not stats.params[i].grad.is_sparse  # type: ignore[union-attr]
             and stats.params[i].numel() > 0
         ]
+        if self.zero_fraction >= 1.0:  # a nonzero norm ends a streak (partial zeros are counted elsewhere)
+            for i, norm in enumerate(stats.per_tensor_host):
+                if norm != 0.0:
+                    self._zero_streaks.pop(id(stats.params[i]), None)
         if hits:
             params = [stats.params[i] for i in hits]
             rows = torch.tensor([[float(p.numel()), float(p.numel()), 0.0, 0.0] for p in params])
@@ -479,6 +528,11 @@ class GradientUnderflowMonitor(Monitor):
             and row[TOTAL] > 0
             and row[ZEROS] / row[TOTAL] >= self.zero_fraction
         ]
+        hit_ids = {id(params[i]) for i in hits}
+        for p in params:
+            if id(p) not in hit_ids:
+                self._zero_streaks.pop(id(p), None)
+        hits = [i for i in hits if self._zero_streak(params[i]) >= self.zero_steps]
         if not hits:
             return
         names = [hub.params.name(params[i]) for i in hits]
@@ -490,11 +544,24 @@ class GradientUnderflowMonitor(Monitor):
         hub.alert(
             trainer,
             "grad.zero",
-            f"The gradient of {len(names)} parameter tensor(s) is {what} while the loss is {loss_text}: "
+            f"The gradient of {len(names)} parameter tensor(s) is {what} while the loss is {loss_text}, "
+            f"and stayed so over {self.zero_steps} checked steps with optimizer updates between them: "
             f"{shown}.",
             where=names[0],
             value=rows[hits[0]][ZEROS] / rows[hits[0]][TOTAL],
         )
+
+    def _zero_streak(self, p: Tensor) -> int:
+        """Count one more zero step for ``p`` if the optimizer updated the model since the last one.
+
+        A zero seen again before any update (a skipped step, a learning rate of 0) is no new
+        evidence: the gradient could not have changed.
+        """
+        count, updates = self._zero_streaks.get(id(p), (0, -1))
+        if updates != self._updates:
+            count += 1
+        self._zero_streaks[id(p)] = (count, self._updates)
+        return count
 
     def _judge_stale(
         self,
@@ -557,6 +624,8 @@ class GradientUnderflowMonitor(Monitor):
             self._indices.clear()
         self._stale_before = []
         for group in optimizer.param_groups:
+            if not _asks_for_updates(group):
+                continue
             for p in group["params"]:
                 g = p.grad
                 if g is None or g.is_sparse or g.layout != torch.strided or not p.is_floating_point():
@@ -565,6 +634,9 @@ class GradientUnderflowMonitor(Monitor):
                 self._stale_before.append((p, idx, torch.take(p.detach(), idx), torch.take(g, idx)))
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self._awaiting_step = False
+        if any(_learning_rate(group, exact=False) > 0.0 for group in optimizer.param_groups):
+            self._updates += 1
         if not self._stale_before or self._hub is None or self._hub.params is None:
             return
         index = self._hub.params

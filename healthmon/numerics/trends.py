@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 
 def _finite(x: float) -> bool:
@@ -65,6 +65,8 @@ class SpikeRule:
     noise: EMA = field(default_factory=lambda: EMA(0.05))
     seen: int = 0
 
+    STATE: ClassVar[tuple[str, ...]] = ("level", "noise", "seen")
+
     def __post_init__(self) -> None:
         self.level.alpha = self.noise.alpha = self.alpha
 
@@ -93,18 +95,28 @@ class SpikeRule:
 class CollapseRule:
     """The gradient norm collapsed by orders of magnitude while the loss is still high.
 
-    Compares the smoothed log10 gradient norm with its peak after warm-up; the loss counts as still
-    high while its smoothed value is above ``loss_fraction`` of its smoothed initial value.
+    Compares the smoothed log10 gradient norm with its peak after warm-up. The loss (smoothed)
+    counts as still high when it is above ``loss_fraction`` of its smoothed value at the end of
+    warm-up AND it is not at its floor: it has climbed back from its best (lowest smoothed) value
+    by more than ``rebound`` of the progress made from warm-up to that best (and by more than 1%
+    of the best). A run that converged, even to a floor above half its initial loss (full-batch
+    least squares with noisy targets), has a vanishing gradient because it reached a minimum; a
+    network that died or saturated mid-run has a vanishing gradient and a loss that lost its
+    progress.
     """
 
     orders: float = 3.0
     loss_fraction: float = 0.5
+    rebound: float = 0.5
     warmup: int = 20
     norm: EMA = field(default_factory=lambda: EMA(0.1))
     loss: EMA = field(default_factory=lambda: EMA(0.1))
     peak: float | None = None
     initial_loss: float | None = None
+    best_loss: float | None = None
     seen: int = 0
+
+    STATE: ClassVar[tuple[str, ...]] = ("norm", "loss", "peak", "initial_loss", "best_loss", "seen")
 
     def update(self, grad_norm: float, loss: float | None) -> float | None:
         """Feed one step; returns the drop in orders of magnitude when collapsed, else None."""
@@ -114,6 +126,7 @@ class CollapseRule:
         loss_level = None
         if loss is not None and _finite(loss):
             loss_level = self.loss.update(loss)
+            self.best_loss = loss_level if self.best_loss is None else min(self.best_loss, loss_level)
         self.seen += 1
         if self.seen == self.warmup:
             self.initial_loss = loss_level
@@ -121,22 +134,39 @@ class CollapseRule:
             return None
         self.peak = level if self.peak is None else max(self.peak, level)
         drop = self.peak - level
-        loss_high = (
-            loss_level is None
-            or self.initial_loss is None
-            or loss_level > self.loss_fraction * self.initial_loss
-        )
-        return drop if drop >= self.orders and loss_high else None
+        return drop if drop >= self.orders and self._loss_still_high(loss_level) else None
+
+    def _loss_still_high(self, loss_level: float | None) -> bool:
+        if loss_level is None or self.initial_loss is None or self.best_loss is None:
+            return True  # no loss to judge by: the collapse alone decides
+        if loss_level <= self.loss_fraction * self.initial_loss:
+            return False
+        progress = max(self.initial_loss - self.best_loss, 0.0)
+        regained = loss_level - self.best_loss
+        return regained > max(self.rebound * progress, 0.01 * abs(self.best_loss))
 
 
 @dataclass
 class DivergenceRule:
     """The loss blows up or rises steadily (loss.divergence).
 
-    Blow-up: the loss exceeds ``blowup`` times its initial value (no warm-up needed, so a run that
-    is unstable from its first steps is caught). Steady rise: over the last ``window`` steps the
-    loss rose by more than ``rise`` (relative) with a correlation above ``min_correlation``,
-    checked every ``check_every`` steps.
+    Both criteria need persistence, so per-batch noise and single spikes never raise them.
+
+    Blow-up: the level (median of the last ``recent`` losses: a spike, or two, cannot move it)
+    exceeds ``blowup`` x the baseline (median of the first ``baseline_steps`` losses: a lucky or
+    unlucky first batch does not anchor it) and the early noise envelope (the second-largest of
+    those first losses: near a loss of 0, as when fine-tuning a converged model, per-batch ratios
+    span orders of magnitude), on ``persistence`` consecutive steps. Judged from the
+    ``baseline_steps``-th loss on: a learning rate 100x too high is caught a few steps later. A
+    loss that blows up within its first ``baseline_steps`` values and then levels off carries the
+    baseline up with it; that case is left to the steady-rise check and ``grad.explosion``
+    (one that keeps growing reaches 10x the median, or Inf, a few steps later).
+
+    Steady rise: over the last ``window`` steps (fewer, down to ``min_window``, early in the run)
+    the loss rose by more than ``rise`` (relative to its mean) with a correlation above
+    ``min_correlation``, and by more than the early spread (second-largest minus second-smallest
+    of the first ``baseline_steps`` losses), on ``rise_checks`` consecutive checks made every
+    ``check_every`` steps.
     """
 
     blowup: float = 10.0
@@ -144,33 +174,72 @@ class DivergenceRule:
     rise: float = 0.5
     min_correlation: float = 0.7
     check_every: int = 10
-    initial: float | None = None
+    min_window: int = 20
+    baseline_steps: int = 10
+    recent: int = 5
+    persistence: int = 3
+    rise_checks: int = 2
+    early: list[float] = field(default_factory=list)
     history: deque = field(default_factory=deque)
     seen: int = 0
+    over: int = 0
+    rising: int = 0
+
+    STATE: ClassVar[tuple[str, ...]] = ("early", "history", "seen", "over", "rising")
 
     def __post_init__(self) -> None:
-        self.history = deque(self.history, maxlen=self.window)
+        self.history = deque(self.history, maxlen=max(self.window, self.recent))
+
+    @property
+    def baseline(self) -> float | None:
+        """The median of the first ``baseline_steps`` losses (None until they are seen)."""
+        if len(self.early) < self.baseline_steps:
+            return None
+        return _median(self.early[: self.baseline_steps])
 
     def update(self, loss: float) -> str | None:
-        """Feed one loss; returns a reason ("blow-up ..." / "steady rise ...") or None."""
+        """Feed one loss; returns a reason ("blew up ..." / "rose steadily ...") or None."""
         if not _finite(loss):
             return None
         self.seen += 1
-        if self.initial is None:
-            self.initial = loss
+        if len(self.early) < self.baseline_steps:
+            self.early.append(loss)
         self.history.append(loss)
-        if self.initial > 0 and loss > self.blowup * self.initial:
-            return f"blew up to {loss:.4g}, {loss / self.initial:.1f}x its initial value {self.initial:.4g}"
-        if len(self.history) == self.window and self.seen % self.check_every == 0:
-            ys = list(self.history)
-            slope, corr = linear_trend(ys)
-            scale = max(abs(sum(ys) / len(ys)), 1e-12)
-            relative_rise = slope * (len(ys) - 1) / scale
-            if relative_rise > self.rise and corr > self.min_correlation:
-                return (
-                    f"rose steadily by {100 * relative_rise:.0f}% over the last {len(ys)} steps "
-                    f"(correlation {corr:.2f})"
-                )
+        reason = self._blowup()
+        if self.seen % self.check_every == 0 and len(self.history) >= min(self.min_window, self.window):
+            rise = self._steady_rise()
+            self.rising = self.rising + 1 if rise is not None else 0
+            if rise is not None and self.rising >= self.rise_checks:
+                reason = reason or rise
+        return reason
+
+    def _blowup(self) -> str | None:
+        baseline = self.baseline
+        if baseline is None or baseline <= 0 or len(self.history) < self.recent:
+            self.over = 0
+            return None
+        envelope = sorted(self.early[: self.baseline_steps])[-min(2, self.baseline_steps)]
+        level = _median(list(self.history)[-self.recent :])
+        self.over = self.over + 1 if level > max(self.blowup * baseline, envelope) else 0
+        if self.over < self.persistence:
+            return None
+        return (
+            f"blew up: the median of its last {self.recent} values is {level:.4g}, "
+            f"{level / baseline:.1f}x the median of its first {self.baseline_steps} ({baseline:.4g})"
+        )
+
+    def _steady_rise(self) -> str | None:
+        ys = list(self.history)[-self.window :]
+        slope, corr = linear_trend(ys)
+        scale = max(abs(sum(ys) / len(ys)), 1e-12)
+        relative_rise = slope * (len(ys) - 1) / scale
+        early = sorted(self.early[: self.baseline_steps])
+        spread = early[-2] - early[1] if len(early) >= 4 else 0.0
+        if relative_rise > self.rise and corr > self.min_correlation and slope * (len(ys) - 1) > spread:
+            return (
+                f"rose steadily by {100 * relative_rise:.0f}% over the last {len(ys)} steps "
+                f"(correlation {corr:.2f})"
+            )
         return None
 
 
@@ -189,6 +258,8 @@ class OpposingTrendRule:
     norms: deque = field(default_factory=deque)
     losses: deque = field(default_factory=deque)
     seen: int = 0
+
+    STATE: ClassVar[tuple[str, ...]] = ("norms", "losses", "seen")
 
     def __post_init__(self) -> None:
         self.norms = deque(self.norms, maxlen=self.window)
@@ -216,27 +287,48 @@ class OpposingTrendRule:
         return None
 
 
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
+
+
 def rule_state(rule: Any) -> dict[str, Any]:
-    """A plain-data snapshot of a rule (for checkpoints)."""
+    """A plain-data snapshot of a rule's state (for checkpoints).
+
+    Only the fields a rule lists in ``STATE`` (running statistics, windows' contents, counters):
+    thresholds and window sizes are configuration, which the constructor of the resumed run sets.
+    """
     state: dict[str, Any] = {}
-    for name, value in vars(rule).items():
+    for name in type(rule).STATE:
+        value = getattr(rule, name)
         if isinstance(value, EMA):
             state[name] = {"ema": value.value}
         elif isinstance(value, deque):
             state[name] = {"deque": list(value)}
+        elif isinstance(value, list):
+            state[name] = list(value)
         else:
             state[name] = value
     return state
 
 
 def load_rule_state(rule: Any, state: dict[str, Any]) -> None:
-    """Restore a snapshot made by :func:`rule_state`."""
-    for name, value in state.items():
-        current = getattr(rule, name, None)
+    """Restore a snapshot made by :func:`rule_state` into a rule built with the current configuration.
+
+    Keys that are not state (configuration saved by older versions) are ignored; a window restored
+    into a different size keeps the newest values that fit.
+    """
+    for name in type(rule).STATE:
+        if name not in state:
+            continue
+        value, current = state[name], getattr(rule, name)
         if isinstance(current, EMA):
-            current.value = value["ema"]
+            current.value = value["ema"] if isinstance(value, dict) else value
         elif isinstance(current, deque):
             current.clear()
-            current.extend(value["deque"])
+            current.extend(value["deque"] if isinstance(value, dict) else value)
+        elif isinstance(current, list):
+            current[:] = value
         else:
             setattr(rule, name, value)

@@ -277,6 +277,7 @@ def test_state_round_trip_and_arguments():
         ({"depth_orders": -1.0}, "depth_orders"),
         ({"histogram_every_n_steps": 0}, "histogram_every_n_steps"),
         ({"seed": 1.5}, "seed"),
+        ({"zero_steps": 0}, "zero_steps"),
     ]:
         with pytest.raises(ValueError, match=f"`{name}`"):
             GradientUnderflowMonitor(**kwargs)
@@ -295,5 +296,6 @@ def test_a_layer_killed_mid_run_is_reported_between_counting_steps(tmp_path):
     mon = HealthMonitor(summary=False)
     trainer(tmp_path, [mon], max_steps=12).fit(model, digits_loader())
     zero = next(a for a in mon.alerts if a.code == "grad.zero")
-    assert zero.step == 5 and zero.where == "net.0.weight" and zero.count == 7
+    # zero at steps 5, 6, 7 (zero_steps=3, with updates between): reported at step 7, then each step
+    assert zero.step == 7 and zero.where == "net.0.weight" and zero.count == 5
     assert "net.0.bias" in zero.message
