@@ -322,11 +322,15 @@ class Hub:
         hint: str | None = None,
         severity: str | None = None,
         value: float | None = None,
+        step: int | None = None,
     ) -> Alert:
-        """Record an alert; warn on the first occurrence; raise or stop as the policy says."""
+        """Record an alert; warn on the first occurrence; raise or stop as the policy says.
+
+        ``step`` is the step the alert is about when it is judged later (deferred values).
+        """
         alert = make_alert(
             code,
-            int(trainer.global_step),
+            int(trainer.global_step) if step is None else step,
             message,
             where=where,
             hint=hint,
