@@ -83,7 +83,8 @@ class Monitor(Callback):
         self._owns_hub = False
 
     def should_run(self, trainer: pl.Trainer) -> bool:
-        return bool(self._schedule(int(trainer.global_step)))
+        hub = self._hub
+        return bool(self._schedule(int(trainer.global_step) if hub is None else hub.global_step(trainer)))
 
     def declare_layout(self, hub: Hub) -> None:
         """Add this monitor's charts to the custom-scalars layout (override)."""

@@ -151,6 +151,7 @@ class Hub:
         self._grad_cache: dict[int, GradStep] = {}
         self._deferred: list[tuple[Tensor, Callable[[list[float]], None]]] = []
         self._cache_step = -1
+        self.step_now: int | None = None
         self._started_at = 0.0
         self._finished = False
 
@@ -219,9 +220,18 @@ class Hub:
         )
 
     # ---- per-step state --------------------------------------------------------------------
+    def global_step(self, trainer: Any) -> int:
+        """The trainer's global step; read once per hook while a bundle dispatches one.
+
+        Lightning's ``global_step`` walks five objects; the monitors ask for it a dozen times a
+        step, so ``HealthMonitor`` sets :attr:`step_now` for the duration of each per-step hook.
+        """
+        step = self.step_now
+        return int(trainer.global_step) if step is None else step
+
     def is_log_step(self, trainer: Any) -> bool:
         every = self.log_every_n_steps or max(int(getattr(trainer, "log_every_n_steps", 50)), 1)
-        return trainer.global_step % every == 0
+        return self.global_step(trainer) % every == 0
 
     def add_loss(self, loss: Tensor) -> None:
         """Accumulate the (accumulation-normalised) loss handed to backward; no host sync."""
@@ -235,7 +245,7 @@ class Hub:
         the loss and any deferred values together; the global, per-layer and per-group norms
         are then sums of squares on the host (no further kernels).
         """
-        step = int(trainer.global_step)
+        step = self.global_step(trainer)
         if step != self._cache_step:
             self._grad_cache.clear()
             self._cache_step = step
