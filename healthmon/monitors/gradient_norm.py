@@ -27,7 +27,6 @@ from healthmon.numerics.trends import (
 from healthmon.numerics.update_size import (
     SENSITIVITY_LIMIT,
     UPDATE_RATIO_LIMIT,
-    WEIGHT_RMS_FLOOR,
     OversizedStep,
     UpdateSampler,
     judge_update_sizes,
@@ -326,11 +325,14 @@ class GradientNormMonitor(Monitor):
             )
         if worst.exploded:
             what.append(
-                f"its gradient norm {worst.grad_norm:.3g} makes the loss {worst.sensitivity:.3g}x more "
-                "sensitive than the weights (||g|| * ||w|| / |loss|)"
+                f"its gradient norm {worst.grad_norm:.3g} gives a loss sensitivity ||g||*||w||/|loss| of "
+                f"{worst.sensitivity:.3g}: the gradient exploded"
             )
         else:
-            what.append(f"its gradient norm is {worst.grad_norm:.3g}")
+            what.append(
+                f"its gradient norm {worst.grad_norm:.3g} is ordinary for its weights: the learning rate "
+                "is too large for this layer"
+            )
         others = (
             f" {len(found) - 1} more layer(s) too: {', '.join(f.layer for f in found[1:4])}."
             if len(found) > 1
@@ -339,9 +341,8 @@ class GradientNormMonitor(Monitor):
         self.hub.alert(
             self._trainer,
             "grad.explosion",
-            f"Optimizer step {step}, layer {worst.layer}: {'; '.join(what)}. No running level exists "
-            f"yet, so this is judged against the weights (limits: update {self.update_ratio_limit:g}x "
-            f"the weights, whose RMS entry is floored at {WEIGHT_RMS_FLOOR:g}; sensitivity "
+            f"Optimizer step {step}, layer {worst.layer}: {'; '.join(what)} (first-step limits, before "
+            f"any running level exists: update {self.update_ratio_limit:g}x the weights, sensitivity "
             f"{self.sensitivity_limit:g}).{others}",
             where=worst.layer,
             hint="Clip gradients (Trainer(gradient_clip_val=1.0)) and lower the learning rate; check "

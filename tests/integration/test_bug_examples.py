@@ -23,6 +23,7 @@ CASES = [
     ("grad_nonfinite", "grad.nonfinite", None, True),
     ("activation_nonfinite", "activation.nonfinite", None, True),
     ("grad_explosion", "grad.explosion", None, True),
+    ("grad_explosion_first_step", "grad.explosion", None, True),
     ("loss_divergence", "loss.divergence", None, True),
     ("grad_zero", "grad.zero", UNDERFLOW, True),
     ("grad_underflow", "grad.underflow", UNDERFLOW, True),
