@@ -207,28 +207,32 @@ def measure(
         variants += ["logits_every_step", "forward_hooks_every_step"]
     # Paired ratios: each repeat runs every variant back to back, and a variant's ratio is taken
     # against the plain run of the same repeat; the median over repeats cancels slow drift.
-    per_run: dict[str, list[tuple[float, float]]] = {v: [] for v in variants}
+    per_run: dict[str, list[tuple[float, float, float]]] = {v: [] for v in variants}
     for r in range(repeats):
         order = variants if r % 2 == 0 else list(reversed(variants))  # alternate the order too
         for variant in order:
             times = run(make_model, loader, steps, variant)
-            per_run[variant].append((statistics.median(times), statistics.fmean(times)))
+            low = statistics.quantiles(times, n=10)[0]  # other processes only ever add time
+            per_run[variant].append((statistics.median(times), statistics.fmean(times), low))
 
     def ratio(a: str, b: str, which: int) -> float:
         return statistics.median(x[which] / y[which] for x, y in zip(per_run[a], per_run[b], strict=True))
 
-    plain_med = statistics.median(m for m, _ in per_run["plain"])
-    plain_mean = statistics.median(m for _, m in per_run["plain"])
+    plain_med = statistics.median(m for m, _, _ in per_run["plain"])
+    plain_mean = statistics.median(m for _, m, _ in per_run["plain"])
     what = "thread CPU time" if clock is time.thread_time else "wall time"
     print(f"\n{name}: {steps} steps x {repeats} interleaved repeats, 1 torch thread, {what}")
     print(f"  plain step: median {1e3 * plain_med:.3f} ms, mean {1e3 * plain_mean:.3f} ms")
-    print(f"  {'ratio (median of paired runs)':<30} {'steady (median)':>16} {'amortised (mean)':>17}")
+    print(
+        f"  {'ratio (median of paired runs)':<30} {'steady (median)':>16} {'amortised (mean)':>17}"
+        f" {'10th percentile':>16}"
+    )
     for label, a, b in (
         ("healthmon / plain", "healthmon", "plain"),
         ("grad_norm / plain (anchor)", "grad_norm", "plain"),
         ("healthmon / grad_norm", "healthmon", "grad_norm"),
     ):
-        print(f"  {label:<30} {ratio(a, b, 0):>16.3f} {ratio(a, b, 1):>17.3f}")
+        print(f"  {label:<30} {ratio(a, b, 0):>16.3f} {ratio(a, b, 1):>17.3f} {ratio(a, b, 2):>16.3f}")
     if extras:
         sampled = ratio("logits_every_step", "plain", 0)
         every = LogitsCheck().every_n_steps
@@ -240,10 +244,11 @@ def measure(
     run(make_model, loader, steps, "healthmon_timed", spent)
     spent = spent[5:]  # as the step times: the first iterations include start-up
     mean, median = statistics.fmean(spent), statistics.median(spent)
+    low = statistics.quantiles(spent, n=10)[0]
     print(
         "  time inside healthmon's hooks (one instrumented run): "
         f"median {1e6 * median:.0f} us a step ({100 * median / plain_med:.1f}% of a plain step), "
-        f"mean {1e6 * mean:.0f} us ({100 * mean / plain_mean:.1f}%)"
+        f"mean {1e6 * mean:.0f} us ({100 * mean / plain_mean:.1f}%), 10th percentile {1e6 * low:.0f} us"
     )
 
 

@@ -69,14 +69,15 @@ class GradientNormMonitor(Monitor):
     ``grad.norm_rising`` (info: norm rising while the loss falls, as in Goodfellow's figure).
 
     ``grad.explosion`` is also raised, with the layer as ``where``, during the spike rule's
-    warm-up (its first ``warmup_steps`` steps, when it has no running level yet) and on logged
-    steps, by a history-free rule on each layer
+    warm-up (its first ``warmup_steps`` steps, when it has no running level yet), by a
+    history-free rule on each layer
     (:func:`~healthmon.numerics.update_size.judge_update_sizes`): the step's update exceeds
     ``update_ratio_limit`` times the layer's weights (their norm, floored at an RMS entry of
     1e-2 so zero-initialised parameters are not judged against 0), or ||g|| * ||w|| / |loss|
     exceeds ``sensitivity_limit`` (a gradient explosion that an Adam-type optimizer's normalised
-    first update would hide). The update is measured on sampled entries (up to 4096 a tensor;
-    small tensors whole), never on a full copy of the weights.
+    first update would hide). The update is measured on those steps and on logged steps (for
+    the ratio charts) only, on sampled entries (up to 4096 a tensor; small tensors whole), never
+    on a full copy of the weights.
 
     Args:
         every_n_steps: steps at which the statistics are computed (default every step: the trend
@@ -347,7 +348,7 @@ class GradientNormMonitor(Monitor):
             where=worst.layer,
             hint="Clip gradients (Trainer(gradient_clip_val=1.0)) and lower the learning rate; check "
             "this layer's initialisation (a recurrent weight with spectral radius well above 1 "
-            "explodes through time: use an orthogonal init or gain <= 1).",
+            "explodes through time: use an orthogonal init or a gain of at most 1).",
             value=worst.update_ratio if worst.rewritten else worst.sensitivity,
             step=step,
         )
