@@ -41,6 +41,13 @@ SENSITIVITY_LIMIT = 1e5
 SAMPLED_ENTRIES = 4096
 
 
+def _local(p: Tensor) -> Tensor:
+    """The detached weights this process holds (a sharded ``DTensor``'s local shard)."""
+    w = p.detach()
+    to_local = getattr(w, "to_local", None)
+    return to_local() if callable(to_local) else w
+
+
 class UpdateSampler:
     """Sampled weights before ``optimizer.step`` and the estimated update norms after it.
 
@@ -48,7 +55,7 @@ class UpdateSampler:
     reused; ||update||^2 of a sampled tensor is estimated as ``numel / k`` times the sum over
     its ``k`` sampled entries (unbiased for a uniform sample); a tensor of at most
     ``max_entries`` entries is kept whole and measured exactly. Weight norms are exact (a fused
-    norm of the weights in place, no copy).
+    norm of the weights in place, no copy). A sharded parameter is measured on this rank's shard.
     """
 
     def __init__(self, max_entries: int = SAMPLED_ENTRIES, seed: int = 0) -> None:
@@ -60,33 +67,34 @@ class UpdateSampler:
         self._scale: Tensor | None = None
         self.weight_norms: Tensor | None = None
 
-    def _index(self, p: Tensor) -> Tensor | None:
+    def _index(self, p: Tensor, w: Tensor) -> Tensor | None:
         key = id(p)
         if key not in self._indices:
-            n = p.numel()
+            n = w.numel()
             self._indices[key] = (
                 None if n <= self.max_entries else sample_indices(n, self.max_entries, self._generator)
             )
         idx = self._indices[key]
-        if idx is not None and idx.device != p.device:
-            idx = self._indices[key] = idx.to(p.device)
+        if idx is not None and idx.device != w.device:
+            idx = self._indices[key] = idx.to(w.device)
         return idx
 
     def before(self, params: Sequence[Tensor]) -> None:
         """Keep the sampled entries and the weight norms of ``params`` (call before the step)."""
         self._params = list(params)
-        kept, scale = [], []
+        kept, scale, weights = [], [], []
         for p in self._params:
-            w = p.detach()
-            idx = self._index(p)
+            w = _local(p)
+            weights.append(w)
+            idx = self._index(p, w)
             if idx is None:
                 kept.append(w.clone())
                 scale.append(1.0)
             else:
                 kept.append(torch.take(w, idx))
-                scale.append(p.numel() / idx.numel())
+                scale.append(w.numel() / idx.numel())
         self._before = kept
-        self.weight_norms = tensor_norms([p.detach() for p in self._params]) if self._params else None
+        self.weight_norms = tensor_norms(weights) if weights else None
         device = self.weight_norms.device if self.weight_norms is not None else None
         self._scale = torch.tensor(scale, dtype=torch.float32, device=device)
 
@@ -96,9 +104,11 @@ class UpdateSampler:
         self._params, self._before = [], []
         if not params or self._scale is None:
             return None
-        after = [
-            p.detach() if (idx := self._index(p)) is None else torch.take(p.detach(), idx) for p in params
-        ]
+        after = []
+        for p in params:
+            w = _local(p)
+            idx = self._index(p, w)
+            after.append(w if idx is None else torch.take(w, idx))
         diffs = torch._foreach_sub(after, before)
         squares = tensor_norms(diffs).square()
         return (squares * self._scale.to(squares.dtype)).sqrt()
