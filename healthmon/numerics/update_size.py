@@ -12,7 +12,11 @@ first steps of a run. Two per-layer quantities need no history:
   weights, relatively, along the gradient. An adaptive optimizer (Adam-type) normalises its first
   update to about ``lr`` per entry whatever the gradient, so only this one shows a gradient
   explosion under Adam. It is invariant to the loss's scale (sum or mean reduction) and zero for
-  zero-initialised parameters.
+  zero-initialised parameters. For a squared-error loss it grows like 1/sqrt(loss): a regression
+  that starts within 1e-4 of a perfect fit reaches ~3e3 (at step 0: digits MLP 0.9, LoRA 0.7,
+  a small transformer 0.4, a tanh RNN at gain 1 14),
+  so 1e5 is reached only by a start within ~3e-6 of perfect, or by an exploded gradient (a tanh
+  RNN with recurrent gain 5 over 50 steps: 4e6).
 
 Measuring ||w_after - w_before|| needs the weights from before the step. Instead of a full copy,
 :class:`UpdateSampler` keeps up to ``max_entries`` entries of each tensor (all of a small tensor,
