@@ -7,10 +7,14 @@ median step times (steady state) and of mean step times (amortised: periodic che
 
     python benchmarks/overhead.py                     # both models, default sizes
     python benchmarks/overhead.py --models mlp --mlp-steps 300 --repeats 2   # quick look
+    python benchmarks/overhead.py --clock cpu         # thread CPU time: robust on a shared machine
 
 Models: (a) MLP 64-512-512-10 on scikit-learn digits, batch 64, SGD, 1000 steps;
 (b) a small transformer language model (4 layers, d_model 256, seq 128, batch 16) on synthetic
 tokens. This is a script, not a test: wall-clock numbers belong in notes, never in asserts.
+
+It also prints healthmon's own time per step, measured directly: the time spent inside
+HealthMonitor's per-step hooks and its optimizer step hooks (a separate, instrumented run).
 """
 
 from __future__ import annotations
@@ -33,6 +37,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from healthmon import HealthMonitor, LogitsCheck
+from healthmon.monitors.health import PER_STEP_HOOKS
+
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.thread_time}
+clock: Callable[[], float] = time.perf_counter
 
 
 class StepTimer(pl.Callback):
@@ -45,7 +53,7 @@ class StepTimer(pl.Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        now = time.perf_counter()
+        now = clock()
         if self._last is not None:
             self.times.append(now - self._last)
         self._last = now
@@ -122,14 +130,56 @@ def token_loader(batch: int = 16, seq: int = 128, vocab: int = 512, n: int = 512
     return DataLoader(TensorDataset(tokens), batch_size=batch, shuffle=True, drop_last=True)
 
 
+def clock_cost() -> float:
+    """Seconds one reading of the clock takes (subtracted from each timed hook call)."""
+    n = 20000
+    start = clock()
+    for _ in range(n):
+        clock()
+    return (clock() - start) / n
+
+
+def timed_health_monitor(spent: list[float]) -> HealthMonitor:
+    """A default HealthMonitor whose time inside its hooks (per-step Lightning hooks and the
+    optimizer step hooks of its monitors) is added up per step in ``spent``."""
+    monitor = HealthMonitor(summary=False)
+    cost = clock_cost()
+
+    def timed(fn: Callable[..., Any], new_step: bool = False) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if new_step:
+                spent.append(0.0)
+            start = clock()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                if spent:
+                    spent[-1] += clock() - start - cost
+
+        return call
+
+    for hook in PER_STEP_HOOKS:
+        setattr(monitor, hook, timed(getattr(monitor, hook), hook == "on_train_batch_start"))
+    for m in monitor.monitors:
+        if hasattr(m, "_after_step"):  # registered on the optimizer at fit start
+            m._after_step = timed(m._after_step)  # type: ignore[attr-defined]
+    return monitor
+
+
 def run(
-    make_model: Callable[[bool], pl.LightningModule], loader: DataLoader, steps: int, variant: str
+    make_model: Callable[[bool], pl.LightningModule],
+    loader: DataLoader,
+    steps: int,
+    variant: str,
+    spent: list[float] | None = None,
 ) -> list[float]:
     torch.manual_seed(0)
     timer = StepTimer()
     callbacks: list[Any] = [timer]
     if variant == "healthmon":
         callbacks.append(HealthMonitor(summary=False))
+    elif variant == "healthmon_timed":
+        callbacks.append(timed_health_monitor(spent if spent is not None else []))
     with tempfile.TemporaryDirectory() as root:
         trainer = pl.Trainer(
             accelerator="cpu",
@@ -157,27 +207,32 @@ def measure(
         variants += ["logits_every_step", "forward_hooks_every_step"]
     # Paired ratios: each repeat runs every variant back to back, and a variant's ratio is taken
     # against the plain run of the same repeat; the median over repeats cancels slow drift.
-    per_run: dict[str, list[tuple[float, float]]] = {v: [] for v in variants}
+    per_run: dict[str, list[tuple[float, float, float]]] = {v: [] for v in variants}
     for r in range(repeats):
         order = variants if r % 2 == 0 else list(reversed(variants))  # alternate the order too
         for variant in order:
             times = run(make_model, loader, steps, variant)
-            per_run[variant].append((statistics.median(times), statistics.fmean(times)))
+            low = statistics.quantiles(times, n=10)[0]  # other processes only ever add time
+            per_run[variant].append((statistics.median(times), statistics.fmean(times), low))
 
     def ratio(a: str, b: str, which: int) -> float:
         return statistics.median(x[which] / y[which] for x, y in zip(per_run[a], per_run[b], strict=True))
 
-    plain_med = statistics.median(m for m, _ in per_run["plain"])
-    plain_mean = statistics.median(m for _, m in per_run["plain"])
-    print(f"\n{name}: {steps} steps x {repeats} interleaved repeats, 1 torch thread")
+    plain_med = statistics.median(m for m, _, _ in per_run["plain"])
+    plain_mean = statistics.median(m for _, m, _ in per_run["plain"])
+    what = "thread CPU time" if clock is time.thread_time else "wall time"
+    print(f"\n{name}: {steps} steps x {repeats} interleaved repeats, 1 torch thread, {what}")
     print(f"  plain step: median {1e3 * plain_med:.3f} ms, mean {1e3 * plain_mean:.3f} ms")
-    print(f"  {'ratio (median of paired runs)':<30} {'steady (median)':>16} {'amortised (mean)':>17}")
+    print(
+        f"  {'ratio (median of paired runs)':<30} {'steady (median)':>16} {'amortised (mean)':>17}"
+        f" {'10th percentile':>16}"
+    )
     for label, a, b in (
         ("healthmon / plain", "healthmon", "plain"),
         ("grad_norm / plain (anchor)", "grad_norm", "plain"),
         ("healthmon / grad_norm", "healthmon", "grad_norm"),
     ):
-        print(f"  {label:<30} {ratio(a, b, 0):>16.3f} {ratio(a, b, 1):>17.3f}")
+        print(f"  {label:<30} {ratio(a, b, 0):>16.3f} {ratio(a, b, 1):>17.3f} {ratio(a, b, 2):>16.3f}")
     if extras:
         sampled = ratio("logits_every_step", "plain", 0)
         every = LogitsCheck().every_n_steps
@@ -185,6 +240,16 @@ def measure(
         print(f"    schedule (first 3 steps, then every {every}): ~{1 + (sampled - 1) / every:.4f}")
         hooks = ratio("forward_hooks_every_step", "plain", 0)
         print(f"  isfinite forward hooks on every module and step (NonFiniteMonitor avoids): {hooks:.3f}")
+    spent: list[float] = []
+    run(make_model, loader, steps, "healthmon_timed", spent)
+    spent = spent[5:]  # as the step times: the first iterations include start-up
+    mean, median = statistics.fmean(spent), statistics.median(spent)
+    low = statistics.quantiles(spent, n=10)[0]
+    print(
+        "  time inside healthmon's hooks (one instrumented run): "
+        f"median {1e6 * median:.0f} us a step ({100 * median / plain_med:.1f}% of a plain step), "
+        f"mean {1e6 * mean:.0f} us ({100 * mean / plain_mean:.1f}%), 10th percentile {1e6 * low:.0f} us"
+    )
 
 
 def main() -> None:
@@ -195,7 +260,12 @@ def main() -> None:
     parser.add_argument("--mlp-steps", type=int, default=1000)
     parser.add_argument("--lm-steps", type=int, default=60)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--clock", choices=sorted(CLOCKS), default="wall", help="wall time, or this thread's CPU time"
+    )
     args = parser.parse_args()
+    global clock
+    clock = CLOCKS[args.clock]
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)

@@ -143,7 +143,8 @@ CODES: dict[str, CodeInfo] = _codes(
     CodeInfo(
         "grad.explosion",
         "warning",
-        "The gradient norm spiked far above its running level.",
+        "The gradient norm spiked far above its running level, or (first steps) one step's update or"
+        " gradient was far too large for a layer's weights.",
         "Lower the learning rate or clip gradients (Trainer(gradient_clip_val=1.0)).",
         "Too high a learning rate usually causes explosion",
     ),

@@ -41,6 +41,8 @@ CASES: list[tuple[Any, dict[str, Any], str, str]] = [
     (GradientNormMonitor, {"blowup_factor": NAN}, "blowup_factor", "expected a finite number > 1.0, got nan"),
     (GradientNormMonitor, {"divergence_window": 2}, "divergence_window", "expected an integer >= 3, got 2"),
     (GradientNormMonitor, {"update_ratios": "no"}, "update_ratios", "expected True or False"),
+    (GradientNormMonitor, {"update_ratio_limit": 0.0}, "update_ratio_limit", "got 0.0"),
+    (GradientNormMonitor, {"sensitivity_limit": NAN}, "sensitivity_limit", "got nan"),
     (GradientNormMonitor, {"on_alert": "halt"}, "on_alert", "got 'halt'"),
     (NonFiniteMonitor, {"max_replays": -1}, "max_replays", "expected an integer >= 0, got -1"),
     (NonFiniteMonitor, {"find_module": "yes"}, "find_module", "expected True or False"),

@@ -129,7 +129,8 @@ class Monitor(Callback):
         hub.policy = strictest_policy(policies + [m.policy for m in peers])
 
     def should_run(self, trainer: pl.Trainer) -> bool:
-        return bool(self._schedule(int(trainer.global_step)))
+        hub = self._hub
+        return bool(self._schedule(int(trainer.global_step) if hub is None else hub.global_step(trainer)))
 
     def declare_layout(self, hub: Hub) -> None:
         """Add this monitor's charts to the custom-scalars layout (override)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import pytorch_lightning as pl
@@ -14,7 +15,7 @@ from healthmon._checks import Cadence
 from healthmon.alerts import OnAlert, Severity
 from healthmon.monitors.base import Monitor
 from healthmon.monitors.hub import Hub
-from healthmon.numerics.gradients import global_norm, tensor_norms, update_ratios
+from healthmon.numerics.gradients import combined_norms_by_group, global_norm, tensor_norms
 from healthmon.numerics.trends import (
     CollapseRule,
     DivergenceRule,
@@ -22,6 +23,14 @@ from healthmon.numerics.trends import (
     SpikeRule,
     load_rule_state,
     rule_state,
+)
+from healthmon.numerics.update_size import (
+    SENSITIVITY_LIMIT,
+    UPDATE_RATIO_LIMIT,
+    OversizedStep,
+    UpdateSampler,
+    judge_update_sizes,
+    layer_update_table,
 )
 
 TAG_LOSS = "healthmon/loss"
@@ -38,6 +47,19 @@ def optimizer_tag(tag: str, index: int) -> str:
     """The tag of optimizer ``index``: optimizer 0 keeps the contract tags (``healthmon/loss``,
     ``healthmon/grad/norm``); optimizer k > 0 gets ``healthmon/optimizer_k/loss``, ..."""
     return tag if index == 0 else TAG_OPTIMIZER.format(index) + tag.removeprefix("healthmon/")
+
+
+@dataclass
+class _MeasuredStep:
+    """What the post-step hook needs to measure and judge the update of one optimizer step."""
+
+    step: int
+    log_ratios: bool  # a logged step: write the update ratios
+    judge: bool  # a first step (the spike rule has no level yet): judge the update's size
+    layer_index: list[int]
+    numels: list[int]
+    grad_norms: dict[int, float]  # per layer, from the hub's per-tensor norms
+    loss: float | None
 
 
 class GradientNormMonitor(Monitor):
@@ -63,6 +85,17 @@ class GradientNormMonitor(Monitor):
     :class:`~healthmon.numerics.trends.DivergenceRule`) and
     ``grad.norm_rising`` (info: norm rising while the loss falls, as in Goodfellow's figure).
 
+    ``grad.explosion`` is also raised, with the layer as ``where``, during the spike rule's
+    warm-up (its first ``warmup_steps`` steps, when it has no running level yet), by a
+    history-free rule on each layer
+    (:func:`~healthmon.numerics.update_size.judge_update_sizes`): the step's update exceeds
+    ``update_ratio_limit`` times the layer's weights (their norm, floored at an RMS entry of
+    1e-2 so zero-initialised parameters are not judged against 0), or ||g|| * ||w|| / |loss|
+    exceeds ``sensitivity_limit`` (a gradient explosion that an Adam-type optimizer's normalised
+    first update would hide). The update is measured on those steps and on logged steps (for
+    the ratio charts) only, on sampled entries (up to 4096 a tensor; small tensors whole), never
+    on a full copy of the weights.
+
     Args:
         every_n_steps: steps at which the statistics are computed (default every step: the trend
             rules need the series).
@@ -73,6 +106,8 @@ class GradientNormMonitor(Monitor):
         divergence_window: steps over which a steady loss rise is judged.
         divergence_rise: relative rise over the window that counts as divergence.
         update_ratios: log ||update|| / ||weight|| per layer on logged steps.
+        update_ratio_limit: update / weight ratio of one step that counts as rewriting a layer.
+        sensitivity_limit: ||g|| * ||w|| / |loss| of a layer that counts as an exploded gradient.
         on_alert: see :class:`~healthmon.monitors.base.Monitor`.
         fail_on: see :class:`~healthmon.monitors.base.Monitor`.
         log_every_n_steps: see :class:`~healthmon.monitors.base.Monitor`.
@@ -89,6 +124,8 @@ class GradientNormMonitor(Monitor):
         divergence_window: int = 50,
         divergence_rise: float = 0.5,
         update_ratios: bool = True,
+        update_ratio_limit: float = UPDATE_RATIO_LIMIT,
+        sensitivity_limit: float = SENSITIVITY_LIMIT,
         on_alert: OnAlert = "warn",
         fail_on: Severity = "warning",
         log_every_n_steps: int | None = None,
@@ -108,9 +145,12 @@ class GradientNormMonitor(Monitor):
         if not isinstance(update_ratios, bool):
             raise TypeError(f"`update_ratios`: expected True or False, got {update_ratios!r}.")
         self.update_ratios = update_ratios
+        self.update_ratio_limit = _checks.positive_float(update_ratio_limit, "update_ratio_limit")
+        self.sensitivity_limit = _checks.positive_float(sensitivity_limit, "sensitivity_limit")
         self._reset_rules()
         self._hooks: list[Any] = []
-        self._snapshot: list[Tensor] | None = None
+        self._sampler = UpdateSampler()
+        self._measured: _MeasuredStep | None = None
         self._snapshot_params: list[Tensor] = []
         self._clip_on = False
         self._snapshot_step = 0
@@ -151,6 +191,8 @@ class GradientNormMonitor(Monitor):
             "divergence_window": self.divergence_window,
             "divergence_rise": self.divergence_rise,
             "update_ratios": self.update_ratios,
+            "update_ratio_limit": self.update_ratio_limit,
+            "sensitivity_limit": self.sensitivity_limit,
         }
 
     @override
@@ -195,12 +237,12 @@ class GradientNormMonitor(Monitor):
             if len(optimizer.param_groups) > 1 and stats.group_norms is not None:
                 group = optimizer_tag(TAG_GROUP, index)
                 values.update({f"{group}{i}": v for i, v in enumerate(stats.group_norms)})
-            if (self.update_ratios or self._clip_on) and stats.params:
-                # Weights before the update; the post-step hook measures the update and, with
-                # clipping on, the clipped gradient (clipping runs after this hook, in place).
+            if self._clip_on and stats.params:
+                # The post-step hook measures the clipped gradient (clipping runs after this
+                # hook, in place).
                 self._snapshot_step = step
                 self._snapshot_params = stats.params
-                self._snapshot = [p.detach().clone() for p in stats.params] if self.update_ratios else []
+        self._arm_update_measure(stats, logged=stats.layer_norms is not None)
         hub.log(trainer, values, step)
         if not stats.skipped:  # a step the GradScaler skips says nothing about the trends
             self._judge(trainer, stats.norm, stats.loss, index)
@@ -245,35 +287,124 @@ class GradientNormMonitor(Monitor):
                 where=where,
             )
 
+    # ---- the update across optimizer.step: ratios on logged steps, first-step explosions -------
+    def _arm_update_measure(self, stats: Any, *, logged: bool) -> None:
+        """Sample the weights before the update when the post-step hook will need them.
+
+        On logged steps (the ratios are written) and while the spike rule has no running level
+        (the update's size is judged): the rest of the run pays nothing.
+        """
+        log_ratios = logged and self.update_ratios
+        spike = self.rules(stats.optimizer_index)["spike"]
+        judge = spike.seen < spike.warmup and not stats.skipped  # a skipped step has no update
+        index = self.hub.params
+        if not (log_ratios or judge) or not stats.params or index is None:
+            return
+        layer_index = [index.layer_of.get(id(p), 0) for p in stats.params]
+        self._sampler.before(stats.params)
+        self._measured = _MeasuredStep(
+            step=stats.step,
+            log_ratios=log_ratios,
+            judge=judge,
+            layer_index=layer_index,
+            numels=[p.numel() for p in stats.params],
+            grad_norms=combined_norms_by_group(stats.per_tensor_host, layer_index) if judge else {},  # type: ignore[arg-type]
+            loss=stats.loss,
+        )
+
     # ---- optimizer step hook: the update itself, and the gradient after clipping ----------------
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        params, before = self._snapshot_params, self._snapshot
-        self._snapshot, self._snapshot_params = None, []
-        if before is None or self._hub is None or self._hub.params is None or not params:
+        params = self._snapshot_params
+        self._snapshot_params = []
+        measured, self._measured = self._measured, None
+        if self._hub is None or self._hub.params is None:
+            self._sampler.disarm()
             return
         hub, step = self._hub, self._snapshot_step
-        if self._clip_on:
+        if self._clip_on and params:
             grads = [p.grad for p in params if p.grad is not None]
             if grads:
                 norm = global_norm(tensor_norms(grads))
                 hub.defer(norm, lambda v: hub.log(self._trainer, {TAG_NORM_CLIPPED: v[0]}, step))
-        if not before:
+        weight_norms = self._sampler.weight_norms
+        update_norms = self._sampler.update_norms()
+        if measured is None or update_norms is None or weight_norms is None:
             return
-        idx = [hub.params.layer_of.get(id(p), 0) for p in params]
+        num_layers = len(hub.params.layers)
+        table = layer_update_table(update_norms, weight_norms, torch.tensor(measured.layer_index), num_layers)
+        hub.defer(table, lambda v: self._on_update_sizes(measured, v[:num_layers], v[num_layers:]))
+
+    def _on_update_sizes(self, measured: _MeasuredStep, updates: list[float], weights: list[float]) -> None:
+        hub = self.hub
+        assert hub.params is not None
         layers = hub.params.layers
-        ratio = update_ratios(before, [p.detach() for p in params], torch.tensor(idx), len(layers))
-        present = sorted(set(idx))
+        present = sorted(set(measured.layer_index))
+        if measured.log_ratios:
+            tiny = torch.finfo(torch.float32).tiny
+            ratios = {TAG_UPDATE_RATIO + layers[i]: updates[i] / max(weights[i], tiny) for i in present}
+            hub.log(self._trainer, ratios, measured.step)
+        if not measured.judge:
+            return
+        layer_numel = [0] * len(layers)
+        for i, n in zip(measured.layer_index, measured.numels, strict=True):
+            layer_numel[i] += n
+        found = judge_update_sizes(
+            [layers[i] for i in present],
+            [updates[i] for i in present],
+            [weights[i] for i in present],
+            [measured.grad_norms.get(i, 0.0) for i in present],
+            [layer_numel[i] for i in present],
+            measured.loss,
+            ratio_limit=self.update_ratio_limit,
+            sensitivity_limit=self.sensitivity_limit,
+        )
+        if found:
+            self._alert_oversized(measured.step, found)
 
-        def log_ratios(values: list[float]) -> None:
-            hub.log(self._trainer, {TAG_UPDATE_RATIO + layers[i]: values[i] for i in present}, step)
-
-        hub.defer(ratio, log_ratios)
+    def _alert_oversized(self, step: int, found: list[OversizedStep]) -> None:
+        worst = found[0]
+        what = []
+        if worst.rewritten:
+            what.append(
+                f"the update was {worst.update_ratio:.3g}x the layer's weights "
+                f"(||update|| {worst.update_norm:.3g}, ||weight|| {worst.weight_norm:.3g})"
+            )
+        if worst.exploded:
+            what.append(
+                f"its gradient norm {worst.grad_norm:.3g} gives a loss sensitivity ||g||*||w||/|loss| of "
+                f"{worst.sensitivity:.3g}: the gradient exploded"
+            )
+        else:
+            what.append(
+                f"its gradient norm {worst.grad_norm:.3g} is ordinary for its weights: the learning rate "
+                "is too large for this layer"
+            )
+        others = (
+            f" {len(found) - 1} more layer(s) too: {', '.join(f.layer for f in found[1:4])}."
+            if len(found) > 1
+            else ""
+        )
+        self.hub.alert(
+            self._trainer,
+            "grad.explosion",
+            f"Optimizer step {step}, layer {worst.layer}: {'; '.join(what)} (first-step limits, before "
+            f"any running level exists: update {self.update_ratio_limit:g}x the weights, sensitivity "
+            f"{self.sensitivity_limit:g}).{others}",
+            where=worst.layer,
+            hint="Clip gradients (Trainer(gradient_clip_val=1.0)) and lower the learning rate; check "
+            "this layer's initialisation (a recurrent weight with spectral radius well above 1 "
+            "explodes through time: use an orthogonal init or a gain of at most 1).",
+            value=worst.update_ratio if worst.rewritten else worst.sensitivity,
+            step=step,
+        )
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._snapshot, self._snapshot_params = None, []  # the step was skipped (AMP inf) if still set
+        # The step was skipped (AMP inf) if these are still set.
+        self._snapshot_params, self._measured = [], None
+        self._sampler.disarm()
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     @override

@@ -152,8 +152,12 @@ class HealthMonitor(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        for m in self._per_step["on_train_batch_start"]:
-            m.on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        self.hub.step_now = trainer.global_step
+        try:
+            for m in self._per_step["on_train_batch_start"]:
+                m.on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        finally:
+            self.hub.step_now = None
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
@@ -170,10 +174,14 @@ class HealthMonitor(Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        for m in self._per_step["on_before_optimizer_step"]:
-            m.on_before_optimizer_step(trainer, pl_module, optimizer)
-        self.hub.end_step()  # the next optimizer step (of this or another optimizer) gets its own loss
-        self.hub.enforce_policy(trainer, optimizer)
+        self.hub.step_now = trainer.global_step
+        try:
+            for m in self._per_step["on_before_optimizer_step"]:
+                m.on_before_optimizer_step(trainer, pl_module, optimizer)
+            self.hub.end_step()  # the next optimizer step (of this or another optimizer) gets its own loss
+            self.hub.enforce_policy(trainer, optimizer)
+        finally:
+            self.hub.step_now = None
 
     @override
     def on_before_zero_grad(
@@ -186,11 +194,15 @@ class HealthMonitor(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        for m in self._per_step["on_train_batch_end"]:
-            m.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        self.hub.enforce_policy(trainer)
-        if self.hub.is_log_step(trainer):
-            self.hub.gather_alerts(trainer)
+        self.hub.step_now = trainer.global_step
+        try:
+            for m in self._per_step["on_train_batch_end"]:
+                m.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            self.hub.enforce_policy(trainer)
+            if self.hub.is_log_step(trainer):
+                self.hub.gather_alerts(trainer)
+        finally:
+            self.hub.step_now = None
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

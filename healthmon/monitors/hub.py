@@ -181,6 +181,7 @@ class Hub:
         self._deferred: list[tuple[Tensor, Callable[[list[float]], None]]] = []
         self._cache_step = -1
         self._last_logged: dict[int, int] = {}
+        self.step_now: int | None = None
         self._started_at = 0.0
         self._finished = False
 
@@ -252,6 +253,15 @@ class Hub:
         )
 
     # ---- per-step state --------------------------------------------------------------------
+    def global_step(self, trainer: Any) -> int:
+        """The trainer's global step; read once per hook while a bundle dispatches one.
+
+        Lightning's ``global_step`` walks five objects; the monitors ask for it a dozen times a
+        step, so ``HealthMonitor`` sets :attr:`step_now` for the duration of each per-step hook.
+        """
+        step = self.step_now
+        return int(trainer.global_step) if step is None else step
+
     def is_log_step(self, trainer: Any, optimizer_index: int | None = None) -> bool:
         """Whether scalars are written at this step.
 
@@ -260,7 +270,7 @@ class Hub:
         step is a global step, so a second optimizer may never step on a multiple).
         """
         every = self.log_every_n_steps or max(int(getattr(trainer, "log_every_n_steps", 50)), 1)
-        step = int(trainer.global_step)
+        step = self.global_step(trainer)
         if optimizer_index is None:
             return step % every == 0
         last = self._last_logged.get(optimizer_index)
@@ -289,7 +299,7 @@ class Hub:
         the loss and any deferred values together; the global, per-layer and per-group norms
         are then sums of squares on the host (no further kernels).
         """
-        step = int(trainer.global_step)
+        step = self.global_step(trainer)
         if step != self._cache_step:
             self._grad_cache.clear()
             self._cache_step = step
@@ -391,11 +401,15 @@ class Hub:
         hint: str | None = None,
         severity: str | None = None,
         value: float | None = None,
+        step: int | None = None,
     ) -> Alert:
-        """Record an alert; warn on the first occurrence; raise or stop as the policy says."""
+        """Record an alert; warn on the first occurrence; raise or stop as the policy says.
+
+        ``step`` is the step the alert is about when it is judged later (deferred values).
+        """
         alert = make_alert(
             code,
-            int(trainer.global_step),
+            int(trainer.global_step) if step is None else step,
             message,
             where=where,
             hint=hint,

@@ -24,6 +24,9 @@ def _as_real_dense(t: Tensor) -> Tensor:
     return t
 
 
+_NARROW_FLOATS = frozenset((torch.float32, torch.float16, torch.bfloat16))
+
+
 def tensor_norms(tensors: Sequence[Tensor]) -> Tensor:
     """Per-tensor L2 norms as one vector, computed with one fused foreach kernel per device.
 
@@ -33,6 +36,14 @@ def tensor_norms(tensors: Sequence[Tensor]) -> Tensor:
     """
     if not tensors:
         return torch.zeros(0)
+    if all(t.dtype in _NARROW_FLOATS and t.layout is torch.strided for t in tensors):
+        # the common case, checked in one pass: dense real tensors that float32 can accumulate
+        norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
+        try:
+            return torch.stack(norms)
+        except RuntimeError:  # tensors on several devices: gather the norms on the first one
+            device = norms[0].device
+            return torch.stack([n if n.device == device else n.to(device) for n in norms])
     dense = [_as_real_dense(t) for t in tensors]
     wide = [i for i, t in enumerate(dense) if t.dtype == torch.float64]
     if not wide:

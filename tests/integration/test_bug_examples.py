@@ -28,6 +28,7 @@ CASES = [
     ("batch_nonfinite", "batch.nonfinite", None, True),
     ("update_nonfinite", "update.nonfinite", None, True),
     ("grad_explosion", "grad.explosion", None, True),
+    ("grad_explosion_first_step", "grad.explosion", None, True),
     ("loss_divergence", "loss.divergence", None, True),
     ("grad_zero", "grad.zero", UNDERFLOW, True),
     ("grad_underflow", "grad.underflow", UNDERFLOW, True),
