@@ -7,6 +7,8 @@ branch is NaN/Inf, and its zero incoming gradient times inf is NaN).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -46,6 +48,24 @@ BACKWARD_EXPLAINED = frozenset(
 )
 
 
+def _masked_note(x: Any, grad_out: list[Tensor | None], grad_in: list[Tensor | None]) -> str:
+    """The ``torch.where`` trap: the non-finite gradient entries had a zero incoming gradient."""
+    g = next((t for t in grad_out if isinstance(t, Tensor)), None)
+    if g is None or not isinstance(x, Tensor) or g.shape != x.shape:
+        return ""
+    bad = next((t for t in grad_in if isinstance(t, Tensor) and t.shape == g.shape), None)
+    if bad is None:
+        return ""
+    with torch.no_grad():
+        where_bad = ~torch.isfinite(bad)
+        if bool(where_bad.any()) and bool((g[where_bad] == 0).all()):
+            return (
+                " The incoming gradient there is 0 (those entries were discarded by torch.where or "
+                "a mask), but 0 * inf = NaN: a where does not stop NaN in the branch it discards."
+            )
+    return ""
+
+
 @torch.no_grad()
 def explain_backward(
     op: TracedOp, grad_out: list[Tensor | None], grad_in: list[Tensor | None]
@@ -54,18 +74,7 @@ def explain_backward(
     name = op.name
     args, kwargs = op.args, op.kwargs
     x = argument(args, kwargs, 0, "input")
-    masked = ""
-    g = next((t for t in grad_out if isinstance(t, Tensor)), None)
-    if g is not None and isinstance(x, Tensor) and g.shape == x.shape:
-        bad = next((t for t in grad_in if isinstance(t, Tensor) and t.shape == g.shape), None)
-        if bad is not None:
-            with torch.no_grad():
-                where_bad = ~torch.isfinite(bad)
-                if bool(where_bad.any()) and bool((g[where_bad] == 0).all()):
-                    masked = (
-                        " The incoming gradient there is 0 (those entries were discarded by torch.where or "
-                        "a mask), but 0 * inf = NaN: a where does not stop NaN in the branch it discards."
-                    )
+    masked = _masked_note(x, grad_out, grad_in)
     safe_where = (
         "Make the discarded branch safe too (the safe-where pattern): "
         "torch.where(h > 0, torch.sqrt(torch.where(h > 0, h, 1.0)), 0.0)"

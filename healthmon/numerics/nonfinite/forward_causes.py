@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,6 +17,7 @@ from torch import Tensor
 
 from healthmon.numerics.nonfinite.hints import HINT_GENERIC, overflow_hint
 from healthmon.numerics.nonfinite.operations import TracedOp, argument
+from healthmon.numerics.nonfinite.producers import Producer, came_from
 from healthmon.numerics.nonfinite.values import (
     NAN,
     NEGINF,
@@ -28,9 +30,6 @@ from healthmon.numerics.nonfinite.values import (
 )
 from healthmon.numerics.precision import dtype_name
 
-#: The traced operation that made a tensor (the tracer's ``producer``).
-Producer = Callable[[Any], TracedOp | None]
-
 #: Operations whose forward is explained from their input values (kept for in-place variants).
 FORWARD_EXPLAINED = frozenset(
     {"log", "log2", "log10", "log1p", "sqrt", "rsqrt", "div", "divide", "true_divide", "truediv", "itruediv"}
@@ -38,58 +37,13 @@ FORWARD_EXPLAINED = frozenset(
 )
 
 
-def _came_from(op: TracedOp | None, names: set[str], depth: int = 0) -> TracedOp | None:
-    """The nearest producer among ``names``, following single-input elementwise steps back."""
-    if op is None or depth > 6:
-        return None
-    if op.name in names:
-        return op
-    if op.name in _PASS_THROUGH:
-        for parent in op.parents:
-            found = _came_from(parent, names, depth + 1)
-            if found is not None:
-                return found
-    return None
-
-
-_PASS_THROUGH = frozenset(
-    {
-        "rsub",
-        "sub",
-        "add",
-        "radd",
-        "mul",
-        "rmul",
-        "clone",
-        "contiguous",
-        "to",
-        "float",
-        "double",
-        "half",
-        "view",
-        "reshape",
-        "squeeze",
-        "unsqueeze",
-        "flatten",
-        "getitem",
-        "gather",
-        "index_select",
-        "transpose",
-        "permute",
-        "expand",
-        "expand_as",
-        "neg",
-        "abs",
-        "clamp",
-    }
-)
 _PROB_OPS = {"softmax", "sigmoid", "expit", "exp"}
 _SPREAD_OPS = {"std", "var", "std_mean", "var_mean", "norm", "vector_norm", "sqrt"}
 
 
 def _zeros_note(x: Tensor, producer: Producer) -> str:
     """Where exact zeros under a log came from: a softmax/sigmoid/exp that underflowed or saturated."""
-    src = _came_from(producer(x), _PROB_OPS)
+    src = came_from(producer(x), _PROB_OPS)
     if src is None:
         return ""
     fn = {"softmax": "softmax", "sigmoid": "sigmoid", "expit": "sigmoid", "exp": "exp"}[src.name]
@@ -102,27 +56,63 @@ def _zeros_note(x: Tensor, producer: Producer) -> str:
     )
 
 
-@torch.no_grad()
-def explain_forward(
-    op: TracedOp,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    inputs: list[Tensor],
-    in_kinds: list[frozenset[str]],
-    out: Tensor,
-    new: frozenset[str],
-    producer: Producer,
-) -> tuple[str, str]:
-    """What about the inputs of ``op`` produced the non-finite ``new`` kinds in ``out``, and the fix.
+def _denominator_note(den: Tensor, producer: Producer) -> str:
+    """Where a zero denominator came from: a std of a constant feature, a zero norm, an empty count."""
+    note = ""
+    src = came_from(producer(den), _SPREAD_OPS)
+    if src is not None and src.name in ("std", "var", "std_mean", "var_mean"):
+        note = (
+            f" The denominator comes from {src.name} at {src.where}: a feature that is constant "
+            "across the batch has a spread of exactly 0."
+        )
+    elif src is not None and src.name == "sqrt":
+        note = (
+            f" The denominator comes from sqrt at {src.where}, which is 0 there (a variance or "
+            "a squared norm that is exactly 0)."
+        )
+    elif src is not None:
+        note = f" The denominator comes from {src.name} at {src.where}: a zero vector has norm 0."
+    elif came_from(producer(den), {"sum", "count_nonzero"}) is not None:
+        note = " The denominator is a count or a sum that is 0 in this batch (no positives?)."
+    return note
 
-    ``producer`` finds the operation that made an input, to follow it back (the softmax whose zeros
-    reached the log, the ``std`` under a division).
-    """
-    name = op.name
-    produced = kinds_text(new)
-    x = argument(args, kwargs, 0, "input")
-    finfo = finfo_of(out)
-    dt = dtype_name(out.dtype)
+
+Cause = tuple[str, str]
+
+
+@dataclass
+class _Call:
+    """A traced call whose output holds new NaN/Inf, as the explanations read it."""
+
+    op: TracedOp
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    inputs: list[Tensor]
+    out: Tensor
+    new: frozenset[str]
+    producer: Producer
+
+    @property
+    def name(self) -> str:
+        return self.op.name
+
+    @property
+    def x(self) -> Any:
+        """The first argument (``input``)."""
+        return argument(self.args, self.kwargs, 0, "input")
+
+    @property
+    def finfo(self) -> torch.finfo:
+        return finfo_of(self.out)
+
+    @property
+    def dt(self) -> str:
+        return dtype_name(self.out.dtype)
+
+
+def _log(c: _Call) -> Cause | None:
+    """log of exact zeros (from a softmax/sigmoid that underflowed?) or of negatives."""
+    name, x, producer = c.name, c.x, c.producer
     if name in ("log", "log2", "log10") and isinstance(x, Tensor):
         zeros, neg = count_true(x == 0), count_true(x < 0)
         parts = []
@@ -131,7 +121,7 @@ def explain_forward(
         if neg:
             parts.append(f"log of {neg} negative value(s) (min {number_text(float(x.min()))}) gives NaN.")
         note = _zeros_note(x, producer) if zeros else ""
-        src = _came_from(producer(x), _PROB_OPS)
+        src = came_from(producer(x), _PROB_OPS)
         if src is not None and src.name == "softmax":
             hint = (
                 "Use F.log_softmax(z, dim=...) instead of torch.log(F.softmax(z, dim=...)) (or "
@@ -148,16 +138,28 @@ def explain_forward(
                 "eps), or work in log space."
             )
         return " ".join(parts) + note, hint
+    return None
+
+
+def _log1p(c: _Call) -> Cause | None:
+    """log1p of values at or below -1."""
+    name, x = c.name, c.x
     if name == "log1p" and isinstance(x, Tensor):
         return (
             f"log1p of {count_true(x <= -1)} value(s) <= -1 (min {number_text(float(x.min()))}).",
             "Keep the argument of log1p above -1 (clamp it).",
         )
+    return None
+
+
+def _root(c: _Call) -> Cause | None:
+    """sqrt of negatives (a variance by subtraction?) or rsqrt of zeros."""
+    name, x, producer = c.name, c.x, c.producer
     if name in ("sqrt", "rsqrt") and isinstance(x, Tensor):
         neg = count_true(x < 0)
         if neg:
             note = ""
-            if _came_from(producer(x), {"sub", "rsub"}) is not None:
+            if came_from(producer(x), {"sub", "rsub"}) is not None:
                 note = (
                     " Its input is a difference (a variance written as E[x^2] - E[x]^2?) that rounding "
                     "made slightly negative."
@@ -171,6 +173,12 @@ def explain_forward(
             f"rsqrt of {count_true(x == 0)} exact zero(s) gives +inf.",
             "Add an epsilon: torch.rsqrt(v + eps).",
         )
+    return None
+
+
+def _division(c: _Call) -> Cause | None:
+    """Division by zero (from a std of a constant feature, a zero norm, an empty count) or overflow."""
+    name, x, args, kwargs, producer, finfo, dt = c.name, c.x, c.args, c.kwargs, c.producer, c.finfo, c.dt
     if name in (
         "div",
         "divide",
@@ -202,22 +210,7 @@ def explain_forward(
                 elif isinstance(num, (int, float)) and num == 0:
                     both = n_zero
                 detail = f" ({both} of them 0/0 = NaN)" if both else ""
-                note = ""
-                src = _came_from(producer(den), _SPREAD_OPS)
-                if src is not None and src.name in ("std", "var", "std_mean", "var_mean"):
-                    note = (
-                        f" The denominator comes from {src.name} at {src.where}: a feature that is constant "
-                        "across the batch has a spread of exactly 0."
-                    )
-                elif src is not None and src.name == "sqrt":
-                    note = (
-                        f" The denominator comes from sqrt at {src.where}, which is 0 there (a variance or "
-                        "a squared norm that is exactly 0)."
-                    )
-                elif src is not None:
-                    note = f" The denominator comes from {src.name} at {src.where}: a zero vector has norm 0."
-                elif _came_from(producer(den), {"sum", "count_nonzero"}) is not None:
-                    note = " The denominator is a count or a sum that is 0 in this batch (no positives?)."
+                note = _denominator_note(den, producer)
                 return (
                     f"division by exact zero: {n_zero} denominator "
                     f"entr{'y is' if n_zero == 1 else 'ies are'} 0{detail}.{note}",
@@ -230,6 +223,12 @@ def explain_forward(
                 f"(smallest |denominator| {number_text(tiny)}).",
                 "Add an epsilon to the denominator or compute in float32.",
             )
+    return None
+
+
+def _exp_overflow(c: _Call) -> Cause | None:
+    """exp overflow: the largest input against the limit of the dtype."""
+    name, x, finfo, dt = c.name, c.x, c.finfo, c.dt
     if name in ("exp", "exp2", "expm1", "cosh", "sinh") and isinstance(x, Tensor):
         top = float(x.detach().max())
         limit = math.log(finfo.max) if name != "exp2" else math.log2(finfo.max)
@@ -240,6 +239,12 @@ def explain_forward(
             "use torch.softmax / F.log_softmax / torch.logsumexp; for a scale such as exp(logvar), "
             "clamp the input (logvar.clamp(max=20)) or use F.softplus.",
         )
+    return None
+
+
+def _masked_attention(c: _Call) -> Cause | None:
+    """Attention with a query whose keys are all masked."""
+    name, new = c.name, c.new
     if name in ("scaled_dot_product_attention", "multi_head_attention_forward") and NAN in new:
         return (
             "a query whose keys are all masked (a fully masked row: every position of a sequence is "
@@ -247,6 +252,12 @@ def explain_forward(
             "Make sure every query keeps at least one visible key (drop all-padding sequences, or unmask "
             "one position and zero the outputs of empty rows).",
         )
+    return None
+
+
+def _normalisation(c: _Call) -> Cause | None:
+    """A normalisation layer over a constant input without eps."""
+    name, args, kwargs, new = c.name, c.args, c.kwargs, c.new
     if name in ("layer_norm", "group_norm", "instance_norm", "batch_norm", "rms_norm") and NAN in new:
         eps = kwargs.get("eps", args[4] if name == "layer_norm" and len(args) > 4 else None)
         shown = f" with eps={eps!r}" if eps is not None else ""
@@ -254,6 +265,12 @@ def explain_forward(
             f"normalising values whose variance is exactly 0{shown}: (x - mean) / sqrt(var + eps) is 0/0.",
             "Keep a positive eps (the default 1e-5), or drop constant inputs.",
         )
+    return None
+
+
+def _masked_softmax(c: _Call) -> Cause | None:
+    """A softmax over a row that is entirely -inf."""
+    name, new = c.name, c.new
     if name in ("softmax", "log_softmax", "logsumexp") and NAN in new:
         return (
             "a row whose entries are all -inf (a fully masked row, e.g. a padding-only sequence): "
@@ -261,17 +278,35 @@ def explain_forward(
             "Make sure every row keeps at least one unmasked position, or fill masks with "
             "torch.finfo(dtype).min instead of -inf and zero the outputs of empty rows.",
         )
+    return None
+
+
+def _inf_minus_inf(c: _Call) -> Cause | None:
+    """inf - inf."""
+    name, new = c.name, c.new
     if name in ("sub", "rsub", "add", "radd", "isub", "iadd") and NAN in new:
         return (
             "inf - inf = NaN: infinities of the same sign are subtracted (e.g. a fully masked row minus "
             "its max).",
             "Keep at least one finite entry per row, or use torch.finfo(dtype).min instead of -inf.",
         )
+    return None
+
+
+def _zero_times_inf(c: _Call) -> Cause | None:
+    """0 * inf."""
+    name, new = c.name, c.new
     if name in ("mul", "rmul", "imul") and NAN in new:
         return (
             "0 * inf = NaN: an infinite factor meets an exact zero.",
             "Remove the infinity before multiplying (torch.where / masked_fill with a finite value).",
         )
+    return None
+
+
+def _power(c: _Call) -> Cause | None:
+    """A negative base to a fractional power, or 0 to a negative power."""
+    name, x, args, kwargs, new = c.name, c.x, c.args, c.kwargs, c.new
     if name in ("pow", "ipow", "rpow", "float_power") and isinstance(x, Tensor):
         e = argument(args, kwargs, 1, "exponent")
         if NAN in new:
@@ -285,11 +320,23 @@ def explain_forward(
                 f"0 raised to the negative power {e!r} gives +inf ({count_true(x == 0)} zeros).",
                 "Add an epsilon to the base: (x + eps) ** p.",
             )
+    return None
+
+
+def _unbiased_single_value(c: _Call) -> Cause | None:
+    """The unbiased std/var of a single value."""
+    name, new = c.name, c.new
     if name in ("std", "var", "std_mean", "var_mean") and NAN in new:
         return (
             "the unbiased estimator of a single value divides by N - 1 = 0.",
             "Use correction=0 (unbiased=False), or reduce over more than one element.",
         )
+    return None
+
+
+def _empty_mean(c: _Call) -> Cause | None:
+    """The mean of nothing: an empty selection, or every target ignored."""
+    name, x, args, kwargs, new = c.name, c.x, c.args, c.kwargs, c.new
     if name in ("mean", "nanmean", "cross_entropy", "nll_loss") and NAN in new and isinstance(x, Tensor):
         if x.numel() == 0:
             return (
@@ -310,6 +357,12 @@ def explain_forward(
                 "Skip batches without a valid target, or use reduction='sum' divided by the count clamped "
                 "to 1.",
             )
+    return None
+
+
+def _domain(c: _Call) -> Cause | None:
+    """acos/asin/atanh outside [-1, 1]."""
+    name, x = c.name, c.x
     if name in ("acos", "arccos", "asin", "arcsin", "atanh", "arctanh") and isinstance(x, Tensor):
         top = float(x.detach().abs().max())
         return (
@@ -317,6 +370,12 @@ def explain_forward(
             f"(max |x| = {top!r}; rounding pushed a cosine past 1?).",
             "Clamp into the domain: x.clamp(-1 + 1e-7, 1 - 1e-7).",
         )
+    return None
+
+
+def _cast_overflow(c: _Call) -> Cause | None:
+    """A cast to a narrower dtype that overflows."""
+    name, inputs, out, new, finfo, dt = c.name, c.inputs, c.out, c.new, c.finfo, c.dt
     if name in ("to", "half", "bfloat16", "type") and (POSINF in new or NEGINF in new):
         top = largest_finite(inputs)
         return (
@@ -324,6 +383,12 @@ def explain_forward(
             f"maximum {number_text(finfo.max)}.",
             overflow_hint(out.dtype),
         )
+    return None
+
+
+def _overflow(c: _Call) -> Cause | None:
+    """Any other result beyond the maximum of the dtype."""
+    inputs, out, new, finfo, dt = c.inputs, c.out, c.new, c.finfo, c.dt
     if POSINF in new or NEGINF in new:
         top = largest_finite(inputs)
         shown = f" (largest input magnitude {number_text(top)})" if top is not None else ""
@@ -331,4 +396,49 @@ def explain_forward(
             f"the result exceeds the {dt} maximum {number_text(finfo.max)}{shown}: overflow.",
             overflow_hint(out.dtype),
         )
-    return (f"it turned finite inputs into {produced}.", HINT_GENERIC)
+    return None
+
+
+#: Tried in order; the first that recognises the call explains it.
+_RULES: tuple[Callable[[_Call], Cause | None], ...] = (
+    _log,
+    _log1p,
+    _root,
+    _division,
+    _exp_overflow,
+    _masked_attention,
+    _normalisation,
+    _masked_softmax,
+    _inf_minus_inf,
+    _zero_times_inf,
+    _power,
+    _unbiased_single_value,
+    _empty_mean,
+    _domain,
+    _cast_overflow,
+    _overflow,
+)
+
+
+@torch.no_grad()
+def explain_forward(
+    op: TracedOp,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    inputs: list[Tensor],
+    in_kinds: list[frozenset[str]],
+    out: Tensor,
+    new: frozenset[str],
+    producer: Producer,
+) -> tuple[str, str]:
+    """What about the inputs of ``op`` produced the non-finite ``new`` kinds in ``out``, and the fix.
+
+    ``producer`` finds the operation that made an input, to follow it back (the softmax whose zeros
+    reached the log, the ``std`` under a division).
+    """
+    call = _Call(op, args, kwargs, inputs, out, new, producer)
+    for rule in _RULES:
+        found = rule(call)
+        if found is not None:
+            return found
+    return (f"it turned finite inputs into {kinds_text(new)}.", HINT_GENERIC)

@@ -166,11 +166,7 @@ class NonFiniteTracer(TorchFunctionMode):
             parents=[self._producer.get(t) for t in inputs[:4]],
         )
         out_kinds = nonfinite_kinds(outputs)
-        for t in outputs:
-            self._producer[t] = op
-            node = t.grad_fn
-            if node is not None and node not in self.nodes:
-                self.nodes[node] = op
+        self._register(op, outputs)
         if not any(out_kinds):
             for t in outputs:
                 self._prov[t] = None
@@ -193,23 +189,34 @@ class NonFiniteTracer(TorchFunctionMode):
                     prov.then = f"Downstream, {op.name} turned it into NaN at {op.where}."
             elif new:
                 prov = self._new_origin(op, args, kwargs, inputs, in_kinds, t, new)
-            elif NAN in constant:
-                prov = self._origin(op, "a NaN literal among its arguments.", HINT_CONSTANT, frozenset({NAN}))
             else:
-                intended = [p for p in in_prov if p is not None]
-                prov = (
-                    min(intended, key=lambda p: p.seq)
-                    if intended
-                    else self._origin(
-                        op,
-                        f"an infinite constant among its arguments ({', '.join(sorted(constant))}), e.g. a "
-                        f"mask.",
-                        HINT_MASK,
-                        frozenset(kinds),
-                        intended=True,
-                    )
-                )
+                prov = self._constant_origin(op, in_prov, constant, kinds)
             self._prov[t] = prov
+
+    def _register(self, op: TracedOp, outputs: list[Tensor]) -> None:
+        """Remember ``op`` as the maker of ``outputs`` and as the owner of their autograd nodes."""
+        for t in outputs:
+            self._producer[t] = op
+            node = t.grad_fn
+            if node is not None and node not in self.nodes:
+                self.nodes[node] = op
+
+    def _constant_origin(
+        self, op: TracedOp, in_prov: list[Origin | None], constant: list[str], kinds: frozenset[str]
+    ) -> Origin:
+        """Provenance of NaN/Inf that no input made new: a NaN literal, an intended source, or a mask."""
+        if NAN in constant:
+            return self._origin(op, "a NaN literal among its arguments.", HINT_CONSTANT, frozenset({NAN}))
+        intended = [p for p in in_prov if p is not None]
+        if intended:
+            return min(intended, key=lambda p: p.seq)
+        return self._origin(
+            op,
+            f"an infinite constant among its arguments ({', '.join(sorted(constant))}), e.g. a mask.",
+            HINT_MASK,
+            frozenset(kinds),
+            intended=True,
+        )
 
     def _constant_kinds(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[str]:
         kinds = []
