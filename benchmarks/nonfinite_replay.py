@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from overhead import MLP, TinyLM, digits_loader, token_loader
 
 from healthmon.monitors.isolation import isolated
-from healthmon.numerics.nonfinite_origin import trace_nonfinite
+from healthmon.numerics.nonfinite import trace_nonfinite
 
 
 def timed(fn: Callable[[], Any], repeats: int) -> float:

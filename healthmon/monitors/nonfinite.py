@@ -4,7 +4,7 @@ Checking every operation on every step costs a synchronisation per operation. In
 pays only when something is wrong: the loss and gradients are checked through the shared per-step
 statistics (no extra synchronisation), and when one is non-finite the same batch is replayed once,
 from the same RNG state, under an op-level tracer
-(:mod:`healthmon.numerics.nonfinite_origin`) that names the first operation that turned finite
+(:mod:`healthmon.numerics.nonfinite`) that names the first operation that turned finite
 inputs into NaN/Inf, at the user's source line: in the forward pass, in the backward pass (the
 derivative of ``sqrt``/``log``/``pow`` at 0, the ``torch.where`` trap), or the batch itself. When the
 weights are already non-finite, the optimizer step that wrote them is named instead. The replay
@@ -37,8 +37,7 @@ from healthmon.monitors.hub import GradStep, Hub
 from healthmon.monitors.isolation import isolated, replay_blocker
 from healthmon.numerics.gradients import nonfinite_indices, tensor_norms
 from healthmon.numerics.loss_scale import LossScaleRule
-from healthmon.numerics.nonfinite_origin import Origin, OriginTrace, trace_nonfinite
-from healthmon.numerics.update_origin import explain_update
+from healthmon.numerics.nonfinite import Origin, OriginTrace, explain_update, trace_nonfinite
 
 MAX_NAMES = 10
 TAG_LOSS_SCALE = "healthmon/amp/loss_scale"
