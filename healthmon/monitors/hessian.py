@@ -17,7 +17,6 @@ the monitor. The loss is evaluated in float32 outside autocast.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
@@ -46,6 +45,9 @@ from healthmon.numerics.hessian import (
     stability_limit,
     time_hvp_methods,
 )
+from healthmon.schedules import BudgetClock, LogThenEvery, log_then_every
+
+__all__ = ["BudgetClock", "HessianEigenMonitor", "LogThenEvery", "log_then_every"]
 
 TAG = "healthmon/hessian/"
 TAG_LAMBDA_MAX = TAG + "lambda_max"
@@ -60,112 +62,6 @@ TAG_CONVERGED = TAG + "converged"
 TAG_TRACE = TAG + "trace"
 TAG_PRECOND = TAG + "preconditioned_sharpness"
 TAG_PRECOND_LIMIT = TAG + "preconditioned_limit"
-
-
-class LogThenEvery:
-    """Schedule: steps 0, 1, base, base^2, ... below ``every``, then every multiple of ``every``.
-
-    Early estimates catch a run that is unstable from its first steps; later ones are sparse and
-    warm-started (the top eigenvector moves slowly), which keeps the amortised cost low.
-    """
-
-    def __init__(self, every: int, base: int = 4) -> None:
-        self.every = _checks.positive_int(every, "every")
-        self.base = _checks.positive_int(base, "base", minimum=2)
-        self.__name__ = f"log_then_every({every}, base={base})"
-
-    def __call__(self, step: int) -> bool:
-        if step % self.every == 0:
-            return True
-        if step >= self.every:
-            return False
-        power = 1
-        while power < step:
-            power *= self.base
-        return power == step
-
-    def __repr__(self) -> str:
-        return self.__name__
-
-
-def log_then_every(every: int = 2000, *, base: int = 4) -> Callable[[int], bool]:
-    """The default cadence of :class:`HessianEigenMonitor`: log-spaced early, then every ``every``.
-
-    ``log_then_every(2000)`` runs at steps 0, 1, 4, 16, 64, 256, 1024, 2000, 4000, ...
-    """
-    return LogThenEvery(every, base)
-
-
-class BudgetClock:
-    """When the next Hessian estimate is due so that estimates take ``budget`` of training time.
-
-    Training time is measured between batch starts, minus the estimates' own time. The decision
-    is made in steps, at known points (after ``calibration`` timed steps, and right after each
-    estimate): ``next = step + ceil(cost / (budget * seconds_per_step))``. The first estimate
-    comes right after calibration when the whole run can afford it (``budget * total_steps``
-    covers a cold estimate), else once the elapsed time does. ``agree`` maps a
-    proposed interval to the one every DDP rank uses (the largest), so all ranks estimate at the
-    same step.
-    """
-
-    COLD_COST_STEPS = 150  # a first (cold) estimate costs about this many training steps
-
-    def __init__(
-        self,
-        budget: float,
-        *,
-        calibration: int = 10,
-        agree: Callable[[int], int] = lambda steps: steps,
-        now: Callable[[], float] = time.perf_counter,
-    ) -> None:
-        self.budget = budget
-        self.calibration = calibration
-        self.agree = agree
-        self.now = now
-        self.next_step: int | None = None
-        self.total_steps = math.inf  # the run's planned optimizer steps (Lightning's estimate)
-        self.train_seconds = 0.0
-        self.timed_steps = 0
-        self._last: float | None = None
-        self._estimating = 0.0
-
-    def due(self, step: int) -> bool:
-        """Call once per optimizer step, at its start; True when an estimate is due."""
-        now = self.now()
-        if self._last is not None:
-            self.train_seconds += max(now - self._last - self._estimating, 0.0)
-            self.timed_steps += 1
-        self._last, self._estimating = now, 0.0
-        if self.next_step is None and self.timed_steps >= self.calibration:
-            if self.budget * self.total_steps >= self.COLD_COST_STEPS:
-                self.next_step = step  # a long run affords its first estimate right away
-            else:
-                self.next_step = step + self._interval(self.COLD_COST_STEPS * self.seconds_per_step)
-        return self.next_step is not None and step >= self.next_step
-
-    def spent(self, step: int, seconds: float) -> None:
-        """An estimate at ``step`` took ``seconds``: schedule the next one."""
-        self._estimating += seconds
-        self.next_step = step + self._interval(seconds)
-
-    @property
-    def seconds_per_step(self) -> float:
-        return self.train_seconds / max(self.timed_steps, 1)
-
-    def _interval(self, cost: float) -> int:
-        return self.agree(max(1, math.ceil(cost / (self.budget * max(self.seconds_per_step, 1e-9)))))
-
-    def state(self) -> dict[str, Any]:
-        return {
-            "next_step": self.next_step,
-            "train_seconds": self.train_seconds,
-            "timed_steps": self.timed_steps,
-        }
-
-    def load(self, state: dict[str, Any]) -> None:
-        self.next_step = state.get("next_step")
-        self.train_seconds = float(state.get("train_seconds", 0.0))
-        self.timed_steps = int(state.get("timed_steps", 0))
 
 
 def _max_over_ranks(trainer: Any) -> Callable[[int], int]:

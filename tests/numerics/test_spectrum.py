@@ -1,0 +1,68 @@
+"""healthmon.numerics.spectrum: one estimate (top-k, lambda_min), warm starts, arguments."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from healthmon.numerics.hessian import (
+    HessianOperator,
+    estimate_spectrum,
+    lanczos,
+    power_iteration,
+)
+from tests.numerics.hessian_cases import Case, double_case, exact_hessian, rel  # noqa: F401
+
+
+@pytest.mark.parametrize("solver", ["lanczos", "power"])
+def test_unconverged_estimates_stay_inside_the_spectrum_and_say_so(
+    hessian_cases: dict[str, Case], solver: str
+) -> None:
+    case = hessian_cases["mlp_digits"]
+    ev = case.spectrum()
+    lo, hi = ev[0].item(), ev[-1].item()
+    est = estimate_spectrum(
+        case.operator(), k=3, solver=solver, max_products=6, generator=torch.Generator().manual_seed(3)
+    )
+    values = [*est.top.eigenvalues, est.lambda_min]
+    assert all(lo - 1e-5 <= v <= hi + 1e-5 for v in values)
+    assert not est.top.all_converged
+
+
+def test_warm_start_needs_fewer_products() -> None:
+    case = Case("mlp_digits")
+    opt = torch.optim.SGD(case.model.parameters(), lr=0.5)
+    g = torch.Generator().manual_seed(0)
+
+    def train(steps: int) -> None:
+        for _ in range(steps):
+            opt.zero_grad()
+            case.closure().backward()
+            opt.step()
+
+    train(50)
+    first = estimate_spectrum(case.operator(), k=1, generator=g, negative=False)
+    train(10)
+    op = case.operator()
+    colds = [estimate_spectrum(op, k=1, generator=g, negative=False) for _ in range(3)]
+    warm = estimate_spectrum(op, k=1, generator=g, negative=False, warm_top=first.top.eigenvectors)
+    assert warm.top.all_converged and all(c.top.all_converged for c in colds)
+    assert warm.num_products < min(c.num_products for c in colds)
+    assert all(rel(warm.lambda_max, c.lambda_max) < 1e-5 for c in colds)
+
+
+def test_bad_arguments_name_the_argument() -> None:
+    case = Case("regression")
+    op = case.operator()
+    with pytest.raises(ValueError, match="`k`"):
+        lanczos(op, k=0)
+    with pytest.raises(ValueError, match="`tol`"):
+        lanczos(op, tol=2.0)
+    with pytest.raises(ValueError, match="`max_products`"):
+        power_iteration(op, k=3, max_products=2)
+    with pytest.raises(ValueError, match="`method`"):
+        HessianOperator(case.model, [(case.closure, 1.0)], method="nope")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="`params`"):
+        HessianOperator(case.model, [(case.closure, 1.0)], params=["nope"])
+    with pytest.raises(ValueError, match="`solver`"):
+        estimate_spectrum(op, solver="arnoldi")  # type: ignore[arg-type]
