@@ -32,6 +32,7 @@ from healthmon.alerts import OnAlert, Severity
 from healthmon.monitors.base import Monitor
 from healthmon.monitors.hub import Hub
 from healthmon.monitors.isolation import isolated
+from healthmon.numerics.eigensolvers import vector_ratio
 from healthmon.numerics.hessian import (
     HessianOperator,
     HVPMethod,
@@ -40,6 +41,7 @@ from healthmon.numerics.hessian import (
     estimate_spectrum,
     lanczos,
     mean_over_ranks,
+    minimum_memory_factor,
     preconditioned,
     split_batch,
     stability_limit,
@@ -131,7 +133,12 @@ class HessianEigenMonitor(Monitor):
             significant (the residual of ``lambda_min`` is measured against this scale).
         trace_samples: Hutchinson samples for ``tr(H)`` (0: off).
         preconditioned: for Adam-type optimizers, estimate the preconditioned sharpness.
-        warm_start: start each estimate from the previous eigenvectors.
+        warm_start: start each estimate from the previous eigenvectors (mixed with a random
+            component, so that a new top direction is still found after an eigenvalue crossing).
+        max_memory_factor: the eigensolvers' vectors stay within this multiple of the parameter
+            memory (thick-restarted Lanczos with a basis that fits; the top and bottom solves run
+            one after the other). Raised to the smallest workable value when lower (a basis of
+            ``top_k + 1`` vectors: 6 for float32 and ``top_k=1``, 12 for bf16, whose basis is float32).
         probe_batch: the batch to measure on (any structure ``training_step`` accepts); None
             captures the first training batch.
         probe_chunk_size: split the probe batch into chunks of at most this many rows and sum
@@ -158,6 +165,7 @@ class HessianEigenMonitor(Monitor):
         trace_samples: int = 0,
         preconditioned: bool = True,
         warm_start: bool = True,
+        max_memory_factor: float = 10.0,
         probe_batch: Any = None,
         probe_chunk_size: int | None = None,
         seed: int = 0,
@@ -197,6 +205,7 @@ class HessianEigenMonitor(Monitor):
             _checks.positive_int(probe_chunk_size, "probe_chunk_size")
         self.probe_chunk_size = probe_chunk_size
         self.seed = _checks.positive_int(seed, "seed", minimum=0)
+        self.max_memory_factor = _checks.positive_float(max_memory_factor, "max_memory_factor")
         self._user_probe = probe_batch
         self._probe: Any = None
         self._probe_idx = 0
@@ -227,6 +236,7 @@ class HessianEigenMonitor(Monitor):
             "trace_samples": self.trace_samples,
             "preconditioned": self.preconditioned,
             "warm_start": self.warm_start,
+            "max_memory_factor": self.max_memory_factor,
             "probe_chunk_size": self.probe_chunk_size,
         }
 
@@ -293,6 +303,10 @@ class HessianEigenMonitor(Monitor):
                     timings = time_hvp_methods(lambda m: self._operator(pl_module, m))
                     self._method = min(timings, key=timings.__getitem__)  # type: ignore[assignment]
                 op = self._operator(pl_module, self._method)  # type: ignore[arg-type]
+                memory = max(
+                    self.max_memory_factor,
+                    minimum_memory_factor(op.dtype, self.top_k) + self.top_k * vector_ratio(op.dtype),
+                )
                 est = estimate_spectrum(
                     op,
                     k=self.top_k,
@@ -304,6 +318,7 @@ class HessianEigenMonitor(Monitor):
                     trace_samples=self.trace_samples,
                     warm_top=self._warm_top if self.warm_start else None,
                     warm_bottom=self._warm_bottom if self.warm_start else None,
+                    max_memory_factor=memory,
                     generator=self._generator,
                 )
                 limit = stability_limit(optimizer) if optimizer is not None else None
@@ -317,6 +332,7 @@ class HessianEigenMonitor(Monitor):
                             v0=self._warm_precond if self.warm_start else None,
                             tol=self.tol,
                             max_products=self.max_products,
+                            max_memory_factor=memory,
                             generator=self._generator,
                         )
                 op.release()

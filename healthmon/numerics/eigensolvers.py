@@ -176,34 +176,75 @@ def _check_solver_args(k: int, tol: float, max_products: int) -> None:
         raise ValueError(f"`max_products`: expected an integer >= k = {k}, got {max_products!r}.")
 
 
-def _operator_facts(matvec: MatVec | Tensor, n: int | None) -> tuple[MatVec, int, torch.dtype, torch.device]:
-    """The product, dimension, dtype and device of an operator (a dense symmetric matrix works too)."""
+def _operator_facts(
+    matvec: MatVec | Tensor, n: int | None
+) -> tuple[MatVec, int, torch.dtype, torch.device, torch.dtype]:
+    """The product in the working dtype, the dimension, the working dtype, device and operator dtype.
+
+    A dense symmetric matrix works too. Products of a low-precision operator are cast to
+    :func:`working_dtype` (float32), so the solvers never compute in bf16/fp16.
+    """
     if isinstance(matvec, Tensor):
         dense = matvec
-        return (lambda v: dense @ v), dense.shape[0], dense.dtype, dense.device
+        n, op_dtype, device = dense.shape[0], dense.dtype, dense.device
+        work = working_dtype(op_dtype)
+        return (lambda v: (dense @ v.to(op_dtype)).to(work)), n, work, device, op_dtype
     n = getattr(matvec, "n", n)
     if n is None:
         raise ValueError("`n`: expected the operator's dimension (the operator has no `.n`), got None.")
-    return (
-        matvec,
-        int(n),
-        getattr(matvec, "dtype", torch.float32),
-        getattr(matvec, "device", torch.device("cpu")),
-    )
+    op_dtype = getattr(matvec, "dtype", torch.float32)
+    work = working_dtype(op_dtype)
+    inner = matvec
+
+    def product(v: Tensor) -> Tensor:
+        out = inner(v if op_dtype == work else v.to(op_dtype))
+        return out if out.dtype == work else out.to(work)
+
+    return product, int(n), work, getattr(matvec, "device", torch.device("cpu")), op_dtype
 
 
 # ---- solvers -----------------------------------------------------------------------------------------
-@dataclass
-class KrylovBasis:
-    """An orthonormal basis ``q``, its products ``w = H q`` and the projection ``t = q^T H q``.
+def working_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the solvers compute in: float64 stays, anything else (bf16, fp16, fp32) is float32.
 
-    What a Lanczos run leaves behind: a second run on the same operator (``lambda_min`` after
-    ``lambda_max``) continues from it and pays only for the products it adds.
+    Products of a low-precision model are rounded to its dtype, but the Krylov basis, its
+    orthogonalisation and the projected problem must not be: a bf16 basis loses orthogonality
+    within a few vectors and its Ritz values leave the spectrum.
     """
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
-    q: Tensor
-    w: Tensor
-    t: Tensor
+
+def vector_ratio(dtype: torch.dtype) -> float:
+    """Memory of one working-dtype vector over one parameter-dtype vector (bf16: 2, float32: 1)."""
+    return working_dtype(dtype).itemsize / dtype.itemsize
+
+
+def minimum_memory_factor(dtype: torch.dtype, k: int) -> float:
+    """The smallest ``max_memory_factor`` :func:`lanczos` accepts for ``k`` values (fp32 k=1: 6)."""
+    return (2 * k + 4) * vector_ratio(dtype)
+
+
+def basis_capacity(n_dtype: torch.dtype, *, k: int, max_memory_factor: float, max_basis: int = 60) -> int:
+    """How many basis vectors :func:`lanczos` may keep within ``max_memory_factor`` x parameter memory.
+
+    Parameter memory is ``n`` elements of the operator's dtype ``n_dtype``; the solver's vectors
+    are in :func:`working_dtype`. Alive at once: the basis (``cap``), the residual ``f``, ``k``
+    Ritz vectors (at a restart ``k + 1``, ``f`` included) and one Hessian-vector product, whose
+    own memory is taken as two vectors (its result and one temporary; the autograd graph of the
+    probe batch is activation memory, not counted here): ``cap + k + 3`` vectors in all.
+    Raises ValueError when not even a basis of ``k + 1`` vectors fits.
+    """
+    work = working_dtype(n_dtype)
+    ratio = vector_ratio(n_dtype)
+    vectors = math.floor(max_memory_factor / ratio + 1e-9)
+    cap = min(int(max_basis), vectors - (k + 3))
+    if cap < k + 1:
+        raise ValueError(
+            f"`max_memory_factor`: expected at least {minimum_memory_factor(n_dtype, k):g} for k={k} "
+            f"on a {n_dtype} operator (a {work} basis of k + 1 vectors and k + 3 work vectors), "
+            f"got {max_memory_factor!r}."
+        )
+    return cap
 
 
 def lanczos(
@@ -212,121 +253,189 @@ def lanczos(
     k: int = 1,
     which: Literal["largest", "smallest"] = "largest",
     v0: Tensor | None = None,
+    random_weight: float = 0.5,
     tol: float = 1e-3,
     max_products: int = 100,
     max_basis: int = 60,
+    max_memory_factor: float = 10.0,
     scale: float | None = None,
     n: int | None = None,
     generator: torch.Generator | None = None,
 ) -> EigenResult:
-    """The ``k`` largest (or smallest) eigenpairs by Lanczos with full reorthogonalisation.
+    """The ``k`` largest (or smallest) eigenpairs by thick-restart Lanczos.
 
-    The basis grows one product at a time from ``v0`` (a warm start: the previous estimate's
-    eigenvectors, ``(n,)`` or ``(n, j)``; their sum starts a single Krylov sequence) or a random
-    vector. Each new direction is the residual of the least-converged wanted Ritz pair,
-    orthogonalised twice against the basis: from one start vector this is exactly the Lanczos
-    sequence, and it stays right after a restart. When the basis reaches ``max_basis`` vectors it
-    is restarted from the wanted Ritz vectors and their stored products (a thick restart: no
-    product is recomputed). Stops when every wanted pair has ``residual <= tol`` or after
-    ``max_products`` products.
+    The Krylov sequence starts from ``v0`` (a warm start: the previous eigenvectors, ``(n,)`` or
+    ``(n, j)``, summed) mixed with a fresh Gaussian vector of ``random_weight`` times its norm, or
+    from the Gaussian vector alone. The random part is what makes the space honest: it gives
+    every eigendirection a component of the size a cold start gives it, so a new top eigenvector
+    orthogonal to the previous one (an eigenvalue crossing) is found, instead of the warm vector
+    converging to the previous, no longer extreme, eigenvalue.
+
+    Each product is orthogonalised twice against the basis (full reorthogonalisation); the
+    residual of a Ritz pair is ``||f|| |s_last|`` (``f`` the part of the last product outside the
+    basis). When the basis reaches its capacity (:func:`basis_capacity`: at most
+    ``max_memory_factor`` x the parameter memory in all) it restarts from the ``k + 1`` best
+    Ritz vectors (thick restart, Krylov-Schur form: no product is recomputed). Once every wanted
+    pair's residual is at or below ``tol``, it is verified with ``k`` explicit products
+    ``||H y - theta y||``: ``converged`` is never claimed from the recurrence alone.
 
     Args:
-        matvec: ``v -> H v`` on flat vectors (a :class:`HessianOperator`, any callable with
-            ``n``, or a dense symmetric matrix).
+        matvec: ``v -> H v`` on flat vectors (a :class:`~healthmon.numerics.hvp.HessianOperator`,
+            any callable with ``n``, or a dense symmetric matrix).
         k: how many eigenvalues.
         which: "largest" (descending) or "smallest" (ascending) algebraic eigenvalues.
         v0: warm start vectors, or None for a random start.
+        random_weight: norm of the random part of a warm start, relative to ``v0``'s (>= 0).
         tol: relative residual ``||H y - theta y|| / max(|theta|, scale)`` to stop at.
-        max_products: cap on Hessian-vector products.
-        max_basis: largest basis kept in memory (two ``n x max_basis`` blocks: vectors and products).
+        max_products: cap on Hessian-vector products (verification products included).
+        max_basis: most basis vectors kept, whatever the memory allows.
+        max_memory_factor: the solver's vectors stay within this multiple of the parameter
+            memory (``n`` elements of the operator's dtype).
         scale: floor of the residual's denominator (for eigenvalues near 0, e.g. ``lambda_min``).
         n: dimension, when ``matvec`` has no ``.n``.
         generator: for the random start vector (pass a seeded one for reproducibility; the global
             RNG is not touched).
     """
-    result, _ = lanczos_with_basis(
-        matvec, k=k, which=which, v0=v0, tol=tol, max_products=max_products, max_basis=max_basis,
-        scale=scale, n=n, generator=generator,
-    )  # fmt: skip
-    return result
-
-
-def lanczos_with_basis(
-    matvec: MatVec | Tensor,
-    *,
-    k: int = 1,
-    which: Literal["largest", "smallest"] = "largest",
-    v0: Tensor | None = None,
-    basis: KrylovBasis | None = None,
-    tol: float = 1e-3,
-    max_products: int = 100,
-    max_basis: int = 60,
-    scale: float | None = None,
-    n: int | None = None,
-    generator: torch.Generator | None = None,
-) -> tuple[EigenResult, KrylovBasis]:
-    """:func:`lanczos`, continuing from ``basis`` (its products are free) and returning the basis.
-
-    ``v0`` is added to ``basis`` as a further start direction. ``num_products`` counts only the
-    products this call computed. Buffers are allocated once (``n x max_basis``) and the projected
-    matrix grows by one row per product, so a product costs O(n m) on top of ``H v``.
-    """
     _check_solver_args(k, tol, max_products)
     if which not in ("largest", "smallest"):
         raise ValueError(f"`which`: expected 'largest' or 'smallest', got {which!r}.")
-    matvec, n, dtype, device = _operator_facts(matvec, n)
-    cap = max(int(max_basis), k + 2)
-    # one basis vector per row (contiguous): q_buf[:m].T is the n x m basis without a copy
-    q_buf = torch.empty(cap, n, dtype=dtype, device=device)
-    w_buf = torch.empty(cap, n, dtype=dtype, device=device)
+    if not (isinstance(random_weight, (int, float)) and random_weight >= 0):
+        raise ValueError(f"`random_weight`: expected a number >= 0, got {random_weight!r}.")
+    matvec, n, dtype, device, op_dtype = _operator_facts(matvec, n)
+    cap = min(basis_capacity(op_dtype, k=k, max_memory_factor=max_memory_factor, max_basis=max_basis), n)
+    q_buf = torch.empty(cap, n, dtype=dtype, device=device)  # one basis vector per row
     t = torch.zeros(0, 0, dtype=torch.float64)
     m = 0
     products = 0
-    if basis is not None and basis.q.shape[1]:
-        m = min(basis.q.shape[1], cap - 1)
-        q_buf[:m], w_buf[:m], t = basis.q[:, :m].T, basis.w[:, :m].T, basis.t[:m, :m]
 
-    def add(z: Tensor) -> None:
-        """Append the unit vector ``z`` (orthogonal to the basis) and its product."""
-        nonlocal m, t, products
-        wz = matvec(z[:, 0]).reshape(n)
-        products += 1
-        column = (q_buf[:m] @ wz).double().cpu().reshape(m, 1)
-        corner = (z[:, 0] @ wz).double().cpu().reshape(1, 1)
-        t = torch.cat([torch.cat([t, column], 1), torch.cat([column.T, corner], 1)], 0)
-        q_buf[m], w_buf[m] = z[:, 0], wz
-        m += 1
-
-    if v0 is not None or m == 0:
-        start = _start_block(v0, n, 1, dtype, device, generator).sum(1, keepdim=True)
-        z = _orthonormalise(start, q_buf[:m].T)
-        if z.shape[1] == 0:
-            z = _orthonormalise(_start_block(None, n, 1, dtype, device, generator), q_buf[:m].T)
-        if z.shape[1]:
-            add(z)
+    start = torch.randn(n, generator=generator, dtype=dtype).to(device)
+    if v0 is not None:
+        warm = v0.reshape(n, -1).to(dtype=dtype, device=device).sum(1)
+        norm = torch.linalg.vector_norm(warm)
+        if bool(torch.isfinite(norm)) and float(norm) > 0 and random_weight > 0:
+            # the random part filtered once by H: its weight is then relative within H's range
+            # (a Hessian is nearly low-rank; a plain random vector would put ~all its norm in
+            # the null space and leave a new top direction a component of ~1/sqrt(n))
+            start = matvec(start).reshape(n)
+            products += 1
+            filtered = torch.linalg.vector_norm(start)
+            if bool(torch.isfinite(filtered)) and float(filtered) > 0:
+                start = warm / norm + random_weight * start / filtered
+            else:
+                start = warm / norm
+        elif bool(torch.isfinite(norm)) and float(norm) > 0:
+            start = warm / norm
+        del warm
+    f = start
+    del start
+    beta = float(torch.linalg.vector_norm(f))
+    tiny = torch.finfo(dtype).eps * 100
+    wnorm = beta
+    verified_at = -1  # basis size at which a verification last failed
     while True:
-        q, w = q_buf[:m].T, w_buf[:m].T
-        ritz = _rayleigh_ritz(q, w, which, 0.0, scale, t=t, cols=k)
-        wanted = min(k, ritz.values.numel())
-        res = ritz.residuals[:wanted]
-        if (wanted == k and max(res) <= tol) or products >= max_products or m >= n:
-            return _result(ritz, k, tol, products, "lanczos"), KrylovBasis(q, w, t)
-        worst = max(range(wanted), key=lambda i: res[i]) if wanted == k else wanted - 1
-        direction = (ritz.products[:, worst] - ritz.vectors[:, worst] * ritz.values[worst].item()).reshape(
-            n, 1
-        )
-        if m >= cap:  # thick restart on the Ritz vectors worth keeping
-            keep = min(ritz.values.numel(), max(k + 1, cap // 2))
-            kept = _rayleigh_ritz(q, w, which, 0.0, scale, t=t, cols=keep)
-            q_buf[:keep], w_buf[:keep] = kept.vectors.T, kept.products.T
-            t = torch.diag(kept.values[:keep])  # H is diagonal in its own Ritz basis
+        if m >= cap:  # thick restart (Krylov-Schur): keep the best Ritz vectors, f stays orthogonal
+            theta, s = _ritz(t, which)
+            keep = min(m - 1, k + 2)  # k + 2 new rows fit the k + 3 work vectors, f included
+            y = q_buf[:m].T @ s[:, :keep].to(dtype=dtype, device=device)
+            q_buf[:keep] = y.T
+            del y
+            t = torch.diag(theta[:keep])
             m = keep
-        z = _orthonormalise(direction, q_buf[:m].T)
-        if z.shape[1] == 0:  # invariant subspace found: continue with a fresh random direction
-            z = _orthonormalise(_start_block(None, n, 1, dtype, device, generator), q_buf[:m].T)
-            if z.shape[1] == 0:
-                return _result(ritz, k, tol, products, "lanczos"), KrylovBasis(q, w, t)
-        add(z)
+        if beta <= tiny * wnorm:  # an invariant subspace: go on with a fresh random direction
+            if m >= n:
+                break
+            f = torch.randn(n, generator=generator, dtype=dtype).to(device)
+            f = _orthogonalise(f, q_buf[:m])
+            beta = float(torch.linalg.vector_norm(f))
+        q_buf[m] = f / beta
+        m += 1
+        del f
+        f, t, beta, wnorm = _product_residual(matvec, q_buf, m, n, dtype, t)
+        products += 1
+        theta, s = _ritz(t, which)
+        wanted = min(k, m)
+        res = _scaled(beta * s[-1, :wanted].abs(), theta[:wanted], scale)
+        if wanted == k and max(res) <= tol and m != verified_at:
+            y = s[:, :wanted].T.to(dtype=dtype, device=device) @ q_buf[:m]  # Ritz vectors as rows
+            true = []
+            for j in range(wanted):
+                if products >= max_products:
+                    break
+                r = matvec(y[j]).reshape(n)
+                products += 1
+                r.sub_(y[j], alpha=float(theta[j]))
+                true.append(float(torch.linalg.vector_norm(r)))
+                del r
+            if len(true) == wanted:
+                res = _scaled(torch.tensor(true, dtype=torch.float64), theta[:wanted], scale)
+                if max(res) <= tol:
+                    return _lanczos_result(theta, y.T, res, tol, products, verified=True)
+            verified_at = m
+            del y
+        if products >= max_products or m >= n:
+            break
+    theta, s = _ritz(t, which)
+    wanted = min(k, m)
+    res = _scaled(beta * s[-1, :wanted].abs(), theta[:wanted], scale)
+    y = q_buf[:m].T @ s[:, :wanted].to(dtype=dtype, device=device)
+    return _lanczos_result(theta, y, res, tol, products, verified=False)
+
+
+def _ritz(t: Tensor, which: str) -> tuple[Tensor, Tensor]:
+    """Eigenpairs of the projected matrix, wanted end first."""
+    theta, s = torch.linalg.eigh((t + t.T) / 2)
+    order = torch.argsort(theta, descending=which == "largest")
+    return theta[order], s[:, order]
+
+
+def _scaled(residual: Tensor, theta: Tensor, scale: float | None) -> list[float]:
+    denom = theta.abs()
+    if scale is not None:
+        denom = denom.clamp_min(abs(scale))
+    return [x if math.isfinite(x) else math.inf for x in (residual.double().cpu() / denom).tolist()]
+
+
+def _orthogonalise(f: Tensor, q: Tensor) -> Tensor:
+    """``f`` minus its projection on the rows of ``q``, twice (in place, no temporary vector)."""
+    if q.shape[0]:
+        for _ in range(2):
+            f.addmv_(q.T, (q @ f), alpha=-1)
+    return f
+
+
+def _product_residual(
+    matvec: MatVec, q_buf: Tensor, m: int, n: int, dtype: torch.dtype, t: Tensor
+) -> tuple[Tensor, Tensor, float, float]:
+    """The newest basis vector's product.
+
+    Returns ``f`` (the product's part outside the basis), ``t`` grown by one row, ``||f||`` and
+    the product's norm.
+    """
+    f = matvec(q_buf[m - 1]).reshape(n)
+    if f.dtype != dtype:
+        f = f.to(dtype)
+    column = (q_buf[:m] @ f).double().cpu().reshape(m, 1)
+    if not bool(torch.isfinite(column).all()):
+        raise FloatingPointError(
+            "non-finite Hessian-vector products: the loss or its curvature is NaN/Inf here"
+        )
+    wnorm = float(torch.linalg.vector_norm(f))
+    t = torch.cat([torch.cat([t, column[:-1]], 1), column.T], 0)
+    f = _orthogonalise(f, q_buf[:m])
+    return f, t, float(torch.linalg.vector_norm(f)), wnorm
+
+
+def _lanczos_result(
+    theta: Tensor, y: Tensor, res: list[float], tol: float, products: int, *, verified: bool
+) -> EigenResult:
+    return EigenResult(
+        eigenvalues=tuple(theta[: y.shape[1]].tolist()),
+        eigenvectors=y,
+        converged=tuple(verified and r <= tol for r in res),
+        residuals=tuple(res),
+        num_products=products,
+        method="lanczos",
+    )
 
 
 def power_iteration(
@@ -364,7 +473,7 @@ def power_iteration(
         generator: for random start columns.
     """
     _check_solver_args(k, tol, max_products)
-    matvec, n, dtype, device = _operator_facts(matvec, n)
+    matvec, n, dtype, device, _ = _operator_facts(matvec, n)
     x = _orthonormalise(_start_block(v0, n, k, dtype, device, generator)[:, : max(k, 1)], None)
     while x.shape[1] < k:
         x = torch.cat([x, _orthonormalise(_start_block(None, n, 1, dtype, device, generator), x)], 1)
@@ -389,19 +498,21 @@ def most_negative_eigenvalue(
     lambda_max: float,
     solver: Solver = "lanczos",
     v0: Tensor | None = None,
+    random_weight: float = 0.5,
     tol: float = 1e-3,
     max_products: int = 100,
+    max_memory_factor: float = 10.0,
     scale: float | None = None,
     n: int | None = None,
     generator: torch.Generator | None = None,
 ) -> EigenResult:
-    """``lambda_min`` (negative curvature) from the shifted operator ``H - lambda_max I``.
+    """``lambda_min`` (negative curvature): the bottom of the spectrum.
 
-    All eigenvalues of the shifted operator are ``<= 0`` (``lambda_max`` from a Ritz value may be
-    slightly low, which only leaves a tiny positive one), so its dominant eigenvalue is
-    ``lambda_min - lambda_max``. "power" iterates on it; "lanczos" builds the same Krylov space
-    (shift-invariant) and reads off the smallest Ritz value, far fewer products when the bottom
-    of the spectrum is crowded. The result is an upper bound on ``lambda_min`` even unconverged.
+    "lanczos" reads off the smallest Ritz value of a Krylov space (shift-invariant, so no shift
+    is needed); "power" iterates on the shifted operator ``H - lambda_max I``, whose eigenvalues
+    are all ``<= 0`` (``lambda_max`` from a Ritz value may be slightly low, which only leaves a
+    tiny positive one), so its dominant eigenvalue is ``lambda_min - lambda_max``. The result
+    is an upper bound on ``lambda_min`` even unconverged.
     """
     if solver == "power":
         return power_iteration(
@@ -411,6 +522,7 @@ def most_negative_eigenvalue(
     if solver != "lanczos":
         raise ValueError(f"`solver`: expected one of {SOLVERS}, got {solver!r}.")
     return lanczos(
-        matvec, k=1, which="smallest", v0=v0, tol=tol, max_products=max_products, scale=scale, n=n,
+        matvec, k=1, which="smallest", v0=v0, random_weight=random_weight, tol=tol,
+        max_products=max_products, max_memory_factor=max_memory_factor, scale=scale, n=n,
         generator=generator,
     )  # fmt: skip

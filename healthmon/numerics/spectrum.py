@@ -21,9 +21,10 @@ from healthmon.numerics.eigensolvers import (
     EigenResult,
     MatVec,
     Solver,
-    lanczos_with_basis,
+    lanczos,
     most_negative_eigenvalue,
     power_iteration,
+    vector_ratio,
 )
 from healthmon.numerics.trace import TraceEstimate, hutchinson_trace
 
@@ -87,11 +88,16 @@ def estimate_spectrum(
     trace_samples: int = 0,
     warm_top: Tensor | None = None,
     warm_bottom: Tensor | None = None,
-    warm_noise: float = 0.05,
+    random_weight: float = 0.5,
+    max_memory_factor: float = 10.0,
     n: int | None = None,
     generator: torch.Generator | None = None,
 ) -> SpectrumEstimate:
     """Top-``k`` eigenvalues, ``lambda_min`` and optionally the trace, warm-started.
+
+    The top and the bottom are separate solves, one after the other, each within
+    ``max_memory_factor`` x the parameter memory (the bottom solve's budget leaves room for the
+    ``k`` top eigenvectors it keeps): the whole estimate's extra memory stays within the bound.
 
     Args:
         matvec: ``v -> H v``.
@@ -107,27 +113,28 @@ def estimate_spectrum(
         trace_samples: Hutchinson samples (0: no trace).
         warm_top: previous top eigenvectors ``(n, j)`` (warm start), or None.
         warm_bottom: previous ``lambda_min`` eigenvector, or None.
-        warm_noise: relative size of a random component added to warm starts, so that the
-            Krylov space sees every eigendirection and cannot settle on a nearby eigenvalue that
-            is no longer the extreme one (a start vector that is almost an eigenvector of the
-            new Hessian can miss the extreme one entirely).
+        random_weight: norm of a fresh random component mixed into every warm start, relative to
+            the warm vector's: the Krylov space then sees every eigendirection about as well as a
+            cold start does, and finds a new top direction orthogonal to the previous one (an
+            eigenvalue crossing) instead of settling on the previous, no longer extreme, value.
+        max_memory_factor: bound on the solvers' memory, in multiples of the parameter memory
+            (see :func:`~healthmon.numerics.eigensolvers.basis_capacity`).
         n: dimension, when ``matvec`` has no ``.n``.
         generator: random start vectors and probes.
     """
     if solver not in SOLVERS:
         raise ValueError(f"`solver`: expected one of {SOLVERS}, got {solver!r}.")
     started = time.perf_counter()
-    warm_top = _jitter(warm_top, warm_noise, generator)
-    warm_bottom = _jitter(warm_bottom, warm_noise, generator)
-    basis = None
     if solver == "lanczos":
-        top, basis = lanczos_with_basis(
-            matvec, k=k, v0=warm_top, tol=tol, max_products=max_products, n=n, generator=generator
-        )
+        top = lanczos(
+            matvec, k=k, v0=warm_top, random_weight=random_weight, tol=tol, max_products=max_products,
+            max_memory_factor=max_memory_factor, n=n, generator=generator,
+        )  # fmt: skip
     else:
         top = power_iteration(
-            matvec, k=k, v0=warm_top, tol=tol, max_products=max_products, n=n, generator=generator
-        )
+            matvec, k=k, v0=_jitter(warm_top, random_weight, generator), tol=tol,
+            max_products=max_products, n=n, generator=generator,
+        )  # fmt: skip
         low = min(top.eigenvalues)
         if low < 0:  # negative curvature dominated: find the top k of H - low*I (all >~ 0) instead
             spent = top.num_products
@@ -136,27 +143,17 @@ def estimate_spectrum(
             )
             top = dataclasses.replace(top, num_products=top.num_products + spent)
     bottom = None
-    if negative and basis is not None:  # the same Krylov space holds both ends of the spectrum
-        bottom, _ = lanczos_with_basis(
-            matvec,
-            k=1,
-            which="smallest",
-            v0=warm_bottom,
-            basis=basis,
-            tol=tol,
-            max_products=max_products,
-            scale=abs(negative_scale * top.eigenvalues[0]) or None,
-            n=n,
-            generator=generator,
-        )
-    elif negative:
+    if negative:
+        held = k * vector_ratio(getattr(matvec, "dtype", torch.float32))  # the top eigenvectors
         bottom = most_negative_eigenvalue(
             matvec,
             lambda_max=top.eigenvalues[0],
             solver=solver,
-            v0=warm_bottom,
+            v0=warm_bottom if solver == "lanczos" else _jitter(warm_bottom, random_weight, generator),
+            random_weight=random_weight,
             tol=tol,
             max_products=max_products,
+            max_memory_factor=max(max_memory_factor - held, 0.0),
             scale=abs(negative_scale * top.eigenvalues[0]) or None,
             n=n,
             generator=generator,

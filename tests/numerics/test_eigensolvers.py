@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
@@ -80,8 +82,44 @@ def test_lanczos_on_a_known_matrix_and_exhausted_space() -> None:
     q, _ = torch.linalg.qr(torch.randn(12, 12, generator=g, dtype=torch.float64))
     ev = torch.tensor([5.0, 4.7, 4.6, 1, 0.5, 0, 0, -0.1, -0.2, -1, -2, -3.0], dtype=torch.float64)
     h = q @ torch.diag(ev) @ q.T
-    res = lanczos(h, k=3, max_products=50, generator=g)
-    assert res.all_converged and res.num_products <= 12
+    res = lanczos(h, k=3, max_products=50, max_memory_factor=40, generator=g)
+    assert res.all_converged and res.num_products <= 12 + 3  # the whole space, then k verifications
+    tight = lanczos(h, k=3, max_products=50, generator=g)  # default memory: a restarted basis of 5
+    assert tight.all_converged
+    torch.testing.assert_close(
+        torch.tensor(tight.eigenvalues, dtype=torch.float64), ev[:3], rtol=1e-5, atol=0
+    )
     torch.testing.assert_close(torch.tensor(res.eigenvalues, dtype=torch.float64), ev[:3])
     low = lanczos(lambda v: h.float() @ v, k=1, which="smallest", n=12, generator=g)  # plain callable
     assert low.eigenvalues[0] == pytest.approx(-3.0, rel=1e-6)
+
+
+def _crossing(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """A Hessian whose new top (2.0) is orthogonal to the previous top eigenvector (now 1.9)."""
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, 60, generator=g, dtype=torch.float64))
+    ev = torch.cat(
+        [torch.tensor([2.0, 1.9], dtype=torch.float64), torch.linspace(-0.5, 1.0, 58, dtype=torch.float64)]
+    )
+
+    def matvec(v: torch.Tensor) -> torch.Tensor:
+        return q @ (ev * (q.T @ v))
+
+    matvec.dtype = torch.float64  # type: ignore[attr-defined]
+    return q, ev, matvec
+
+
+@pytest.mark.parametrize("n", [200, 20_000])
+def test_warm_start_finds_a_new_top_orthogonal_to_the_old_one(n: int) -> None:
+    """The eigenvalue-crossing case: warm-started on the old top (1.9), every seed finds 2.0."""
+    for seed in range(20):
+        q, ev, matvec = _crossing(n, seed)
+        g = torch.Generator().manual_seed(100 + seed)
+        res = lanczos(matvec, v0=q[:, 1], n=n, generator=g)
+        exact = torch.linalg.eigvalsh(q.T @ torch.stack([matvec(q[:, j]) for j in range(60)], 1)).max()
+        assert res.converged[0], seed
+        assert abs(res.eigenvalues[0] - exact.item()) <= 1e-3 * exact.item(), (seed, res.eigenvalues)
+        true = torch.linalg.vector_norm(
+            matvec(res.eigenvectors[:, 0]) - res.eigenvalues[0] * res.eigenvectors[:, 0]
+        )
+        assert true.item() <= 1e-3 * abs(res.eigenvalues[0])  # the residual it claims is the true one
