@@ -104,6 +104,7 @@ class BudgetClock:
         self.timed_steps = 0
         self._last: float | None = None
         self._estimating = 0.0
+        self._last_cost: float | None = None  # seconds of the latest estimate (early ones too)
 
     def due(self, step: int) -> bool:
         """Call once per optimizer step, at its start; True when an estimate is due."""
@@ -113,7 +114,9 @@ class BudgetClock:
             self.timed_steps += 1
         self._last, self._estimating = now, 0.0
         if self.next_step is None and self.timed_steps >= self.calibration:
-            if self.budget * self.total_steps >= self.COLD_COST_STEPS:
+            if self._last_cost is not None:  # an estimate ran before calibration ended
+                self.next_step = step + self._interval(self._last_cost)
+            elif self.budget * self.total_steps >= self.COLD_COST_STEPS:
                 self.next_step = step  # a long run affords its first estimate right away
             else:
                 self.next_step = step + self._interval(self.COLD_COST_STEPS * self.seconds_per_step)
@@ -122,7 +125,9 @@ class BudgetClock:
     def spent(self, step: int, seconds: float) -> None:
         """An estimate at ``step`` took ``seconds``: schedule the next one."""
         self._estimating += seconds
-        self.next_step = step + self._interval(seconds)
+        self._last_cost = seconds
+        if self.timed_steps >= self.calibration:  # else: planned once the step time is known
+            self.next_step = step + self._interval(seconds)
 
     @property
     def seconds_per_step(self) -> float:
@@ -136,9 +141,36 @@ class BudgetClock:
             "next_step": self.next_step,
             "train_seconds": self.train_seconds,
             "timed_steps": self.timed_steps,
+            "last_cost": self._last_cost,
         }
 
     def load(self, state: dict[str, Any]) -> None:
         self.next_step = state.get("next_step")
         self.train_seconds = float(state.get("train_seconds", 0.0))
         self.timed_steps = int(state.get("timed_steps", 0))
+        self._last_cost = state.get("last_cost")
+
+
+class LogSpacedSteps:
+    """Steps 0, base, base^2, ... below ``until``: the early estimates of a run.
+
+    A learning rate far above the stability limit shows at step 0; progressive sharpening in the
+    first hundreds of steps shows on a log scale. Later steps are left to another schedule.
+    """
+
+    def __init__(self, base: int = 4, until: int = 1000) -> None:
+        self.base = _positive_int(base, "base", minimum=2)
+        self.until = _positive_int(until, "until", minimum=0)
+
+    def __call__(self, step: int) -> bool:
+        if step >= self.until:
+            return False
+        if step == 0:
+            return True
+        power = 1
+        while power < step:
+            power *= self.base
+        return power == step
+
+    def __repr__(self) -> str:
+        return f"log_spaced(base={self.base}, until={self.until})"

@@ -34,10 +34,12 @@ from healthmon.monitors.hub import Hub
 from healthmon.monitors.isolation import isolated
 from healthmon.numerics.eigensolvers import vector_ratio
 from healthmon.numerics.hessian import (
+    HVP_METHODS,
     HessianOperator,
     HVPMethod,
     SpectrumEstimate,
     adam_preconditioner,
+    choose_hvp_method,
     estimate_spectrum,
     lanczos,
     mean_over_ranks,
@@ -45,9 +47,8 @@ from healthmon.numerics.hessian import (
     preconditioned,
     split_batch,
     stability_limit,
-    time_hvp_methods,
 )
-from healthmon.schedules import BudgetClock, LogThenEvery, log_then_every
+from healthmon.schedules import BudgetClock, LogSpacedSteps, LogThenEvery, log_then_every
 
 __all__ = ["BudgetClock", "HessianEigenMonitor", "LogThenEvery", "log_then_every"]
 
@@ -157,11 +158,13 @@ class HessianEigenMonitor(Monitor):
         budget: float = 0.02,
         top_k: int = 1,
         solver: Literal["lanczos", "power"] = "lanczos",
-        hvp: Literal["auto", "double_backward", "forward_over_reverse"] = "auto",
+        hvp: Literal["auto", "double_backward", "forward_over_reverse", "finite_differences"] = "auto",
         tol: float = 1e-3,
+        early_tol: float = 1e-2,
         max_products: int = 100,
         negative_curvature: bool = True,
         negative_ratio: float = 0.1,
+        negative_every: int = 4,
         trace_samples: int = 0,
         preconditioned: bool = True,
         warm_start: bool = True,
@@ -182,12 +185,17 @@ class HessianEigenMonitor(Monitor):
         self.budgeted = every_n_steps is None
         self.budget = _checks.fraction(budget, "budget")
         self._clock = BudgetClock(self.budget)
+        self._early = LogSpacedSteps(4, until=1000)
         self.top_k = _checks.positive_int(top_k, "top_k")
         self.solver = _checks.choice(solver, "solver", ("lanczos", "power"))
-        self.hvp = _checks.choice(hvp, "hvp", ("auto", "double_backward", "forward_over_reverse"))
+        self.hvp = _checks.choice(hvp, "hvp", ("auto", *HVP_METHODS))
         self.tol = _checks.positive_float(tol, "tol")
         if self.tol >= 1:
             raise ValueError(f"`tol`: expected a number in (0, 1), got {tol!r}.")
+        self.early_tol = _checks.positive_float(early_tol, "early_tol")
+        if self.early_tol >= 1:
+            raise ValueError(f"`early_tol`: expected a number in (0, 1), got {early_tol!r}.")
+        self.negative_every = _checks.positive_int(negative_every, "negative_every")
         self.max_products = _checks.positive_int(max_products, "max_products", minimum=self.top_k)
         for name, flag in (
             ("negative_curvature", negative_curvature),
@@ -230,6 +238,8 @@ class HessianEigenMonitor(Monitor):
             "solver": self.solver,
             "hvp": self.hvp,
             "tol": self.tol,
+            "early_tol": self.early_tol if self.budgeted else None,
+            "negative_every": self.negative_every if self.budgeted else None,
             "max_products": self.max_products,
             "negative_curvature": self.negative_curvature,
             "negative_ratio": self.negative_ratio,
@@ -269,7 +279,11 @@ class HessianEigenMonitor(Monitor):
         if step == self._last_step:
             return  # gradient accumulation: one estimate per optimizer step
         self._last_step = step
-        due = self._clock.due(step) if self.budgeted else self.should_run(trainer)
+        if self.budgeted:
+            due = self._clock.due(step)  # always called: it times the training steps
+            due = due or self._early(step)
+        else:
+            due = self.should_run(trainer)
         if not due:
             return
         if not pl_module.automatic_optimization:
@@ -300,8 +314,15 @@ class HessianEigenMonitor(Monitor):
         try:
             with isolated(pl_module), torch.enable_grad():
                 if self._method is None:
-                    timings = time_hvp_methods(lambda m: self._operator(pl_module, m))
-                    self._method = min(timings, key=timings.__getitem__)  # type: ignore[assignment]
+                    self._method = choose_hvp_method(
+                        lambda m: self._operator(pl_module, m), generator=self._generator
+                    )
+                step = int(trainer.global_step)
+                early = self.budgeted and step < self._early.until
+                tol = self.early_tol if early else self.tol
+                negative = self.negative_curvature and (
+                    not self.budgeted or (self.estimates + 1) % self.negative_every == 0
+                )
                 op = self._operator(pl_module, self._method)  # type: ignore[arg-type]
                 memory = max(
                     self.max_memory_factor,
@@ -311,9 +332,9 @@ class HessianEigenMonitor(Monitor):
                     op,
                     k=self.top_k,
                     solver=self.solver,  # type: ignore[arg-type]
-                    tol=self.tol,
+                    tol=tol,
                     max_products=self.max_products,
-                    negative=self.negative_curvature,
+                    negative=negative,
                     negative_scale=self.negative_ratio,
                     trace_samples=self.trace_samples,
                     warm_top=self._warm_top if self.warm_start else None,
@@ -330,7 +351,7 @@ class HessianEigenMonitor(Monitor):
                             preconditioned(op, p),
                             k=1,
                             v0=self._warm_precond if self.warm_start else None,
-                            tol=self.tol,
+                            tol=tol,
                             max_products=self.max_products,
                             max_memory_factor=memory,
                             generator=self._generator,
@@ -391,9 +412,9 @@ class HessianEigenMonitor(Monitor):
             hub.alert(
                 trainer,
                 "hessian.sharpness",
-                f"The top Hessian eigenvalue {lam:.4g} is above the stability limit {limit.limit:.4g} "
-                f"({limit.formula}, lr={limit.lr:.3g}): gradient descent oscillates and diverges along "
-                "its eigenvector.",
+                f"The top Hessian eigenvalue lambda_max = {lam:.4g} is above the stability limit "
+                f"{limit.limit:.4g} ({limit.formula}, lr={limit.lr:.3g}, 2/lr = {limit.two_over_lr:.4g}): "
+                "gradient descent oscillates and diverges along its eigenvector.",
                 hint=f"Lower the learning rate below {2 / lam:.3g} (2/lambda_max), or add warm-up.",
                 value=lam,
             )

@@ -32,6 +32,7 @@ from healthmon.numerics.hvp import (
     HessianOperator,
     HVPMethod,
     LossFn,
+    choose_hvp_method,
     mean_over_ranks,
     time_hvp_methods,
 )
@@ -55,6 +56,7 @@ __all__ = [
     "adam_preconditioner",
     "basis_capacity",
     "batch_size",
+    "choose_hvp_method",
     "estimate_spectrum",
     "hutchinson_trace",
     "lanczos",

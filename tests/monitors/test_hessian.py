@@ -215,13 +215,33 @@ class _StopAt(Callback):
             trainer.should_stop = True
 
 
-@pytest.mark.parametrize(("max_steps", "expected"), [(100_000, 1), (30, 0)])
-def test_default_budget_estimates_early_only_when_the_run_affords_it(
-    tmp_path, max_steps: int, expected: int
-) -> None:
-    hessian = HessianEigenMonitor()
-    mon = HealthMonitor(monitors=[hessian], summary=False)
-    trainer(tmp_path, [mon, _StopAt(16)], max_steps=max_steps).fit(DigitsClassifier(), digits_loader())
-    assert hessian.estimates == expected
-    if expected:
-        assert hessian._clock.next_step is not None and hessian._clock.next_step > 16  # budgeted after
+class _Steps(Callback):
+    """Records the global step of every HessianEigenMonitor estimate (from the hub's last values)."""
+
+    def __init__(self, hessian: HessianEigenMonitor) -> None:
+        self.hessian = hessian
+        self.steps: list[int] = []
+        self._seen = 0
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if self.hessian.estimates > self._seen:
+            self._seen = self.hessian.estimates
+            self.steps.append(int(trainer.global_step) - 1)
+
+
+def test_default_estimates_from_step_zero_log_spaced_then_budgeted(tmp_path) -> None:
+    """HealthMonitor() as users add it: lambda_max at step 0, then 1, 4, 16, 64, ... (>= 4 in 250)."""
+    mon = HealthMonitor(summary=False)
+    hessian = next(m for m in mon.monitors if isinstance(m, HessianEigenMonitor))
+    steps = _Steps(hessian)
+    trainer(tmp_path, [mon, steps], max_steps=250).fit(DigitsClassifier(), digits_loader())
+    assert steps.steps[:5] == [0, 1, 4, 16, 64]
+    assert hessian.estimates >= 4 and hessian.hub.last[TAG_LAMBDA_MAX] > 0
+    assert not [a for a in mon.alerts if a.code == "hessian.sharpness"]  # lr 0.1: far below 2/lr
+
+
+def test_default_raises_sharpness_at_step_zero_for_a_far_too_high_lr(tmp_path) -> None:
+    mon = HealthMonitor(summary=False)
+    trainer(tmp_path, [mon], max_steps=2).fit(DigitsClassifier(lr=10.0), digits_loader())
+    alert = next(a for a in mon.alerts if a.code == "hessian.sharpness")
+    assert alert.step == 0 and "2/lr = 0.2" in alert.message and "lambda_max = " in alert.message
