@@ -115,6 +115,7 @@ class HessianOperator:
         self.reduce = reduce
         self.cache_graph = cache_graph
         self.num_products = 0
+        self.fd_step = FD_RELATIVE_STEP  # finite differences: step relative to the weights' norm
         self._grads: list[list[Tensor | None]] | None = None
         self._cuda = (
             list(range(torch.cuda.device_count()))
@@ -139,8 +140,15 @@ class HessianOperator:
         )
 
     def _evaluate(self, fn: Callable[[], Any]) -> Any:
-        """Run ``fn`` from the RNG state captured at construction; restore the caller's RNG."""
-        with torch.random.fork_rng(devices=self._cuda):
+        """Run ``fn`` from the RNG state captured at construction; restore the caller's RNG.
+
+        Scaled dot-product attention runs its plain (math) kernel here: the fused flash and
+        memory-efficient kernels have no second derivative, the math one computes the same
+        function with ordinary, twice-differentiable operations.
+        """
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with torch.random.fork_rng(devices=self._cuda), sdpa_kernel([SDPBackend.MATH]):
             torch.set_rng_state(self._rng_cpu)
             if self._rng_cuda is not None:
                 torch.cuda.set_rng_state_all(self._rng_cuda)
@@ -199,7 +207,7 @@ class HessianOperator:
             weights = torch.linalg.vector_norm(
                 torch.stack([torch.linalg.vector_norm(p) for p in self.params])
             )
-            h = FD_RELATIVE_STEP * max(float(weights), 1.0) / max(float(torch.linalg.vector_norm(v)), 1e-30)
+            h = self.fd_step * max(float(weights), 1.0) / max(float(torch.linalg.vector_norm(v)), 1e-30)
 
         def gradient(sign: float) -> Tensor:
             def run() -> Tensor:
@@ -292,13 +300,24 @@ def choose_hvp_method(
     if exact.dtype not in (torch.float32, torch.float64):
         return "double_backward"
     v = torch.randn(exact.n, generator=generator).to(dtype=exact.dtype, device=exact.device)
-    reference = exact.matvec(v)
-    exact.release()
     try:
-        approx = make_operator("finite_differences").matvec(v)
+        approx_op = make_operator("finite_differences")
+        started = time.perf_counter()
+        approx = approx_op.matvec(v)
+        float(approx[0])  # synchronise an asynchronous device
+        fd_seconds = time.perf_counter() - started
     except (RuntimeError, NotImplementedError, TypeError):
         return "double_backward"
+    try:
+        reference = exact.matvec(v)  # builds the cached gradient graph
+        started = time.perf_counter()
+        float(exact.matvec(v)[0])  # the marginal cost of one more product
+        exact_seconds = time.perf_counter() - started
+        exact.release()
+    except (RuntimeError, NotImplementedError):
+        return "double_backward"  # estimate() reports why no product is possible
     error = torch.linalg.vector_norm(approx - reference) / torch.linalg.vector_norm(reference).clamp_min(
         1e-30
     )
-    return "finite_differences" if float(error) <= rtol else "double_backward"
+    accurate = float(error) <= rtol
+    return "finite_differences" if accurate and fd_seconds < exact_seconds else "double_backward"
