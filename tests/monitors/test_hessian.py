@@ -135,7 +135,9 @@ def test_user_probe_batch_and_chunks_agree(tmp_path) -> None:
     results = []
     for chunk in (None, 50):
         torch.manual_seed(0)
-        mon = HessianEigenMonitor(every_n_steps=100, probe_batch=(x[:200], y[:200]), probe_chunk_size=chunk)
+        mon = HessianEigenMonitor(
+            every_n_steps=100, hvp="double_backward", probe_batch=(x[:200], y[:200]), probe_chunk_size=chunk
+        )
         t = trainer(tmp_path / str(chunk), [mon], max_steps=1, tensorboard=False)
         t.fit(DigitsClassifier(hidden=(16,), activation=nn.Tanh), digits_loader(32, n=64))
         assert mon.last_estimate is not None
