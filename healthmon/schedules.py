@@ -152,7 +152,7 @@ class BudgetClock:
 
 
 class LogSpacedSteps:
-    """Steps 0, base, base^2, ... below ``until``: the early estimates of a run.
+    """Steps 0, base, base^2, ... below ``until`` (0, 4, 16, 64, 256): the early estimates of a run.
 
     A learning rate far above the stability limit shows at step 0; progressive sharpening in the
     first hundreds of steps shows on a log scale. Later steps are left to another schedule.
@@ -167,7 +167,7 @@ class LogSpacedSteps:
             return False
         if step == 0:
             return True
-        power = 1
+        power = self.base
         while power < step:
             power *= self.base
         return power == step

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from healthmon.schedules import BudgetClock, LogThenEvery, cadence, check_cadence, log_then_every
+from healthmon.schedules import (
+    BudgetClock,
+    LogSpacedSteps,
+    LogThenEvery,
+    cadence,
+    check_cadence,
+    log_then_every,
+)
 
 
 def test_log_then_every_and_int_cadences() -> None:
@@ -17,6 +24,23 @@ def test_log_then_every_and_int_cadences() -> None:
         check_cadence(0)
     with pytest.raises(ValueError, match="`base`"):
         LogThenEvery(10, base=1)
+    early = LogSpacedSteps(4, until=1000)
+    assert [s for s in range(3000) if early(s)] == [0, 4, 16, 64, 256]
+
+
+def test_an_estimate_before_calibration_is_priced_once_step_times_are_known() -> None:
+    """The step-0 estimate of the default schedule: the next one is planned from its cost."""
+    t = [0.0]
+    clock = BudgetClock(0.1, calibration=2, now=lambda: t[0])
+    clock.total_steps = 1000
+    assert clock.due(0) is False
+    clock.spent(0, 3.0)  # a 3 s estimate at step 0, before any step time is known
+    assert clock.next_step is None
+    t[0] += 4.0  # 3 s estimate + 1 s step
+    clock.due(1)
+    t[0] += 1.0
+    clock.due(2)  # calibrated: 1 s per step; 3 s at 10% -> 30 steps on
+    assert clock.seconds_per_step == 1.0 and clock.next_step == 2 + 30
 
 
 def test_budget_clock_schedules_in_steps_from_measured_costs() -> None:

@@ -160,7 +160,7 @@ class HessianEigenMonitor(Monitor):
         solver: Literal["lanczos", "power"] = "lanczos",
         hvp: Literal["auto", "double_backward", "forward_over_reverse", "finite_differences"] = "auto",
         tol: float = 1e-3,
-        early_tol: float = 1e-2,
+        early_tol: float = 5e-2,
         max_products: int = 100,
         negative_curvature: bool = True,
         negative_ratio: float = 0.1,
@@ -321,7 +321,7 @@ class HessianEigenMonitor(Monitor):
                 early = self.budgeted and step < self._early.until
                 tol = self.early_tol if early else self.tol
                 negative = self.negative_curvature and (
-                    not self.budgeted or (self.estimates + 1) % self.negative_every == 0
+                    not self.budgeted or (not early and (self.estimates + 1) % self.negative_every == 0)
                 )
                 op = self._operator(pl_module, self._method)  # type: ignore[arg-type]
                 memory = max(
