@@ -104,7 +104,7 @@ class BudgetClock:
         self.timed_steps = 0
         self._last: float | None = None
         self._estimating = 0.0
-        self._last_cost: float | None = None  # seconds of the latest estimate (early ones too)
+        self.last_cost: float | None = None  # seconds of the latest estimate (early ones too)
 
     def due(self, step: int) -> bool:
         """Call once per optimizer step, at its start; True when an estimate is due."""
@@ -114,8 +114,8 @@ class BudgetClock:
             self.timed_steps += 1
         self._last, self._estimating = now, 0.0
         if self.next_step is None and self.timed_steps >= self.calibration:
-            if self._last_cost is not None:  # an estimate ran before calibration ended
-                self.next_step = step + self._interval(self._last_cost)
+            if self.last_cost is not None:  # an estimate ran before calibration ended
+                self.next_step = step + self._interval(self.last_cost)
             elif self.budget * self.total_steps >= self.COLD_COST_STEPS:
                 self.next_step = step  # a long run affords its first estimate right away
             else:
@@ -125,7 +125,7 @@ class BudgetClock:
     def spent(self, step: int, seconds: float) -> None:
         """An estimate at ``step`` took ``seconds``: schedule the next one."""
         self._estimating += seconds
-        self._last_cost = seconds
+        self.last_cost = seconds
         if self.timed_steps >= self.calibration:  # else: planned once the step time is known
             self.next_step = step + self._interval(seconds)
 
@@ -141,14 +141,14 @@ class BudgetClock:
             "next_step": self.next_step,
             "train_seconds": self.train_seconds,
             "timed_steps": self.timed_steps,
-            "last_cost": self._last_cost,
+            "last_cost": self.last_cost,
         }
 
     def load(self, state: dict[str, Any]) -> None:
         self.next_step = state.get("next_step")
         self.train_seconds = float(state.get("train_seconds", 0.0))
         self.timed_steps = int(state.get("timed_steps", 0))
-        self._last_cost = state.get("last_cost")
+        self.last_cost = state.get("last_cost")
 
 
 class LogSpacedSteps:

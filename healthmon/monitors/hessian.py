@@ -136,6 +136,11 @@ class HessianEigenMonitor(Monitor):
         preconditioned: for Adam-type optimizers, estimate the preconditioned sharpness.
         warm_start: start each estimate from the previous eigenvectors (mixed with a random
             component, so that a new top direction is still found after an eigenvalue crossing).
+        early_tol: default schedule: the tolerance of the estimates before step 1000 (step 0
+            and the log-spaced ones); later estimates use ``tol``.
+        negative_every: default schedule: ``lambda_min`` on every n-th estimate after step 1000.
+        early_budget: default schedule: a log-spaced estimate after step 0 runs only when the
+            previous estimate cost at most this share of the planned run's training time.
         max_memory_factor: the eigensolvers' vectors stay within this multiple of the parameter
             memory (thick-restarted Lanczos with a basis that fits; the top and bottom solves run
             one after the other). Raised to the smallest workable value when lower (a basis of
@@ -165,6 +170,7 @@ class HessianEigenMonitor(Monitor):
         negative_curvature: bool = True,
         negative_ratio: float = 0.1,
         negative_every: int = 4,
+        early_budget: float = 0.05,
         trace_samples: int = 0,
         preconditioned: bool = True,
         warm_start: bool = True,
@@ -196,6 +202,7 @@ class HessianEigenMonitor(Monitor):
         if self.early_tol >= 1:
             raise ValueError(f"`early_tol`: expected a number in (0, 1), got {early_tol!r}.")
         self.negative_every = _checks.positive_int(negative_every, "negative_every")
+        self.early_budget = _checks.fraction(early_budget, "early_budget")
         self.max_products = _checks.positive_int(max_products, "max_products", minimum=self.top_k)
         for name, flag in (
             ("negative_curvature", negative_curvature),
@@ -240,6 +247,7 @@ class HessianEigenMonitor(Monitor):
             "tol": self.tol,
             "early_tol": self.early_tol if self.budgeted else None,
             "negative_every": self.negative_every if self.budgeted else None,
+            "early_budget": self.early_budget if self.budgeted else None,
             "max_products": self.max_products,
             "negative_curvature": self.negative_curvature,
             "negative_ratio": self.negative_ratio,
@@ -281,7 +289,7 @@ class HessianEigenMonitor(Monitor):
         self._last_step = step
         if self.budgeted:
             due = self._clock.due(step)  # always called: it times the training steps
-            due = due or self._early(step)
+            due = due or (self._early(step) and self._early_affordable(step))
         else:
             due = self.should_run(trainer)
         if not due:
@@ -290,6 +298,16 @@ class HessianEigenMonitor(Monitor):
             self._skip(trainer, "manual optimization: replaying training_step would step the optimizer")
             return
         self._estimate(trainer, pl_module)
+
+    def _early_affordable(self, step: int) -> bool:
+        """Step 0 always; a later log-spaced estimate when the last one cost at most ``early_budget``
+        of the planned run's training time (a big model on a short run gets its step-0 estimate and
+        then the time budget's)."""
+        clock = self._clock
+        if step == 0 or clock.last_cost is None or not math.isfinite(clock.total_steps):
+            return True
+        planned = clock.seconds_per_step * clock.total_steps
+        return clock.last_cost <= self.early_budget * planned
 
     # ---- the estimate ---------------------------------------------------------------------------
     def _operator(self, pl_module: pl.LightningModule, method: HVPMethod) -> HessianOperator:
