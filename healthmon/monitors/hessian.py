@@ -170,7 +170,7 @@ class HessianEigenMonitor(Monitor):
         negative_curvature: bool = True,
         negative_ratio: float = 0.1,
         negative_every: int = 4,
-        early_budget: float = 0.05,
+        early_budget: float = 0.25,
         trace_samples: int = 0,
         preconditioned: bool = True,
         warm_start: bool = True,
