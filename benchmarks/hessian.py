@@ -1,5 +1,9 @@
 """Hessian eigenvalue benchmark: healthmon.numerics.hessian against the exact spectrum (and PyHessian).
 
+``python benchmarks/hessian.py --overhead-models`` instead prints, for the two models of
+``benchmarks/overhead.py``, the cost of one product in gradients for each method and the
+products per estimate of the default schedule.
+
 Prints, per model (float32, CPU, 512 samples): relative error of lambda_max, top-3 and lambda_min
 against the exact float64 spectrum, Hessian-vector products used, wall time, one product's time
 over one gradient's time for both HVP methods, and products per warm-started estimate during
@@ -24,7 +28,9 @@ from torch.func import functional_call, hessian
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from healthmon.numerics.hessian import (
+    HVP_METHODS,
     HessianOperator,
+    choose_hvp_method,
     estimate_spectrum,
     lanczos,
     most_negative_eigenvalue,
@@ -85,7 +91,7 @@ def exact_spectrum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: Cal
     return torch.linalg.eigvalsh(hessian(f)(flat))
 
 
-def per_product_ratio(model: nn.Module, closure: Callable, method: str, reps: int = 20) -> float:
+def per_product_ratio(model: nn.Module, closure: Callable, method: str, reps: int = 10) -> float:
     op = HessianOperator(model, [(closure, 1.0)], method=method)  # type: ignore[arg-type]
     v = torch.randn(op.n)
     op(v)
@@ -184,11 +190,24 @@ def main() -> None:
         def closure(m: nn.Module = model) -> torch.Tensor:
             return lossf(m(x), y)  # noqa: B023
 
-        op = HessianOperator(model, [(closure, 1.0)])
+        auto = choose_hvp_method(
+            lambda m: HessianOperator(model, [(closure, 1.0)], method=m),  # noqa: B023
+            generator=torch.Generator().manual_seed(0),
+        )
+        print(f"  hvp='auto' picks {auto}")
+        for method in ("finite_differences", "double_backward"):
+            fd = HessianOperator(model, [(closure, 1.0)], method=method)  # type: ignore[arg-type]
+            res = lanczos(fd, k=1, generator=torch.Generator().manual_seed(0))
+            err = abs(res.eigenvalues[0] - ev[-1].item()) / abs(ev[-1].item())
+            print(
+                f"  {method}: lambda_max rel err {err:.1e}, {res.num_products} products, "
+                f"converged {res.all_converged}"
+            )
+        op = HessianOperator(model, [(closure, 1.0)], method=auto)
         for k in (1, 3):
             g = torch.Generator().manual_seed(0)
             t = time.perf_counter()
-            res = lanczos(op, k=k, generator=g)
+            res = lanczos(op, k=k, max_memory_factor=2 * k + 8, generator=g)
             secs = time.perf_counter() - t
             errs = [
                 abs(v - w) / abs(w) for v, w in zip(res.eigenvalues, ev.flip(0)[:k].tolist(), strict=True)
@@ -205,7 +224,7 @@ def main() -> None:
             f"  healthmon lambda_min: rel err {abs(low.eigenvalues[0] - ev[0].item()) / abs(ev[0].item()):.1e}, "  # noqa: E501
             f"{low.num_products} products, {time.perf_counter() - t:.3f}s, converged {low.all_converged}"
         )
-        for method in ("double_backward", "forward_over_reverse"):
+        for method in HVP_METHODS:
             try:
                 print(
                     f"  one {method} product / one gradient: {per_product_ratio(model, closure, method):.2f}"
@@ -223,5 +242,53 @@ def main() -> None:
         print()
 
 
+def overhead_models() -> None:
+    """Products per estimate and the cost of a product, on the two models of benchmarks/overhead.py."""
+    import overhead
+
+    from healthmon.numerics.hessian import estimate_spectrum as estimate
+
+    torch.set_num_threads(1)
+    mlp_data = next(iter(overhead.digits_loader()))
+    lm_data = next(iter(overhead.token_loader()))
+    for name, model, batch in (
+        ("MLP 64-512-512-10, batch 64", overhead.MLP(False), mlp_data),
+        ("transformer LM 4x256, seq 128, batch 16", overhead.TinyLM(False), lm_data),
+    ):
+        torch.manual_seed(0)
+        model.log = lambda *a, **k: None  # type: ignore[method-assign]
+        n = sum(p.numel() for p in model.parameters())
+
+        def closure(m: nn.Module = model, b: object = batch) -> torch.Tensor:
+            return m.training_step(b, 0)
+
+        print(f"== {name}: {n} parameters (1 thread)")
+        for method in HVP_METHODS:
+            try:
+                ratio = per_product_ratio(model, closure, method, reps=5)
+                print(f"  one {method} product / one gradient: {ratio:.2f}")
+            except RuntimeError as err:
+                print(f"  {method}: fails ({str(err)[:60]}...)")
+        auto = choose_hvp_method(
+            lambda m: HessianOperator(model, [(closure, 1.0)], method=m),  # noqa: B023
+            generator=torch.Generator().manual_seed(0),
+        )
+        op = HessianOperator(model, [(closure, 1.0)], method=auto)
+        g = torch.Generator().manual_seed(0)
+        t = time.perf_counter()
+        cold = estimate(op, k=1, tol=1e-2, negative=False, generator=g)
+        secs = time.perf_counter() - t
+        warm = estimate(op, k=1, tol=1e-2, negative=False, warm_top=cold.top.eigenvectors, generator=g)
+        low = estimate(op, k=1, tol=1e-2, negative=True, generator=g)
+        print(
+            f"  auto picks {auto}; step-0 estimate (tol 1e-2): {cold.num_products} products, {secs:.2f}s, "
+            f"lambda_max {cold.lambda_max:.4g}; warm re-estimate {warm.num_products}; with lambda_min "
+            f"{low.num_products}"
+        )
+
+
 if __name__ == "__main__":
-    main()
+    if "--overhead-models" in sys.argv:
+        overhead_models()
+    else:
+        main()

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
-Cadence = int | Callable[[int], bool]
+from healthmon.schedules import Cadence, cadence, check_cadence
+
+__all__ = ["Cadence", "cadence", "check_cadence", "choice", "fraction", "positive_float", "positive_int"]
 
 
 def positive_int(value: Any, name: str, *, minimum: int = 1) -> int:
@@ -36,20 +38,3 @@ def choice(value: Any, name: str, allowed: Iterable[str]) -> str:
     if value not in allowed:
         raise ValueError(f"`{name}`: expected one of {', '.join(repr(a) for a in allowed)}, got {value!r}.")
     return str(value)
-
-
-def cadence(value: Any, name: str = "every_n_steps") -> Callable[[int], bool]:
-    """A schedule ``step -> bool`` from an int period or a callable (Cockpit-style schedules)."""
-    if callable(value):
-        return value
-    every = positive_int(value, name)
-    return lambda step: step % every == 0
-
-
-def check_cadence(value: Any, name: str = "every_n_steps") -> Cadence:
-    """Validate a cadence argument and return it unchanged."""
-    if callable(value):
-        return value
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}`: expected an integer >= 1 or a callable step -> bool, got {value!r}.")
-    return value

@@ -60,7 +60,7 @@ CASES: list[tuple[Any, dict[str, Any], str, str]] = [
     (LogitsCheck, {"every_n_steps": "10"}, "every_n_steps", "got '10'"),
     (HessianEigenMonitor, {"top_k": 0}, "top_k", "expected an integer >= 1, got 0"),
     (HessianEigenMonitor, {"solver": "qr"}, "solver", "expected one of 'lanczos', 'power', got 'qr'"),
-    (HessianEigenMonitor, {"hvp": "finite_differences"}, "hvp", "got 'finite_differences'"),
+    (HessianEigenMonitor, {"hvp": "finite"}, "hvp", "got 'finite'"),
     (HessianEigenMonitor, {"tol": 0.0}, "tol", "got 0.0"),
     (HessianEigenMonitor, {"tol": 2.0}, "tol", "expected a number in (0, 1), got 2.0"),
     (HessianEigenMonitor, {"top_k": 5, "max_products": 3}, "max_products", "expected an integer >= 5, got 3"),

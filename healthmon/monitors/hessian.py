@@ -18,7 +18,6 @@ the monitor. The loss is evaluated in float32 outside autocast.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
@@ -34,19 +33,25 @@ from healthmon.alerts import OnAlert, Severity
 from healthmon.monitors.base import Monitor
 from healthmon.monitors.hub import Hub
 from healthmon.monitors.isolation import HostRandomState, isolated, replay_blocker
+from healthmon.numerics.eigensolvers import vector_ratio
 from healthmon.numerics.hessian import (
+    HVP_METHODS,
     HessianOperator,
     HVPMethod,
     SpectrumEstimate,
     adam_preconditioner,
+    choose_hvp_method,
     estimate_spectrum,
     lanczos,
     mean_over_ranks,
+    minimum_memory_factor,
     preconditioned,
     split_batch,
     stability_limit,
-    time_hvp_methods,
 )
+from healthmon.schedules import BudgetClock, LogSpacedSteps, LogThenEvery, log_then_every
+
+__all__ = ["BudgetClock", "HessianEigenMonitor", "LogThenEvery", "log_then_every"]
 
 TAG = "healthmon/hessian/"
 TAG_LAMBDA_MAX = TAG + "lambda_max"
@@ -61,112 +66,6 @@ TAG_CONVERGED = TAG + "converged"
 TAG_TRACE = TAG + "trace"
 TAG_PRECOND = TAG + "preconditioned_sharpness"
 TAG_PRECOND_LIMIT = TAG + "preconditioned_limit"
-
-
-class LogThenEvery:
-    """Schedule: steps 0, 1, base, base^2, ... below ``every``, then every multiple of ``every``.
-
-    Early estimates catch a run that is unstable from its first steps; later ones are sparse and
-    warm-started (the top eigenvector moves slowly), which keeps the amortised cost low.
-    """
-
-    def __init__(self, every: int, base: int = 4) -> None:
-        self.every = _checks.positive_int(every, "every")
-        self.base = _checks.positive_int(base, "base", minimum=2)
-        self.__name__ = f"log_then_every({every}, base={base})"
-
-    def __call__(self, step: int) -> bool:
-        if step % self.every == 0:
-            return True
-        if step >= self.every:
-            return False
-        power = 1
-        while power < step:
-            power *= self.base
-        return power == step
-
-    def __repr__(self) -> str:
-        return self.__name__
-
-
-def log_then_every(every: int = 2000, *, base: int = 4) -> Callable[[int], bool]:
-    """The default cadence of :class:`HessianEigenMonitor`: log-spaced early, then every ``every``.
-
-    ``log_then_every(2000)`` runs at steps 0, 1, 4, 16, 64, 256, 1024, 2000, 4000, ...
-    """
-    return LogThenEvery(every, base)
-
-
-class BudgetClock:
-    """When the next Hessian estimate is due so that estimates take ``budget`` of training time.
-
-    Training time is measured between batch starts, minus the estimates' own time. The decision
-    is made in steps, at known points (after ``calibration`` timed steps, and right after each
-    estimate): ``next = step + ceil(cost / (budget * seconds_per_step))``. The first estimate
-    comes right after calibration when the whole run can afford it (``budget * total_steps``
-    covers a cold estimate), else once the elapsed time does. ``agree`` maps a
-    proposed interval to the one every DDP rank uses (the largest), so all ranks estimate at the
-    same step.
-    """
-
-    COLD_COST_STEPS = 150  # a first (cold) estimate costs about this many training steps
-
-    def __init__(
-        self,
-        budget: float,
-        *,
-        calibration: int = 10,
-        agree: Callable[[int], int] = lambda steps: steps,
-        now: Callable[[], float] = time.perf_counter,
-    ) -> None:
-        self.budget = budget
-        self.calibration = calibration
-        self.agree = agree
-        self.now = now
-        self.next_step: int | None = None
-        self.total_steps = math.inf  # the run's planned optimizer steps (Lightning's estimate)
-        self.train_seconds = 0.0
-        self.timed_steps = 0
-        self._last: float | None = None
-        self._estimating = 0.0
-
-    def due(self, step: int) -> bool:
-        """Call once per optimizer step, at its start; True when an estimate is due."""
-        now = self.now()
-        if self._last is not None:
-            self.train_seconds += max(now - self._last - self._estimating, 0.0)
-            self.timed_steps += 1
-        self._last, self._estimating = now, 0.0
-        if self.next_step is None and self.timed_steps >= self.calibration:
-            if self.budget * self.total_steps >= self.COLD_COST_STEPS:
-                self.next_step = step  # a long run affords its first estimate right away
-            else:
-                self.next_step = step + self._interval(self.COLD_COST_STEPS * self.seconds_per_step)
-        return self.next_step is not None and step >= self.next_step
-
-    def spent(self, step: int, seconds: float) -> None:
-        """An estimate at ``step`` took ``seconds``: schedule the next one."""
-        self._estimating += seconds
-        self.next_step = step + self._interval(seconds)
-
-    @property
-    def seconds_per_step(self) -> float:
-        return self.train_seconds / max(self.timed_steps, 1)
-
-    def _interval(self, cost: float) -> int:
-        return self.agree(max(1, math.ceil(cost / (self.budget * max(self.seconds_per_step, 1e-9)))))
-
-    def state(self) -> dict[str, Any]:
-        return {
-            "next_step": self.next_step,
-            "train_seconds": self.train_seconds,
-            "timed_steps": self.timed_steps,
-        }
-
-    def load(self, state: dict[str, Any]) -> None:
-        self.next_step = state.get("next_step")
-        self.train_seconds = float(state.get("train_seconds", 0.0))
-        self.timed_steps = int(state.get("timed_steps", 0))
 
 
 def _max_over_ranks(trainer: Any) -> Callable[[int], int]:
@@ -236,7 +135,17 @@ class HessianEigenMonitor(Monitor):
             significant (the residual of ``lambda_min`` is measured against this scale).
         trace_samples: Hutchinson samples for ``tr(H)`` (0: off).
         preconditioned: for Adam-type optimizers, estimate the preconditioned sharpness.
-        warm_start: start each estimate from the previous eigenvectors.
+        warm_start: start each estimate from the previous eigenvectors (mixed with a random
+            component, so that a new top direction is still found after an eigenvalue crossing).
+        early_tol: default schedule: the tolerance of the estimates before step 1000 (step 0
+            and the log-spaced ones); later estimates use ``tol``.
+        negative_every: default schedule: ``lambda_min`` on every n-th estimate after step 1000.
+        early_budget: default schedule: a log-spaced estimate after step 0 runs only when the
+            previous estimate cost at most this share of the planned run's training time.
+        max_memory_factor: the eigensolvers' vectors stay within this multiple of the parameter
+            memory (thick-restarted Lanczos with a basis that fits; the top and bottom solves run
+            one after the other). Raised to the smallest workable value when lower (a basis of
+            ``top_k + 1`` vectors: 6 for float32 and ``top_k=1``, 12 for bf16, whose basis is float32).
         probe_batch: the batch to measure on (any structure ``training_step`` accepts); None
             captures the first training batch.
         probe_chunk_size: split the probe batch into chunks of at most this many rows and sum
@@ -255,14 +164,18 @@ class HessianEigenMonitor(Monitor):
         budget: float = 0.02,
         top_k: int = 1,
         solver: Literal["lanczos", "power"] = "lanczos",
-        hvp: Literal["auto", "double_backward", "forward_over_reverse"] = "auto",
+        hvp: Literal["auto", "double_backward", "forward_over_reverse", "finite_differences"] = "auto",
         tol: float = 1e-3,
+        early_tol: float = 5e-2,
         max_products: int = 100,
         negative_curvature: bool = True,
         negative_ratio: float = 0.1,
+        negative_every: int = 4,
+        early_budget: float = 0.25,
         trace_samples: int = 0,
         preconditioned: bool = True,
         warm_start: bool = True,
+        max_memory_factor: float = 10.0,
         probe_batch: Any = None,
         probe_chunk_size: int | None = None,
         seed: int = 0,
@@ -279,12 +192,18 @@ class HessianEigenMonitor(Monitor):
         self.budgeted = every_n_steps is None
         self.budget = _checks.fraction(budget, "budget")
         self._clock = BudgetClock(self.budget)
+        self._early = LogSpacedSteps(4, until=1000)
         self.top_k = _checks.positive_int(top_k, "top_k")
         self.solver = _checks.choice(solver, "solver", ("lanczos", "power"))
-        self.hvp = _checks.choice(hvp, "hvp", ("auto", "double_backward", "forward_over_reverse"))
+        self.hvp = _checks.choice(hvp, "hvp", ("auto", *HVP_METHODS))
         self.tol = _checks.positive_float(tol, "tol")
         if self.tol >= 1:
             raise ValueError(f"`tol`: expected a number in (0, 1), got {tol!r}.")
+        self.early_tol = _checks.positive_float(early_tol, "early_tol")
+        if self.early_tol >= 1:
+            raise ValueError(f"`early_tol`: expected a number in (0, 1), got {early_tol!r}.")
+        self.negative_every = _checks.positive_int(negative_every, "negative_every")
+        self.early_budget = _checks.fraction(early_budget, "early_budget")
         self.max_products = _checks.positive_int(max_products, "max_products", minimum=self.top_k)
         for name, flag in (
             ("negative_curvature", negative_curvature),
@@ -302,6 +221,7 @@ class HessianEigenMonitor(Monitor):
             _checks.positive_int(probe_chunk_size, "probe_chunk_size")
         self.probe_chunk_size = probe_chunk_size
         self.seed = _checks.positive_int(seed, "seed", minimum=0)
+        self.max_memory_factor = _checks.positive_float(max_memory_factor, "max_memory_factor")
         self._user_probe = probe_batch
         self._probe: Any = None
         self._probe_idx = 0
@@ -326,12 +246,16 @@ class HessianEigenMonitor(Monitor):
             "solver": self.solver,
             "hvp": self.hvp,
             "tol": self.tol,
+            "early_tol": self.early_tol if self.budgeted else None,
+            "negative_every": self.negative_every if self.budgeted else None,
+            "early_budget": self.early_budget if self.budgeted else None,
             "max_products": self.max_products,
             "negative_curvature": self.negative_curvature,
             "negative_ratio": self.negative_ratio,
             "trace_samples": self.trace_samples,
             "preconditioned": self.preconditioned,
             "warm_start": self.warm_start,
+            "max_memory_factor": self.max_memory_factor,
             "probe_chunk_size": self.probe_chunk_size,
         }
 
@@ -364,7 +288,11 @@ class HessianEigenMonitor(Monitor):
         if step == self._last_step:
             return  # gradient accumulation: one estimate per optimizer step
         self._last_step = step
-        due = self._clock.due(step) if self.budgeted else self.should_run(trainer)
+        if self.budgeted:
+            due = self._clock.due(step)  # always called: it times the training steps
+            due = due or (self._early(step) and self._early_affordable(step))
+        else:
+            due = self.should_run(trainer)
         if not due:
             return
         blocker = replay_blocker(pl_module)
@@ -372,6 +300,16 @@ class HessianEigenMonitor(Monitor):
             self._skip(trainer, blocker)
             return
         self._estimate(trainer, pl_module)
+
+    def _early_affordable(self, step: int) -> bool:
+        """Step 0 always; a later log-spaced estimate when the last one cost at most ``early_budget``
+        of the planned run's training time (a big model on a short run gets its step-0 estimate and
+        then the time budget's)."""
+        clock = self._clock
+        if step == 0 or clock.last_cost is None or not math.isfinite(clock.total_steps):
+            return True
+        planned = clock.seconds_per_step * clock.total_steps
+        return clock.last_cost <= self.early_budget * planned
 
     # ---- the estimate ---------------------------------------------------------------------------
     def _operator(self, pl_module: pl.LightningModule, method: HVPMethod) -> HessianOperator:
@@ -401,20 +339,32 @@ class HessianEigenMonitor(Monitor):
         try:
             with isolated(pl_module), torch.enable_grad():
                 if self._method is None:
-                    timings = time_hvp_methods(lambda m: self._operator(pl_module, m))
-                    self._method = min(timings, key=timings.__getitem__)  # type: ignore[assignment]
+                    self._method = choose_hvp_method(
+                        lambda m: self._operator(pl_module, m), generator=self._generator
+                    )
+                step = int(trainer.global_step)
+                early = self.budgeted and step < self._early.until
+                tol = self.early_tol if early else self.tol
+                negative = self.negative_curvature and (
+                    not self.budgeted or (not early and (self.estimates + 1) % self.negative_every == 0)
+                )
                 op = self._operator(pl_module, self._method)  # type: ignore[arg-type]
+                memory = max(
+                    self.max_memory_factor,
+                    minimum_memory_factor(op.dtype, self.top_k) + self.top_k * vector_ratio(op.dtype),
+                )
                 est = estimate_spectrum(
                     op,
                     k=self.top_k,
                     solver=self.solver,  # type: ignore[arg-type]
-                    tol=self.tol,
+                    tol=tol,
                     max_products=self.max_products,
-                    negative=self.negative_curvature,
+                    negative=negative,
                     negative_scale=self.negative_ratio,
                     trace_samples=self.trace_samples,
                     warm_top=self._warm_top if self.warm_start else None,
                     warm_bottom=self._warm_bottom if self.warm_start else None,
+                    max_memory_factor=memory,
                     generator=self._generator,
                 )
                 limit = stability_limit(optimizer) if optimizer is not None else None
@@ -426,8 +376,9 @@ class HessianEigenMonitor(Monitor):
                             preconditioned(op, p),
                             k=1,
                             v0=self._warm_precond if self.warm_start else None,
-                            tol=self.tol,
+                            tol=tol,
                             max_products=self.max_products,
+                            max_memory_factor=memory,
                             generator=self._generator,
                         )
                 op.release()
@@ -486,9 +437,9 @@ class HessianEigenMonitor(Monitor):
             hub.alert(
                 trainer,
                 "hessian.sharpness",
-                f"The top Hessian eigenvalue {lam:.4g} is above the stability limit {limit.limit:.4g} "
-                f"({limit.formula}, lr={limit.lr:.3g}): gradient descent oscillates and diverges along "
-                "its eigenvector.",
+                f"The top Hessian eigenvalue lambda_max = {lam:.4g} is above the stability limit "
+                f"{limit.limit:.4g} ({limit.formula}, lr={limit.lr:.3g}, 2/lr = {limit.two_over_lr:.4g}): "
+                "gradient descent oscillates and diverges along its eigenvector.",
                 hint=f"Lower the learning rate below {2 / lam:.3g} (2/lambda_max), or add warm-up.",
                 value=lam,
             )

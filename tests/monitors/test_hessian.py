@@ -135,7 +135,9 @@ def test_user_probe_batch_and_chunks_agree(tmp_path) -> None:
     results = []
     for chunk in (None, 50):
         torch.manual_seed(0)
-        mon = HessianEigenMonitor(every_n_steps=100, probe_batch=(x[:200], y[:200]), probe_chunk_size=chunk)
+        mon = HessianEigenMonitor(
+            every_n_steps=100, hvp="double_backward", probe_batch=(x[:200], y[:200]), probe_chunk_size=chunk
+        )
         t = trainer(tmp_path / str(chunk), [mon], max_steps=1, tensorboard=False)
         t.fit(DigitsClassifier(hidden=(16,), activation=nn.Tanh), digits_loader(32, n=64))
         assert mon.last_estimate is not None
@@ -206,37 +208,6 @@ def test_schedule_and_arguments() -> None:
         HessianEigenMonitor(warm_start=1)  # type: ignore[arg-type]
 
 
-def test_budget_clock_schedules_in_steps_from_measured_costs() -> None:
-    from healthmon.monitors.hessian import BudgetClock
-
-    t = [0.0]
-    clock = BudgetClock(0.1, calibration=2, now=lambda: t[0])
-    clock.total_steps = 1000  # 10% of 1000 steps cannot pay for a cold estimate up front
-    due = []
-    for step in range(3):  # 1 s per step; nothing is due before calibration ends
-        due.append(clock.due(step))
-        t[0] += 1.0
-    assert due == [False, False, False]
-    # after 2 timed steps of 1 s: a cold estimate (150 steps) at 10% of the time -> 1500 steps on
-    assert clock.next_step == 2 + 1500
-    clock.spent(1502, 5.0)  # an estimate that took 5 s: the next one 50 steps later
-    assert clock.next_step == 1552
-    t[0] += 5.0  # the estimate's own time does not count as training time
-    assert clock.due(1503) is False and clock.seconds_per_step == 1.0
-    agreed = BudgetClock(0.1, calibration=1, agree=lambda steps: steps * 2, now=lambda: t[0])
-    agreed.total_steps = 1000
-    agreed.due(0)
-    t[0] += 1.0
-    agreed.due(1)
-    assert agreed.next_step == 1 + 2 * 1500  # the DDP agreement decides
-
-    long_run = BudgetClock(0.02, calibration=1, now=lambda: t[0])
-    long_run.total_steps = 100_000  # 2% of 100k steps affords the first estimate right away
-    long_run.due(0)
-    t[0] += 1.0
-    assert long_run.due(1) is True and long_run.next_step == 1
-
-
 class _StopAt(Callback):
     def __init__(self, step: int) -> None:
         self.step = step
@@ -246,13 +217,33 @@ class _StopAt(Callback):
             trainer.should_stop = True
 
 
-@pytest.mark.parametrize(("max_steps", "expected"), [(100_000, 1), (30, 0)])
-def test_default_budget_estimates_early_only_when_the_run_affords_it(
-    tmp_path, max_steps: int, expected: int
-) -> None:
-    hessian = HessianEigenMonitor()
-    mon = HealthMonitor(monitors=[hessian], summary=False)
-    trainer(tmp_path, [mon, _StopAt(16)], max_steps=max_steps).fit(DigitsClassifier(), digits_loader())
-    assert hessian.estimates == expected
-    if expected:
-        assert hessian._clock.next_step is not None and hessian._clock.next_step > 16  # budgeted after
+class _Steps(Callback):
+    """Records the global step of every HessianEigenMonitor estimate (from the hub's last values)."""
+
+    def __init__(self, hessian: HessianEigenMonitor) -> None:
+        self.hessian = hessian
+        self.steps: list[int] = []
+        self._seen = 0
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if self.hessian.estimates > self._seen:
+            self._seen = self.hessian.estimates
+            self.steps.append(int(trainer.global_step) - 1)
+
+
+def test_default_estimates_from_step_zero_log_spaced_then_budgeted(tmp_path) -> None:
+    """HealthMonitor() as users add it: lambda_max at step 0, then 4, 16, 64, ... (>= 4 in 250)."""
+    mon = HealthMonitor(summary=False)
+    hessian = next(m for m in mon.monitors if isinstance(m, HessianEigenMonitor))
+    steps = _Steps(hessian)
+    trainer(tmp_path, [mon, steps], max_steps=250).fit(DigitsClassifier(), digits_loader())
+    assert {0, 4, 16, 64} <= set(steps.steps) and steps.steps[0] == 0  # the budget may add more
+    assert hessian.estimates >= 4 and hessian.hub.last[TAG_LAMBDA_MAX] > 0
+    assert not [a for a in mon.alerts if a.code == "hessian.sharpness"]  # lr 0.1: far below 2/lr
+
+
+def test_default_raises_sharpness_at_step_zero_for_a_far_too_high_lr(tmp_path) -> None:
+    mon = HealthMonitor(summary=False)
+    trainer(tmp_path, [mon], max_steps=2).fit(DigitsClassifier(lr=10.0), digits_loader())
+    alert = next(a for a in mon.alerts if a.code == "hessian.sharpness")
+    assert alert.step == 0 and "2/lr = 0.2" in alert.message and "lambda_max = " in alert.message

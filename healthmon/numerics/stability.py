@@ -1,0 +1,109 @@
+"""The optimizer's stability limit on the sharpness, and Adam's preconditioner (pure torch)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from healthmon.numerics.eigensolvers import MatVec
+
+
+@dataclass(frozen=True)
+class StabilityLimit:
+    """The sharpness above which the optimizer's iteration is unstable on a quadratic.
+
+    Attributes:
+        kind: "sgd" (plain or momentum), "adam" (preconditioned sharpness) or "unknown".
+        limit: the threshold on ``lambda_max`` (SGD) or on ``lambda_max(P^-1 H)`` (Adam);
+            ``inf`` when unknown.
+        lr: the largest learning rate over the parameter groups (the most restrictive one).
+        two_over_lr: ``2 / lr``.
+        formula: the formula used, for messages.
+    """
+
+    kind: str
+    limit: float
+    lr: float
+    two_over_lr: float
+    formula: str
+
+
+def stability_limit(optimizer: torch.optim.Optimizer) -> StabilityLimit:
+    """Read the learning rate and momentum from the optimizer now and give its stability limit.
+
+    * SGD: ``2/lr``. Heavy-ball momentum ``beta`` (dampening ``d``): ``(2 + 2 beta) / ((1 - d) lr)``;
+      Nesterov: ``(2 + 2 beta) / ((1 + 2 beta)(1 - d) lr)`` (Cohen et al. 2021, *Gradient
+      descent on neural networks typically occurs at the edge of stability*, App. A).
+    * Adam-type (a ``betas`` hyper-parameter): the preconditioned sharpness
+      ``lambda_max(P^-1 H)`` against ``(2 + 2 beta1) / ((1 - beta1) lr)`` (Cohen et al. 2022,
+      *Adaptive gradient methods at the edge of stability*), ``P`` from :func:`adam_preconditioner`.
+    * Anything else: "unknown" (the sharpness alert is skipped).
+
+    With several parameter groups the largest learning rate is used (the lowest limit).
+    """
+    groups = optimizer.param_groups
+    lr = max(float(g.get("lr", math.nan)) for g in groups)
+    two = 2.0 / lr if lr > 0 else math.inf
+    first = groups[0]
+    if "betas" in first:
+        beta1 = float(first["betas"][0])
+        limit = (2 + 2 * beta1) / ((1 - beta1) * lr) if lr > 0 and beta1 < 1 else math.inf
+        return StabilityLimit("adam", limit, lr, two, f"(2 + 2*beta1)/((1 - beta1)*lr), beta1={beta1:g}")
+    if isinstance(optimizer, torch.optim.SGD) or "momentum" in first and "dampening" in first:
+        beta = float(first.get("momentum", 0.0))
+        damp = float(first.get("dampening", 0.0)) if beta > 0 else 0.0
+        if lr <= 0 or damp >= 1:
+            return StabilityLimit("sgd", math.inf, lr, two, "2/lr")
+        if beta == 0:
+            return StabilityLimit("sgd", two, lr, two, "2/lr")
+        if first.get("nesterov", False):
+            limit = (2 + 2 * beta) / ((1 + 2 * beta) * (1 - damp) * lr)
+            return StabilityLimit(
+                "sgd", limit, lr, two, f"(2 + 2*beta)/((1 + 2*beta)*lr), Nesterov beta={beta:g}"
+            )
+        limit = (2 + 2 * beta) / ((1 - damp) * lr)
+        return StabilityLimit("sgd", limit, lr, two, f"(2 + 2*beta)/lr, heavy-ball beta={beta:g}")
+    return StabilityLimit("unknown", math.inf, lr, two, "unknown optimizer")
+
+
+def adam_preconditioner(optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> Tensor | None:
+    """Adam's current diagonal preconditioner ``P = sqrt(v_hat) + eps`` as one flat vector.
+
+    ``v_hat`` is the bias-corrected second moment (``max_exp_avg_sq`` under AMSGrad). Parameters
+    the optimizer does not update get ``inf`` (``P^-1 = 0``: they cannot destabilise it). None
+    before the first step (no second moment yet). The preconditioned sharpness is the top
+    eigenvalue of ``P^-1/2 H P^-1/2``, similar to ``P^-1 H`` (see :func:`preconditioned`).
+    """
+    hyper: dict[int, Mapping[str, Any]] = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    parts = []
+    seen = False
+    for p in params:
+        group, state = hyper.get(id(p)), optimizer.state.get(p, {})
+        v = state.get("max_exp_avg_sq", state.get("exp_avg_sq")) if group is not None else None
+        if v is None or "step" not in state:
+            parts.append(torch.full((p.numel(),), math.inf, dtype=p.dtype, device=p.device))
+            continue
+        seen = True
+        step = float(state["step"])
+        beta2 = float(group["betas"][1])
+        v_hat = v.reshape(-1).to(p.dtype) / (1 - beta2**step)
+        parts.append(v_hat.sqrt() + float(group.get("eps", 1e-8)))
+    return torch.cat(parts) if seen else None
+
+
+def preconditioned(matvec: MatVec, precond: Tensor) -> MatVec:
+    """``v -> P^-1/2 H P^-1/2 v``: symmetric, with the eigenvalues of ``P^-1 H``."""
+    d = precond.rsqrt()
+
+    def op(v: Tensor) -> Tensor:
+        return d * matvec(d * v)
+
+    op.n = precond.numel()  # type: ignore[attr-defined]
+    op.dtype = precond.dtype  # type: ignore[attr-defined]
+    op.device = precond.device  # type: ignore[attr-defined]
+    return op

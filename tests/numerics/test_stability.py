@@ -1,0 +1,48 @@
+"""healthmon.numerics.stability: the optimizer's stability limit and Adam's preconditioned sharpness."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from healthmon.numerics.hessian import (
+    adam_preconditioner,
+    lanczos,
+    preconditioned,
+    stability_limit,
+)
+from tests.numerics.hessian_cases import Case, double_case, exact_hessian, rel  # noqa: F401
+
+
+def test_stability_limits_read_from_the_optimizer() -> None:
+    p = [nn.Parameter(torch.zeros(3))]
+    assert stability_limit(torch.optim.SGD(p, lr=0.1)).limit == pytest.approx(20.0)
+    heavy = stability_limit(torch.optim.SGD(p, lr=0.1, momentum=0.9))
+    assert heavy.limit == pytest.approx(38.0) and heavy.two_over_lr == pytest.approx(20.0)
+    nesterov = stability_limit(torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True))
+    assert nesterov.limit == pytest.approx(3.8 / (2.8 * 0.1))
+    adam = stability_limit(torch.optim.Adam(p, lr=1e-3))
+    assert adam.kind == "adam"
+    assert adam.limit == pytest.approx((2 + 1.8) / (0.1 * 1e-3))
+    assert stability_limit(torch.optim.Adagrad(p, lr=0.1)).kind == "unknown"
+    opt = torch.optim.SGD(p, lr=0.1)
+    opt.param_groups[0]["lr"] = 0.5  # a scheduler changed it: read it again
+    assert stability_limit(opt).limit == pytest.approx(4.0)
+
+
+def test_preconditioned_sharpness_matches_dense() -> None:
+    case = Case("regression")
+    opt = torch.optim.Adam(case.model.parameters(), lr=1e-2)
+    assert adam_preconditioner(opt, list(case.model.parameters())) is None  # no second moment yet
+    for _ in range(3):
+        opt.zero_grad()
+        case.closure().backward()
+        opt.step()
+    op = case.operator()
+    p = adam_preconditioner(opt, op.params)
+    assert p is not None and p.shape == (op.n,)
+    h = case.exact_hessian()
+    dense = torch.linalg.eigvals(torch.diag(1 / p.double()) @ h).real.max().item()
+    res = lanczos(preconditioned(op, p), k=1, max_products=200, generator=torch.Generator().manual_seed(0))
+    assert res.all_converged and rel(res.eigenvalues[0], dense) < 1e-3
