@@ -243,6 +243,24 @@ def depth_decay_orders(rms_by_depth: Sequence[float]) -> float | None:
     return math.log10(last / first)
 
 
+# ---- zero gradients at a stationary point ---------------------------------------------------------
+STATIONARY_ORDERS = 3.0
+
+
+def at_stationary_point(norm: float, peak: float, orders: float = STATIONARY_ORDERS) -> bool:
+    """Whether the whole model's gradient has collapsed: ``norm`` is ``orders`` decades below ``peak``.
+
+    ``norm`` is the global gradient norm of this step, ``peak`` the largest the run has had. At a
+    stationary point of the whole model (full-batch least squares at its float32 optimum: the
+    bias gradient, the mean residual, is exactly 0 while the weights' is roundoff) an exactly zero
+    tensor is the optimum, not a cut gradient path; whether that point is a good one is for the
+    loss to say (``grad.vanishing``). A run that never had a gradient (``peak`` 0) is not at one.
+    """
+    if not (math.isfinite(norm) and math.isfinite(peak)) or peak <= 0.0:
+        return False
+    return norm <= peak * 10.0 ** (-orders)
+
+
 def log10_magnitudes(grad: Tensor) -> Tensor:
     """log10|g| of the nonzero stored values of a gradient (for histograms), as float32."""
     v = dense_values(grad.detach()).float().reshape(-1)
