@@ -18,6 +18,7 @@ from healthmon.numerics.underflow import (
     at_stationary_point,
     dead_fraction,
     depth_decay_orders,
+    depth_profile_judged,
     fractions,
     gradient_counts,
     grouped_counts,
@@ -206,6 +207,15 @@ def test_layer_rms_and_depth_decay_brute_force():
     assert depth_decay_orders([1.0]) is None
     assert depth_decay_orders([0.0, 1.0]) == math.inf
     assert depth_decay_orders([1.0, 0.0]) is None
+
+
+def test_depth_profile_is_judged_while_the_loss_is_above_half_its_start():
+    assert depth_profile_judged(2.3, 2.3)  # the first checked step: a stack that cannot learn
+    assert depth_profile_judged(1.5, 2.3)
+    assert not depth_profile_judged(0.03, 0.69)  # BERT at near-perfect separation
+    assert not depth_profile_judged(1.15, 2.3) and depth_profile_judged(1.16, 2.3)
+    assert depth_profile_judged(0.01, None)  # no start known yet
+    assert depth_profile_judged(-5.0, -1.0)  # a loss that is not positive: no scale to judge by
 
 
 def test_stationary_point_is_the_whole_gradient_collapsed_below_its_peak():
