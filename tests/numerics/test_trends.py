@@ -265,7 +265,7 @@ def test_rule_state_carries_state_never_configuration() -> None:
     rules = [SpikeRule(), CollapseRule(), DivergenceRule(), OpposingTrendRule()]
     for rule in rules:
         assert set(rule_state(rule)) == set(type(rule).STATE)
-    assert not {"factor", "z", "warmup", "alpha"} & set(rule_state(SpikeRule()))
+    assert not {"factor", "z", "warmup", "alpha", "persistence", "loss_jump"} & set(rule_state(SpikeRule()))
     configuration = {"blowup", "window", "rise", "check_every", "baseline_steps"}
     assert not configuration & set(rule_state(DivergenceRule()))
 
