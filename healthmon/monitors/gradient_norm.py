@@ -76,11 +76,14 @@ class GradientNormMonitor(Monitor):
     but feed no trend rule.
 
     Alerts: ``grad.explosion`` (norm > ``spike_factor`` x its running level, and 4 standard
-    deviations of its log-noise above it), ``grad.vanishing``
+    deviations of its log-noise above it, that the run does not shrug off: a record
+    ``spike_factor`` x above the largest norm seen, a loss that jumps above its start with it, or
+    5 such steps in a row; see :class:`~healthmon.numerics.trends.SpikeRule`), ``grad.vanishing``
     (norm fell ``collapse_orders`` orders of magnitude below its peak while the loss is still
     above half its initial level and has climbed back from its best: a converged run is quiet),
     ``loss.divergence`` (the median of the last 5 losses above ``blowup_factor`` x the median of
-    the first 10 on 3 consecutive steps, or a steady rise of ``divergence_rise`` over
+    the first 10, or x the first loss while the gradient norm rose as much, on 3 consecutive
+    steps, or a steady rise of ``divergence_rise`` over
     ``divergence_window`` steps on two consecutive checks; see
     :class:`~healthmon.numerics.trends.DivergenceRule`) and
     ``grad.norm_rising`` (info: norm rising while the loss falls, as in Goodfellow's figure).
@@ -253,12 +256,13 @@ class GradientNormMonitor(Monitor):
         # several optimizers: say which one, and keep their alerts apart (de-duplication key)
         where = f"optimizer {optimizer_index}" if len(trainer.optimizers) > 1 else None
         of = f" ({where})" if where else ""
-        ratio = rules["spike"].update(norm)
+        ratio = rules["spike"].update(norm, loss)
         if ratio is not None:
             hub.alert(
                 trainer,
                 "grad.explosion",
-                f"Gradient norm{of} {norm:.3g} is {ratio:.3g}x its running level.",
+                f"Gradient norm{of} {norm:.3g} is {ratio:.3g}x its running level, and "
+                f"{rules['spike'].reason}.",
                 where=where,
                 value=norm,
             )
@@ -274,7 +278,7 @@ class GradientNormMonitor(Monitor):
             )
         if loss is None:
             return
-        reason = rules["divergence"].update(loss)
+        reason = rules["divergence"].update(loss, norm)
         if reason is not None:
             hub.alert(trainer, "loss.divergence", f"The loss{of} {reason}.", where=where, value=loss)
         trend = rules["opposing"].update(norm, loss)

@@ -11,7 +11,10 @@ optimizer steps), with one host synchronisation per monitored step:
   the optimizer skipped (GradScaler overflow) or took with a learning rate of 0 (warm-up from 0)
   move nothing, so they do not count. Frozen parameters and parameters unused this step
   (``grad is None``) are not looked at; the absent rows of ``nn.Embedding`` gradients (dense or
-  ``sparse=True``) are legitimate zeros and never counted.
+  ``sparse=True``) are legitimate zeros and never counted. A zero at a stationary point of the
+  whole model (the global gradient norm 3 orders of magnitude below the run's peak: full-batch
+  least squares at its float32 optimum, where the bias gradient is exactly 0) is the optimum,
+  not a cut gradient path: only a zero while the rest of the model still learns is reported.
 * ``grad.underflow``: in some layer, a large share of the nonzero gradient entries sits in the
   subnormal range of its dtype (the flushed-to-zero estimate, see
   :mod:`healthmon.numerics.underflow`, is logged beside it). Typical cause: float16 training
@@ -26,7 +29,11 @@ optimizer steps), with one host synchronisation per monitored step:
   elements per tensor is read
   right before and after ``optimizer.step`` (step hooks); the model is never copied.
 * ``grad.vanishing``: the root-mean-square gradient entry decays by ``depth_orders`` orders of
-  magnitude from the last layer back to the first (deep sigmoid/tanh stacks).
+  magnitude from the last layer back to the first (deep sigmoid/tanh stacks), while the loss
+  (smoothed) is above half its start (the mean of its first 10 values): such a stack cannot
+  learn and is reported from its first checked step; a run whose loss fell below half its start
+  learned through its first layers, and a profile decayed at a near-zero loss (a post-LN BERT
+  under AdamW) is not a vanishing gradient.
 
 All statistics are measured in ``on_before_optimizer_step``: after gradient accumulation and AMP
 unscaling (Lightning unscales before this hook), before clipping. A step the ``GradScaler`` skips
@@ -47,15 +54,18 @@ from healthmon import _checks
 from healthmon._checks import Cadence
 from healthmon.alerts import OnAlert, Severity
 from healthmon.monitors.base import Monitor
-from healthmon.monitors.hub import Hub, optimizer_params_with_grad
+from healthmon.monitors.hub import GradStep, Hub, optimizer_params_with_grad
 from healthmon.numerics.precision import dtype_name, stale_counts
+from healthmon.numerics.trends import EMA
 from healthmon.numerics.underflow import (
     RELU_FAMILY,
     TOTAL,
     ZEROS,
     active_units,
+    at_stationary_point,
     dead_fraction,
     depth_decay_orders,
+    depth_profile_judged,
     fractions,
     gradient_counts,
     grouped_counts,
@@ -81,6 +91,7 @@ TAG_HIST = "healthmon/grad/log10_abs/"
 _EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
 _SCHEDULE_FLOOR = 0.01  # update.stale: a scheduled lr below 1% of its base asks for no update
 _MAX_NAMES = 5
+_LOSS_START_STEPS = 10  # losses averaged into the start level the depth profile is judged against
 
 
 def _flag(value: Any, name: str) -> bool:
@@ -213,6 +224,10 @@ class GradientUnderflowMonitor(Monitor):
         self._relus: list[tuple[str, nn.Module]] = []
         self._structural: set[int] = set()
         self._zero_streaks: dict[int, tuple[int, int]] = {}  # id(param) -> (zero steps, updates seen)
+        self._peak_norms: dict[int, float] = {}  # optimizer index -> largest global gradient norm
+        self._loss_start: float | None = None  # mean of the first _LOSS_START_STEPS losses
+        self._loss_count = 0
+        self._loss_level = EMA(0.1)  # the loss, smoothed over every optimizer step
         self._updates = 0  # optimizer steps taken with a nonzero learning rate
         self._alive: dict[str, Tensor] = {}
         self._alive_step = -1
@@ -350,6 +365,8 @@ class GradientUnderflowMonitor(Monitor):
         stats = hub.grad_step(trainer, optimizer)
         if stats.skipped:  # overflow the GradScaler handles: these gradients are never applied
             return
+        stationary = self._at_stationary_point(stats)
+        self._track_loss(stats)
         shared = {id(p): i for i, p in enumerate(stats.params)}
         rows = torch.tensor([shared[id(params[i])] for i in profile], dtype=torch.long)
         norms = stats.per_tensor[rows.to(stats.per_tensor.device)] if profile else torch.zeros(0)
@@ -411,7 +428,7 @@ class GradientUnderflowMonitor(Monitor):
             hub.log(trainer, values, step)
 
         # ---- alerts --------------------------------------------------------------------------
-        if loss_nonzero:
+        if loss_nonzero and not stationary:
             self._judge_zero(trainer, params, grads, structural, counts_h, loss_h)
         # The decision uses the exact share of nonzero entries in the subnormal range; the
         # flushed-to-zero figure is an upper-bound estimate (structural zeros such as ReLU-masked
@@ -445,6 +462,7 @@ class GradientUnderflowMonitor(Monitor):
                 )
         if (
             loss_nonzero
+            and depth_profile_judged(self._loss_level.value or math.nan, self._loss_start)
             and decay is not None
             and len(profile_layers) >= self.min_depth
             and decay >= self.depth_orders
@@ -482,12 +500,12 @@ class GradientUnderflowMonitor(Monitor):
         """
         hub = self.hub
         stats = hub.grad_step(trainer, optimizer)
-        if (
-            stats.skipped
-            or hub.params is None
-            or stats.loss is None
-            or not abs(stats.loss) > self.loss_tolerance
-        ):
+        if stats.skipped:
+            return
+        self._track_loss(stats)
+        if self._at_stationary_point(stats):
+            return
+        if hub.params is None or stats.loss is None or not abs(stats.loss) > self.loss_tolerance:
             return
         hits = [
             i
@@ -507,6 +525,32 @@ class GradientUnderflowMonitor(Monitor):
             self._judge_zero(
                 trainer, params, [p.grad for p in params], [False] * len(params), rows, stats.loss
             )  # type: ignore[misc]
+
+    def _track_loss(self, stats: GradStep) -> None:
+        """The loss's start level and smoothed level (host floats the hub already fetched)."""
+        loss = stats.loss
+        if loss is None or not math.isfinite(loss):
+            return
+        self._loss_level.update(loss)
+        if self._loss_count < _LOSS_START_STEPS:
+            self._loss_count += 1
+            start = self._loss_start or 0.0
+            self._loss_start = start + (loss - start) / self._loss_count
+
+    def _at_stationary_point(self, stats: GradStep) -> bool:
+        """Track the run's peak gradient norm (per optimizer); True when this step is at a stationary point.
+
+        Then no tensor's zero gradient is a cut path (see
+        :func:`~healthmon.numerics.underflow.at_stationary_point`), and zero streaks restart.
+        """
+        peak = self._peak_norms.get(stats.optimizer_index, 0.0)
+        if math.isfinite(stats.norm) and stats.norm > peak:
+            peak = self._peak_norms[stats.optimizer_index] = stats.norm
+        if not at_stationary_point(stats.norm, peak):
+            return False
+        for p in stats.params:
+            self._zero_streaks.pop(id(p), None)
+        return True
 
     def _judge_zero(
         self,
@@ -665,8 +709,18 @@ class GradientUnderflowMonitor(Monitor):
     # ---- checkpoints -----------------------------------------------------------------------------
     @override
     def monitor_state(self) -> dict[str, Any]:
-        return {"samplings": self._samplings}
+        return {
+            "samplings": self._samplings,
+            "peak_norms": {str(k): v for k, v in self._peak_norms.items()},
+            "loss_start": self._loss_start,
+            "loss_count": self._loss_count,
+            "loss_level": self._loss_level.value,
+        }
 
     @override
     def load_monitor_state(self, state: dict[str, Any]) -> None:
         self._samplings = int(state.get("samplings", 0))
+        self._peak_norms = {int(k): float(v) for k, v in state.get("peak_norms", {}).items()}
+        self._loss_start = state.get("loss_start")
+        self._loss_count = int(state.get("loss_count", 0))
+        self._loss_level.value = state.get("loss_level")

@@ -48,46 +48,123 @@ def linear_trend(ys: list[float]) -> tuple[float, float]:
 
 @dataclass
 class SpikeRule:
-    """A value far above its running level (grad.explosion).
+    """A gradient explosion: a norm far above its running level that the run does not shrug off.
 
-    The level is an EMA of log10(value), with an EMA of its squared deviation as the noise. A
-    spike is a value at least ``factor`` times the level AND ``z`` noise deviations above it,
-    after ``warmup`` observations: a noisy run (mini-batch gradient norms late in training swing
-    by several x) needs a larger jump than a quiet one. Spikes are not folded into the level, so
-    a sustained explosion keeps being reported (and counted) instead of becoming the new normal.
+    A *spike* is a value at least ``factor`` times the running level (an EMA of log10(value), with
+    an EMA of its squared deviation as the noise) AND ``z`` noise deviations above it, after
+    ``warmup`` observations: a noisy run (mini-batch gradient norms late in training swing by
+    several x) needs a larger jump than a quiet one. Spikes are not folded into the level.
+
+    Mini-batch gradient norms spike on their own in healthy runs: the small last batch of an epoch
+    under BatchNorm, one hard batch at near-perfect separation. The loss blips with them, the
+    next step is back to normal and nothing was lost. A spike is reported as an explosion
+    (``grad.explosion``) only when one of these holds:
+
+    * *record*: it is ``factor`` x above the largest norm the run has seen, its first steps
+      included (gradient norms at initialisation are a run's natural, usually largest, scale);
+    * *loss*: the loss of the same step is above the run's starting level (the mean of its first
+      ``warmup`` losses) and ``loss_jump`` x its running level (an EMA over non-spike steps):
+      the progress of the run is lost;
+    * *persistent*: ``persistence`` consecutive steps are spikes (the norm rose by ``factor`` and
+      stays there).
+
+    Once a streak of spikes is confirmed, each further spike of the streak is reported too (a
+    sustained explosion keeps being counted). All of it is O(1) per step on host floats.
     """
 
     factor: float = 10.0
     z: float = 4.0
     warmup: int = 20
     alpha: float = 0.05
+    persistence: int = 5
+    loss_jump: float = 2.0
     level: EMA = field(default_factory=lambda: EMA(0.05))
     noise: EMA = field(default_factory=lambda: EMA(0.05))
     seen: int = 0
+    peak: float | None = None  # largest log10(value) seen
+    streak: int = 0  # consecutive spikes, up to the last value
+    confirmed: bool = False  # the current streak was reported as an explosion
+    loss_level: EMA = field(default_factory=lambda: EMA(0.05))
+    start_loss: float | None = None  # mean of the first ``warmup`` losses
+    losses_seen: int = 0
+    reason: str = field(default="", repr=False)  # why the last reported spike is an explosion
 
-    STATE: ClassVar[tuple[str, ...]] = ("level", "noise", "seen")
+    STATE: ClassVar[tuple[str, ...]] = (
+        "level",
+        "noise",
+        "seen",
+        "peak",
+        "streak",
+        "confirmed",
+        "loss_level",
+        "start_loss",
+        "losses_seen",
+    )
 
     def __post_init__(self) -> None:
-        self.level.alpha = self.noise.alpha = self.alpha
+        self.level.alpha = self.noise.alpha = self.loss_level.alpha = self.alpha
 
-    def update(self, value: float) -> float | None:
-        """Feed one value; returns value / running level when it is a spike, else None."""
+    def update(self, value: float, loss: float | None = None) -> float | None:
+        """Feed one norm (and the step's loss); returns value / running level for an explosion, else None.
+
+        ``reason`` then says which evidence confirmed it.
+        """
         if not _finite(value) or value <= 0.0:
             return None
         log_value = math.log10(value)
+        loss = loss if loss is not None and _finite(loss) else None
         self.seen += 1
+        cap = math.log10(self.factor)
+        ratio = None
         if self.seen > self.warmup and self.level.value is not None:
             excess = log_value - self.level.value
             sigma = math.sqrt(self.noise.value or 0.0)
-            if excess > math.log10(self.factor) and excess > self.z * sigma:
-                return 10**excess
-        # Winsorised at the factor: a runaway value moves the level and the noise no more than a
-        # factor-sized jump would, so an explosion cannot teach the rule that it is normal.
-        cap = math.log10(self.factor)
-        if self.level.value is not None:
-            log_value = min(log_value, self.level.value + cap)
-            self.noise.update((log_value - self.level.value) ** 2)
-        self.level.update(log_value)
+            if excess > cap and excess > self.z * sigma:
+                ratio = 10**excess
+        explosion = None
+        if ratio is not None:
+            self.streak += 1
+            reason = self._evidence(log_value, loss)
+            if reason is not None:
+                self.confirmed, self.reason = True, reason
+            if self.confirmed:
+                explosion = ratio
+        else:
+            self.streak, self.confirmed = 0, False
+            # Winsorised at the factor: a value that is not a spike (too small against the noise)
+            # moves the level and the noise no more than a factor-sized jump would.
+            if self.level.value is not None:
+                log_value_w = min(log_value, self.level.value + cap)
+                self.noise.update((log_value_w - self.level.value) ** 2)
+                self.level.update(log_value_w)
+            else:
+                self.level.update(log_value)
+            if loss is not None:
+                self.loss_level.update(loss)
+        if loss is not None and self.losses_seen < self.warmup:
+            self.losses_seen += 1
+            start = self.start_loss or 0.0
+            self.start_loss = start + (loss - start) / self.losses_seen
+        self.peak = log_value if self.peak is None else max(self.peak, log_value)
+        return explosion
+
+    def _evidence(self, log_value: float, loss: float | None) -> str | None:
+        """Why this spike is an explosion (None: an isolated spike the run shrugs off so far)."""
+        if self.peak is not None and log_value - self.peak > math.log10(self.factor):
+            above, peak = 10 ** (log_value - self.peak), 10**self.peak
+            return f"{above:.3g}x above the largest norm seen so far ({peak:.3g})"
+        start, level = self.start_loss, self.loss_level.value
+        if (
+            loss is not None
+            and start is not None
+            and level is not None
+            and start > 0.0
+            and loss > start
+            and loss > self.loss_jump * level
+        ):
+            return f"the loss jumped with it to {loss:.4g}, above its start ({start:.4g})"
+        if self.streak >= self.persistence:
+            return f"{self.streak} consecutive steps above {self.factor:g}x the running level"
         return None
 
 
@@ -157,10 +234,17 @@ class DivergenceRule:
     unlucky first batch does not anchor it) and the early noise envelope (the second-largest of
     those first losses: near a loss of 0, as when fine-tuning a converged model, per-batch ratios
     span orders of magnitude), on ``persistence`` consecutive steps. Judged from the
-    ``baseline_steps``-th loss on: a learning rate 100x too high is caught a few steps later. A
-    loss that blows up within its first ``baseline_steps`` values and then levels off carries the
-    baseline up with it; that case is left to the steady-rise check and ``grad.explosion``
-    (one that keeps growing reaches 10x the median, or Inf, a few steps later).
+    ``baseline_steps``-th loss on: a learning rate 100x too high is caught a few steps later.
+
+    Blow-up from the start: a loss that blows up within its first ``baseline_steps`` values and
+    then levels off carries that baseline up with it (fine-tuning a converged model with a
+    learning rate 100x too high: the first update throws it out of its minimum, the loss jumps
+    50x at step 1 and stays there). So the level is also compared with the very first loss, on
+    ``persistence`` consecutive steps from the ``recent``-th loss on, when the gradient norm (the
+    median of its last ``recent`` values, passed as ``norm``) rose with it by ``blowup`` x its
+    first value: the update moved the model, not the batch. One loss alone would be no anchor (a
+    lucky first batch: BoringModel's first loss is a third of its stationary level), but a lucky
+    batch leaves the model, and the scale of its gradient, where they were.
 
     Steady rise: over the last ``window`` steps (fewer, down to ``min_window``, early in the run)
     the loss rose by more than ``rise`` (relative to its mean) with a correlation above
@@ -181,14 +265,17 @@ class DivergenceRule:
     rise_checks: int = 2
     early: list[float] = field(default_factory=list)
     history: deque = field(default_factory=deque)
+    norms: deque = field(default_factory=deque)
+    first_norm: float | None = None
     seen: int = 0
     over: int = 0
     rising: int = 0
 
-    STATE: ClassVar[tuple[str, ...]] = ("early", "history", "seen", "over", "rising")
+    STATE: ClassVar[tuple[str, ...]] = ("early", "history", "norms", "first_norm", "seen", "over", "rising")
 
     def __post_init__(self) -> None:
         self.history = deque(self.history, maxlen=max(self.window, self.recent))
+        self.norms = deque(self.norms, maxlen=self.recent)
 
     @property
     def baseline(self) -> float | None:
@@ -197,14 +284,19 @@ class DivergenceRule:
             return None
         return _median(self.early[: self.baseline_steps])
 
-    def update(self, loss: float) -> str | None:
-        """Feed one loss; returns a reason ("blew up ..." / "rose steadily ...") or None."""
+    def update(self, loss: float, norm: float | None = None) -> str | None:
+        """Feed one loss (and the step's gradient norm); returns a reason ("blew up ..." /
+        "rose steadily ...") or None."""
         if not _finite(loss):
             return None
         self.seen += 1
         if len(self.early) < self.baseline_steps:
             self.early.append(loss)
         self.history.append(loss)
+        if norm is not None and _finite(norm) and norm > 0.0:
+            self.norms.append(norm)
+            if self.first_norm is None and self.seen == 1:
+                self.first_norm = norm
         reason = self._blowup()
         if self.seen % self.check_every == 0 and len(self.history) >= min(self.min_window, self.window):
             rise = self._steady_rise()
@@ -214,18 +306,37 @@ class DivergenceRule:
         return reason
 
     def _blowup(self) -> str | None:
-        baseline = self.baseline
-        if baseline is None or baseline <= 0 or len(self.history) < self.recent:
+        if len(self.history) < self.recent:
             self.over = 0
             return None
-        envelope = sorted(self.early[: self.baseline_steps])[-min(2, self.baseline_steps)]
         level = _median(list(self.history)[-self.recent :])
-        self.over = self.over + 1 if level > max(self.blowup * baseline, envelope) else 0
-        if self.over < self.persistence:
+        reason = self._above_baseline(level) or self._above_start(level)
+        self.over = self.over + 1 if reason is not None else 0
+        return reason if self.over >= self.persistence else None
+
+    def _above_baseline(self, level: float) -> str | None:
+        baseline = self.baseline
+        if baseline is None or baseline <= 0:
+            return None
+        envelope = sorted(self.early[: self.baseline_steps])[-min(2, self.baseline_steps)]
+        if level <= max(self.blowup * baseline, envelope):
             return None
         return (
             f"blew up: the median of its last {self.recent} values is {level:.4g}, "
             f"{level / baseline:.1f}x the median of its first {self.baseline_steps} ({baseline:.4g})"
+        )
+
+    def _above_start(self, level: float) -> str | None:
+        first, first_norm = self.early[0], self.first_norm
+        if first <= 0 or first_norm is None or len(self.norms) < self.recent:
+            return None
+        norm_level = _median(list(self.norms))
+        if level <= self.blowup * first or norm_level <= self.blowup * first_norm:
+            return None
+        return (
+            f"blew up from its start: the median of its last {self.recent} values is {level:.4g}, "
+            f"{level / first:.1f}x its first value ({first:.4g}), and the gradient norm rose with it "
+            f"({norm_level / first_norm:.1f}x its first value)"
         )
 
     def _steady_rise(self) -> str | None:

@@ -243,6 +243,40 @@ def depth_decay_orders(rms_by_depth: Sequence[float]) -> float | None:
     return math.log10(last / first)
 
 
+def depth_profile_judged(loss_level: float, start_loss: float | None, fraction: float = 0.5) -> bool:
+    """Whether a decay along depth still says something: the loss is above ``fraction`` of its start.
+
+    A stack whose first layers get no gradient cannot learn: its loss stays near where it started,
+    and the profile is judged from the first checked step on (step 0 with the default cadence).
+    Once the loss has fallen below ``fraction`` of its start, the run has learned through those
+    layers; a profile that decays then (a post-LN BERT at 4% of its initial loss: the classifier's
+    gradient rms 0.03, the embeddings' LayerNorm 1e-5, under AdamW, whose update does not scale
+    with the gradient) is the head's leftover error, not a vanishing gradient. ``start_loss`` is
+    None (not known yet) or not positive: judged.
+    """
+    if start_loss is None or start_loss <= 0.0 or not math.isfinite(loss_level):
+        return True
+    return loss_level > fraction * start_loss
+
+
+# ---- zero gradients at a stationary point ---------------------------------------------------------
+STATIONARY_ORDERS = 3.0
+
+
+def at_stationary_point(norm: float, peak: float, orders: float = STATIONARY_ORDERS) -> bool:
+    """Whether the whole model's gradient has collapsed: ``norm`` is ``orders`` decades below ``peak``.
+
+    ``norm`` is the global gradient norm of this step, ``peak`` the largest the run has had. At a
+    stationary point of the whole model (full-batch least squares at its float32 optimum: the
+    bias gradient, the mean residual, is exactly 0 while the weights' is roundoff) an exactly zero
+    tensor is the optimum, not a cut gradient path; whether that point is a good one is for the
+    loss to say (``grad.vanishing``). A run that never had a gradient (``peak`` 0) is not at one.
+    """
+    if not (math.isfinite(norm) and math.isfinite(peak)) or peak <= 0.0:
+        return False
+    return norm <= peak * 10.0 ** (-orders)
+
+
 def log10_magnitudes(grad: Tensor) -> Tensor:
     """log10|g| of the nonzero stored values of a gradient (for histograms), as float32."""
     v = dense_values(grad.detach()).float().reshape(-1)

@@ -44,6 +44,74 @@ def test_spike_ignores_warmup_and_nonfinite_values() -> None:
     assert rule.update(float("nan")) is None and rule.update(float("inf")) is None
 
 
+def _decaying(n: int, seed: int) -> tuple[list[float], list[float]]:
+    """A healthy run: the gradient norm falls 100x from 2.5 at init, the loss from 2.3 to ~0.01."""
+    rng = random.Random(seed)
+    norms = [2.5 * 10 ** (-2 * t / n) * math.exp(rng.gauss(0, 0.3)) for t in range(n)]
+    losses = [0.01 + 2.3 * math.exp(-t / 20) * math.exp(rng.gauss(0, 0.2)) for t in range(n)]
+    return norms, losses
+
+
+def test_a_single_spike_below_the_early_peak_while_the_loss_falls_is_quiet() -> None:
+    # torch.compile recipe: one batch at 10x its running level (0.96 against the 2.5 of step 0);
+    # the ResNet recipe: the 5-sample last batch of each epoch under BatchNorm
+    norms, losses = _decaying(300, seed=1)
+    rule = SpikeRule()
+    fired = []
+    for t, (g, loss) in enumerate(zip(norms, losses, strict=True)):
+        spike = t in (173, 230)
+        fired.append(rule.update(20 * g if spike else g, 5 * loss if spike else loss))
+    assert all(f is None for f in fired)
+    assert rule.streak == 0 and rule.peak is not None and 10**rule.peak > 2.0
+
+
+def test_a_record_breaking_spike_is_reported_at_its_step() -> None:
+    norms, losses = _decaying(300, seed=2)
+    rule = SpikeRule()
+    fired = [rule.update(g, loss) for g, loss in zip(norms[:150], losses[:150], strict=True)]
+    assert all(f is None for f in fired)
+    ratio = rule.update(300.0, losses[150])  # > 10x the 2.5-ish peak of the first steps
+    assert ratio is not None and ratio > 100 and "above the largest norm" in rule.reason
+
+
+def test_a_spike_with_a_loss_above_its_start_is_reported_at_its_step() -> None:
+    norms, losses = _decaying(300, seed=3)
+    rule = SpikeRule()
+    for g, loss in zip(norms[:150], losses[:150], strict=True):
+        assert rule.update(g, loss) is None
+    # below the early peak, but the loss of the step is back above where the run started
+    spike = 12 * 10 ** (rule.level.value or 0.0)
+    assert rule.peak is not None and spike < 10**rule.peak
+    assert rule.update(spike, 5.0) is not None and "loss jumped" in rule.reason
+
+
+def test_a_persistent_10x_rise_is_reported_within_a_few_steps() -> None:
+    norms, losses = _decaying(300, seed=4)
+    rule = SpikeRule()
+    for g, loss in zip(norms[:150], losses[:150], strict=True):
+        assert rule.update(g, loss) is None
+    level = 10 ** (rule.level.value or 0.0)
+    fired = [rule.update(15 * level, losses[150]) for _ in range(10)]  # below the early peak
+    first = next(i for i, f in enumerate(fired) if f is not None)
+    assert first == rule.persistence - 1 and "consecutive steps" in rule.reason
+    assert all(f is not None for f in fired[first:])  # and it keeps being counted
+
+
+def test_spikes_of_a_bert_at_near_perfect_separation_are_quiet() -> None:
+    # hf_bert_sequence_classification: norms ~0.2 at a loss of 0.03, single batches (and once
+    # three in a row) at 50-80x with the loss blipping to 0.1-0.2 and back at the next step;
+    # the peak so far is the 3.1 of the fast-learning phase, the run started at a loss of 0.69
+    rule = SpikeRule()
+    rng = random.Random(6)
+    for t in range(80):
+        rule.update((0.15 if t < 40 else 3.1 if t == 74 else 1.0) * math.exp(rng.gauss(0, 0.3)), 0.69)
+    for t in range(80, 200):
+        norm, loss = 0.2 * math.exp(rng.gauss(0, 0.2)), 0.03
+        if t in (88, 121, 160, 183) or 102 <= t <= 104:
+            norm, loss = 16.0, 0.2
+        assert rule.update(norm, loss) is None, t
+
+
 def test_collapse_fires_when_a_network_dies_mid_run() -> None:
     rule = CollapseRule(orders=3.0, warmup=10)
     for t in range(60):  # training works: the loss falls from 2.3 towards 0.6
@@ -131,6 +199,29 @@ def test_divergence_catches_a_learning_rate_100x_too_high_early() -> None:
     assert first is not None and 30 < first < 40
 
 
+def test_divergence_catches_a_blow_up_from_a_converged_start() -> None:
+    # fine-tuning a converged model (loss 2e-5, gradient norm 3e-4) with a learning rate 100x too
+    # high: the first update throws it out of its minimum, the loss jumps 50x and the gradient
+    # norm 100x at step 1, and both stay there (the median of the first 10 rises with them)
+    rng = random.Random(8)
+    losses = [2e-5] + [1e-3 * math.exp(rng.gauss(0, 1.5)) for _ in range(249)]
+    norms = [3e-4] + [0.05 * math.exp(rng.gauss(0, 1.5)) for _ in range(249)]
+    rule = DivergenceRule()
+    first = next(t for t, (x, g) in enumerate(zip(losses, norms, strict=True)) if rule.update(x, g))
+    assert first < 10
+    # without the gradient norm, one loss is no anchor (a lucky first batch) and it stays quiet
+    assert _first_alert(DivergenceRule(), losses) is None
+
+
+def test_divergence_quiet_after_a_lucky_first_batch_with_its_gradient_norm() -> None:
+    # BoringModel: the first loss (0.37) is a third of the stationary ~1; the gradient norm goes
+    # from 3.3 to about 6: the batch was lucky, the model did not move
+    losses = [0.37] + _noisy(1.0, 299, seed=9)
+    norms = [3.3] + _noisy(6.0, 299, seed=10)
+    rule = DivergenceRule()
+    assert all(rule.update(x, g) is None for x, g in zip(losses, norms, strict=True))
+
+
 def test_divergence_catches_a_steady_rise_early() -> None:
     rng = random.Random(3)
     series = [(1.0 + 0.04 * t) * math.exp(rng.gauss(0, 0.1)) for t in range(500)]
@@ -174,7 +265,7 @@ def test_rule_state_carries_state_never_configuration() -> None:
     rules = [SpikeRule(), CollapseRule(), DivergenceRule(), OpposingTrendRule()]
     for rule in rules:
         assert set(rule_state(rule)) == set(type(rule).STATE)
-    assert not {"factor", "z", "warmup", "alpha"} & set(rule_state(SpikeRule()))
+    assert not {"factor", "z", "warmup", "alpha", "persistence", "loss_jump"} & set(rule_state(SpikeRule()))
     configuration = {"blowup", "window", "rise", "check_every", "baseline_steps"}
     assert not configuration & set(rule_state(DivergenceRule()))
 

@@ -15,8 +15,10 @@ from healthmon.numerics.underflow import (
     TOTAL,
     ZEROS,
     active_units,
+    at_stationary_point,
     dead_fraction,
     depth_decay_orders,
+    depth_profile_judged,
     fractions,
     gradient_counts,
     grouped_counts,
@@ -205,6 +207,33 @@ def test_layer_rms_and_depth_decay_brute_force():
     assert depth_decay_orders([1.0]) is None
     assert depth_decay_orders([0.0, 1.0]) == math.inf
     assert depth_decay_orders([1.0, 0.0]) is None
+
+
+def test_depth_profile_is_judged_while_the_loss_is_above_half_its_start():
+    assert depth_profile_judged(2.3, 2.3)  # the first checked step: a stack that cannot learn
+    assert depth_profile_judged(1.5, 2.3)
+    assert not depth_profile_judged(0.03, 0.69)  # BERT at near-perfect separation
+    assert not depth_profile_judged(1.15, 2.3) and depth_profile_judged(1.16, 2.3)
+    assert depth_profile_judged(0.01, None)  # no start known yet
+    assert depth_profile_judged(-5.0, -1.0)  # a loss that is not positive: no scale to judge by
+
+
+def test_stationary_point_is_the_whole_gradient_collapsed_below_its_peak():
+    # full-batch least squares at its float32 optimum: the bias gradient (the mean residual) is
+    # exactly 0 and the weights' is roundoff, 7 orders of magnitude below the first step's
+    x = torch.randn(512, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    y = x @ torch.full((16, 1), 0.25, dtype=torch.float64) + 1.0
+    xb = torch.cat([x, torch.ones(512, 1, dtype=torch.float64)], 1)
+    w = torch.linalg.lstsq(xb, y).solution.float().requires_grad_()
+    torch.nn.functional.mse_loss(xb.float() @ w, y.float()).backward()
+    peak = 2.0 * float((y * x).mean(0).norm())  # the gradient at w = 0, about
+    assert w.grad is not None and at_stationary_point(float(w.grad.norm()), peak)
+    # a cut path while the rest of the model learns: the global norm is still at its scale
+    assert not at_stationary_point(0.3, 1.0)
+    assert at_stationary_point(1e-3, 1.0) and not at_stationary_point(1.01e-3, 1.0)
+    # a model that never had a gradient (every path cut from the start) is at no optimum
+    assert not at_stationary_point(0.0, 0.0)
+    assert not at_stationary_point(math.nan, 1.0) and not at_stationary_point(0.0, math.inf)
 
 
 def test_log10_magnitudes_skips_zeros():

@@ -218,7 +218,7 @@ class RingGAN(Recorded):
         opt_d.step()
         g_loss = F.binary_cross_entropy_with_logits(self.disc(fake), ones)
         opt_g.zero_grad()
-        self.manual_backward(self.record(g_loss))
+        self.manual_backward(self.record(g_loss, optimizer=1))
         opt_g.step()
 
     def configure_optimizers(self) -> Any:

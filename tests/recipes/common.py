@@ -20,6 +20,7 @@ from tensorboard.backend.event_processing import event_accumulator as ea
 from torch.utils.data import DataLoader, TensorDataset
 
 from healthmon import Alert, HealthMonitor
+from healthmon.monitors.gradient_norm import optimizer_tag
 
 LOSS_TAG = "healthmon/loss"
 
@@ -60,21 +61,33 @@ def markov_tokens(n: int, length: int, vocab: int, *, seed: int = 0) -> torch.Te
 class Recorded(pl.LightningModule):
     """Records every loss the user's code hands to backward, keyed by the optimizer step.
 
-    ``healthmon/loss`` at step s must equal the mean of the losses recorded at s (the mean over
-    accumulated micro-batches; one value per optimizer step under manual optimisation).
+    The loss tag of optimizer k (``healthmon/loss`` for k = 0, ``healthmon/optimizer_k/loss``
+    beyond) at step s must equal the mean of the losses recorded for k at s (the mean over
+    accumulated micro-batches; one value per optimizer step under manual optimisation, where
+    each optimizer step is a global step of its own).
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.user_losses: dict[int, list[float]] = defaultdict(list)
+        self.user_optimizer: dict[int, int] = {}
 
-    def record(self, loss: torch.Tensor) -> torch.Tensor:
+    def record(self, loss: torch.Tensor, optimizer: int = 0) -> torch.Tensor:
+        """Record ``loss`` as the loss that optimizer ``optimizer`` (its index) steps on."""
         if self._trainer is not None:
-            self.user_losses[int(self.trainer.global_step)].append(float(loss.detach().float()))
+            step = int(self.trainer.global_step)
+            self.user_losses[step].append(float(loss.detach().float()))
+            seen = self.user_optimizer.setdefault(step, optimizer)
+            assert seen == optimizer, f"two optimizers recorded a loss at step {step}"
         return loss
 
-    def expected_losses(self) -> dict[int, float]:
-        return {s: sum(v) / len(v) for s, v in self.user_losses.items()}
+    def expected_losses(self, optimizer: int | None = None) -> dict[int, float]:
+        """The user's loss per optimizer step: of every optimizer, or of optimizer ``optimizer``."""
+        return {
+            s: sum(v) / len(v)
+            for s, v in self.user_losses.items()
+            if optimizer is None or self.user_optimizer[s] == optimizer
+        }
 
 
 # ---- recipes as data ---------------------------------------------------------------------------
@@ -150,23 +163,25 @@ def assert_trains(result: Run, final_loss: float | None) -> None:
 
 
 def assert_healthy(result: Run) -> None:
-    """No warning or error, and ``healthmon/loss`` is the user's loss at every optimizer step."""
+    """No warning or error, and each optimizer's loss tag is the user's loss at its every step."""
     loud = [a for a in result.alerts if a.severity != "info"]
     assert not loud, "false alarm on a healthy recipe:\n" + describe(result.alerts)
     infos = [a for a in result.alerts if a.severity == "info"]
     if infos:
         print("info alerts:\n" + describe(infos))
-    expected = result.model.expected_losses()
-    assert expected, "the recipe recorded no loss"
-    got = logged(result.trainer.logger.log_dir, LOSS_TAG)
-    assert set(got) == set(expected), (
-        f"{LOSS_TAG} logged at steps {sorted(set(got) ^ set(expected))[:10]} where the user's "
-        "training_step did not (or vice versa)"
-    )
-    wrong = {s: (got[s], v) for s, v in expected.items() if abs(got[s] - v) > 1e-5 * max(abs(v), 1e-6)}
-    assert not wrong, (
-        f"{LOSS_TAG} is not the user's loss at {len(wrong)} steps, e.g. {list(wrong.items())[:5]}"
-    )
+    assert result.model.user_losses, "the recipe recorded no loss"
+    for index in sorted(set(result.model.user_optimizer.values())):
+        expected = result.model.expected_losses(index)
+        tag = optimizer_tag(LOSS_TAG, index)
+        got = logged(result.trainer.logger.log_dir, tag)
+        assert set(got) == set(expected), (
+            f"{tag} logged at steps {sorted(set(got) ^ set(expected))[:10]} where the user's "
+            f"training_step did not step optimizer {index} (or vice versa)"
+        )
+        wrong = {s: (got[s], v) for s, v in expected.items() if abs(got[s] - v) > 1e-5 * max(abs(v), 1e-6)}
+        assert not wrong, (
+            f"{tag} is not the user's loss at {len(wrong)} steps, e.g. {list(wrong.items())[:5]}"
+        )
 
 
 def assert_detects(result: Run, code: str) -> None:
