@@ -33,6 +33,7 @@ from healthmon.alerts import OnAlert, Severity
 from healthmon.monitors.base import Monitor
 from healthmon.monitors.hub import Hub
 from healthmon.monitors.isolation import HostRandomState, isolated, replay_blocker
+from healthmon.numerics.batches import batch_size
 from healthmon.numerics.eigensolvers import vector_ratio
 from healthmon.numerics.hessian import (
     HVP_METHODS,
@@ -147,7 +148,11 @@ class HessianEigenMonitor(Monitor):
             one after the other). Raised to the smallest workable value when lower (a basis of
             ``top_k + 1`` vectors: 6 for float32 and ``top_k=1``, 12 for bf16, whose basis is float32).
         probe_batch: the batch to measure on (any structure ``training_step`` accepts); None
-            captures the first training batch.
+            captures the first optimizer step's batch: all its accumulated micro-batches, the
+            loss that step descends (the step-0 estimate waits for its last micro-batch, still
+            before the first update). The top eigenvalue of a smaller sample overstates the
+            curvature, and it is the step's own batch whose curvature decides whether SGD's
+            steps are stable.
         probe_chunk_size: split the probe batch into chunks of at most this many rows and sum
             the weighted products (memory); requires a mean-reduced loss.
         seed: seed of the random start vectors (the global RNG is not used).
@@ -223,8 +228,9 @@ class HessianEigenMonitor(Monitor):
         self.seed = _checks.positive_int(seed, "seed", minimum=0)
         self.max_memory_factor = _checks.positive_float(max_memory_factor, "max_memory_factor")
         self._user_probe = probe_batch
-        self._probe: Any = None
-        self._probe_idx = 0
+        self._probes: list[tuple[Any, int, int]] = []  # (batch, batch_idx, rows) on the device
+        self._probe_rows = 0
+        self._probe_complete = False
         self._last_step = -1
         self._method: HVPMethod | None = None if hvp == "auto" else hvp  # type: ignore[assignment]
         self._warm_top: Tensor | None = None
@@ -281,10 +287,16 @@ class HessianEigenMonitor(Monitor):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         step = int(trainer.global_step)
-        if self._probe is None:
-            source = batch if self._user_probe is None else self._user_probe
-            self._probe = _clone(source, pl_module.device)
-            self._probe_idx = batch_idx if self._user_probe is None else 0
+        if self._user_probe is not None:
+            if not self._probes:
+                self._add_probe(self._user_probe, 0, pl_module)
+        elif not self._probe_complete:
+            self._add_probe(batch, batch_idx, pl_module)
+            micro_batches = max(int(getattr(trainer, "accumulate_grad_batches", 1) or 1), 1)
+            available = getattr(trainer, "num_training_batches", math.inf)
+            self._probe_complete = len(self._probes) >= min(micro_batches, available)
+            if not self._probe_complete:
+                return  # the probe is the first optimizer step's whole batch: wait for the rest
         if step == self._last_step:
             return  # gradient accumulation: one estimate per optimizer step
         self._last_step = step
@@ -301,6 +313,12 @@ class HessianEigenMonitor(Monitor):
             return
         self._estimate(trainer, pl_module)
 
+    def _add_probe(self, batch: Any, batch_idx: int, pl_module: pl.LightningModule) -> None:
+        """Keep a copy of a (micro-)batch as part of the probe, weighted by its rows (1 if unknown)."""
+        rows = batch_size(batch) or 1
+        self._probes.append((_clone(batch, pl_module.device), batch_idx, rows))
+        self._probe_rows += rows
+
     def _early_affordable(self, step: int) -> bool:
         """Step 0 always; a later log-spaced estimate when the last one cost at most ``early_budget``
         of the planned run's training time (a big model on a short run gets its step-0 estimate and
@@ -313,19 +331,25 @@ class HessianEigenMonitor(Monitor):
 
     # ---- the estimate ---------------------------------------------------------------------------
     def _operator(self, pl_module: pl.LightningModule, method: HVPMethod) -> HessianOperator:
-        chunks = split_batch(self._probe, self.probe_chunk_size)
+        # Each probe batch weighs by its share of the rows: the products are those of the mean loss
+        # over all probe samples (mean-reduced losses).
+        chunks = [
+            (chunk, idx, weight * rows / self._probe_rows)
+            for probe, idx, rows in self._probes
+            for chunk, weight in split_batch(probe, self.probe_chunk_size)
+        ]
         host_rng = HostRandomState(pl_module)  # NumPy/Python draws replayed like torch's (one function)
 
-        def closure(chunk: Any) -> Callable[[], Tensor]:
+        def closure(chunk: Any, idx: int) -> Callable[[], Tensor]:
             def loss() -> Tensor:
                 host_rng.restore()
-                return _loss_of(pl_module.training_step(chunk, self._probe_idx))
+                return _loss_of(pl_module.training_step(chunk, idx))
 
             return loss
 
         return HessianOperator(
             pl_module,
-            [(closure(c), w) for c, w in chunks],
+            [(closure(c, idx), w) for c, idx, w in chunks],
             method=method,
             reduce=mean_over_ranks,
             cache_graph=len(chunks) == 1,
@@ -438,8 +462,9 @@ class HessianEigenMonitor(Monitor):
                 trainer,
                 "hessian.sharpness",
                 f"The top Hessian eigenvalue lambda_max = {lam:.4g} is above the stability limit "
-                f"{limit.limit:.4g} ({limit.formula}, lr={limit.lr:.3g}, 2/lr = {limit.two_over_lr:.4g}): "
-                "gradient descent oscillates and diverges along its eigenvector.",
+                f"{limit.limit:.4g} ({limit.formula}, lr={limit.lr:.3g}, 2/lr = {limit.two_over_lr:.4g}) "
+                f"on a probe of {self._probe_rows} samples: gradient descent oscillates and diverges "
+                "along its eigenvector.",
                 hint=f"Lower the learning rate below {2 / lam:.3g} (2/lambda_max), or add warm-up.",
                 value=lam,
             )

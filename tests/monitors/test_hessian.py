@@ -247,3 +247,74 @@ def test_default_raises_sharpness_at_step_zero_for_a_far_too_high_lr(tmp_path) -
     trainer(tmp_path, [mon], max_steps=2).fit(DigitsClassifier(lr=10.0), digits_loader())
     alert = next(a for a in mon.alerts if a.code == "hessian.sharpness")
     assert alert.step == 0 and "2/lr = 0.2" in alert.message and "lambda_max = " in alert.message
+
+
+class LinearRegression(pl.LightningModule):
+    """Least squares on 32 standard-normal features: the Hessian is 2/n X^T X (exactly known)."""
+
+    def __init__(self, lr: float) -> None:
+        super().__init__()
+        self.linear = nn.Linear(32, 1)
+        self.lr = lr
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.mse_loss(self.linear(x).squeeze(-1), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def _regression_data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 32, generator=g)
+    return x, x @ torch.randn(32, generator=g) / 6 + 0.1 * torch.randn(64, generator=g)
+
+
+def _exact_lambda_max(rows: torch.Tensor) -> float:
+    """Top eigenvalue of the Hessian of the mean squared error over ``rows`` (weights and bias)."""
+    design = torch.cat([rows, torch.ones(len(rows), 1)], dim=1).double()
+    return float(torch.linalg.eigvalsh(2 * design.T @ design / len(rows))[-1])
+
+
+@pytest.mark.parametrize("accumulate", [1, 16])
+def test_the_probe_is_the_first_optimizer_steps_whole_batch(tmp_path, accumulate: int) -> None:
+    """Batches of 2 at lr = 1/lambda_max(32 samples).
+
+    Without accumulation each SGD step descends a 2-sample loss whose curvature is far above
+    2/lr: the run really diverges, and the step-0 estimate says so. With 16 micro-batches per
+    step, the step's loss is the mean over 32 samples: lr * lambda_max = 1 < 2, the run is stable
+    and quiet, and the estimate is the exact top eigenvalue of that 32-sample Hessian.
+    """
+    x, y = _regression_data()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=2)
+    lr = 1.0 / _exact_lambda_max(x[:32])
+    assert _exact_lambda_max(x[:2]) > 2 / lr
+    torch.manual_seed(0)
+    model = LinearRegression(lr)
+    mon = HessianEigenMonitor(every_n_steps=log_then_every(2000), tol=1e-6)
+    losses = Losses()
+    t = trainer(tmp_path, [mon, losses], max_steps=30, accumulate_grad_batches=accumulate)
+    t.fit(model, loader)
+    sharp = [a for a in mon.alerts if a.code == "hessian.sharpness"]
+    logged = mon.hub.last
+    assert mon.last_estimate is not None
+    if accumulate == 1:
+        assert [a.step for a in sharp][:1] == [0] and "probe of 2 samples" in sharp[0].message
+        assert max(losses.values) > 100 * losses.values[0]  # it does diverge
+    else:
+        assert not sharp
+        assert losses.values[-1] < losses.values[0]
+        # the Hessian of least squares does not depend on the weights: every estimate is exact
+        assert mon.last_estimate.lambda_max == pytest.approx(_exact_lambda_max(x[:32]), rel=1e-4)
+    assert logged[TAG_LAMBDA_MAX] > 0
+
+
+def test_a_given_probe_batch_is_used_as_it_is(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = DigitsClassifier(hidden=(32,), activation=nn.Tanh, lr=50.0)
+    x, y = digits()
+    mon = HessianEigenMonitor(every_n_steps=log_then_every(2000), probe_batch=(x[:8], y[:8]))
+    trainer(tmp_path, [mon], max_steps=2).fit(model, digits_loader(64, n=256))
+    assert mon._probe_rows == 8
+    assert [a.step for a in mon.alerts if a.code == "hessian.sharpness"][:1] == [0]
