@@ -130,8 +130,44 @@ def _metric_state_names(module: torch.nn.Module) -> frozenset[str]:
     return frozenset(defaults) if isinstance(defaults, dict) else frozenset()
 
 
+#: How deep nested containers (a dict of lists of losses, ...) are saved by content.
+_MAX_CONTAINER_DEPTH = 4
+
+
+def _save_containers(value: Any, saved: list[tuple[Any, Any]], seen: set[int], depth: int = 0) -> None:
+    """Append ``(container, copy of its contents)`` for ``value`` and the containers nested in it."""
+    if depth > _MAX_CONTAINER_DEPTH or id(value) in seen:
+        return
+    if isinstance(value, dict):
+        contents: Any = dict(value)
+        children = list(contents.values())
+    elif isinstance(value, _CONTAINERS):
+        contents = children = list(value)
+    else:
+        return
+    seen.add(id(value))
+    saved.append((value, contents))
+    for child in children:
+        if isinstance(child, (dict, *_CONTAINERS)):
+            _save_containers(child, saved, seen, depth + 1)
+
+
+def _restore_container(target: Any, contents: Any) -> None:
+    if isinstance(target, dict):
+        target.clear()
+        target.update(contents)
+    elif isinstance(target, list):
+        target[:] = contents
+    else:  # set, deque
+        target.clear()
+        (target.update if isinstance(target, set) else target.extend)(contents)
+
+
 class _AttributeSnapshot:
     """The plain Python attributes of one object, restored by identity; containers by content.
+
+    Containers nested in containers (a dict of per-step lists, as a module recording its losses
+    keeps) are restored by content too, down to ``_MAX_CONTAINER_DEPTH`` levels.
 
     Tensors that are not parameters are cloned and, when their version counter shows an in-place
     change (torchmetrics states such as ``tp += ...``), copied back in place; inference tensors
@@ -143,13 +179,12 @@ class _AttributeSnapshot:
         self.obj = obj
         self.attrs = {k: v for k, v in vars(obj).items() if k not in skip}
         self.skip = skip
-        self.contents: dict[str, Any] = {}
+        self.containers: list[tuple[Any, Any]] = []
         self.values: dict[str, tuple[torch.Tensor, int]] = {}
+        seen: set[int] = set()
         for k, v in self.attrs.items():
-            if isinstance(v, dict):
-                self.contents[k] = dict(v)
-            elif isinstance(v, _CONTAINERS):
-                self.contents[k] = list(v)
+            if isinstance(v, (dict, *_CONTAINERS)):
+                _save_containers(v, self.containers, seen)
             elif (
                 isinstance(v, torch.Tensor) and not isinstance(v, torch.nn.Parameter) and not v.is_inference()
             ):
@@ -160,16 +195,8 @@ class _AttributeSnapshot:
         for k in [k for k in current if k not in self.skip and k not in self.attrs]:
             del current[k]  # attributes the replay added
         current.update(self.attrs)
-        for k, saved in self.contents.items():
-            target = self.attrs[k]
-            if isinstance(target, dict):
-                target.clear()
-                target.update(saved)
-            elif isinstance(target, list):
-                target[:] = saved
-            else:  # set, deque
-                target.clear()
-                (target.update if isinstance(target, set) else target.extend)(saved)
+        for target, contents in self.containers:
+            _restore_container(target, contents)
         with torch.no_grad():
             for k, (saved, version) in self.values.items():
                 target = self.attrs[k]

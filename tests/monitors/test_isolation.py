@@ -128,3 +128,18 @@ def test_replay_blocker_names_manual_optimization() -> None:
     m.automatic_optimization = False
     reason = replay_blocker(m)
     assert reason is not None and "manual optimization" in reason
+
+
+def test_nested_containers_are_restored_by_content() -> None:
+    """A replay in the middle of a step appends to lists that already exist inside a dict."""
+    module = nn.Linear(2, 2)
+    losses: dict[int, list[float]] = {0: [1.0]}
+    history: list[dict[str, list[int]]] = [{"seen": [1]}]
+    module.losses, module.history = losses, history
+    with isolated(module):
+        module.losses[0].append(2.0)  # the list of the current step, created before the replay
+        module.losses[1] = [3.0]
+        module.history[0]["seen"].append(2)
+        module.history.append({})
+    assert module.losses is losses and module.losses == {0: [1.0]}
+    assert module.history is history and module.history == [{"seen": [1]}]
