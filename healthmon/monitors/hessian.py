@@ -465,7 +465,8 @@ class HessianEigenMonitor(Monitor):
                 f"{limit.limit:.4g} ({limit.formula}, lr={limit.lr:.3g}, 2/lr = {limit.two_over_lr:.4g}) "
                 f"on a probe of {self._probe_rows} samples: gradient descent oscillates and diverges "
                 "along its eigenvector.",
-                hint=f"Lower the learning rate below {2 / lam:.3g} (2/lambda_max), or add warm-up.",
+                hint=f"Lower the learning rate below {limit.lr * limit.limit / lam:.3g} (where the limit "
+                "meets lambda_max), or add warm-up.",
                 value=lam,
             )
         elif limit.kind == "adam" and pre is not None and pre.eigenvalues[0] > limit.limit:
