@@ -365,6 +365,8 @@ class GradientUnderflowMonitor(Monitor):
         stats = hub.grad_step(trainer, optimizer)
         if stats.skipped:  # overflow the GradScaler handles: these gradients are never applied
             return
+        if not math.isfinite(stats.norm):
+            return  # NaN/Inf gradients: NonFiniteMonitor names the cause; zero/dead counts mean nothing
         stationary = self._at_stationary_point(stats)
         self._track_loss(stats)
         shared = {id(p): i for i, p in enumerate(stats.params)}
