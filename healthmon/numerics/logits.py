@@ -45,6 +45,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 # SKIPPED_PACKAGES and user_frame_location are re-exported: they used to live here.
 from healthmon.alerts import code_info
 from healthmon.numerics.loss_inputs import (
+    VIEW_NODES,
     clamp_source,
     clamped_zero_fraction,
     log_source,
@@ -113,27 +114,7 @@ class Finding:
 
 
 # ---- provenance from the autograd graph (tensors made before interception) --------------------
-_PASS_NODES = frozenset(
-    {
-        "CloneBackward0",
-        "ToCopyBackward0",
-        "ViewBackward0",
-        "UnsafeViewBackward0",
-        "ReshapeAliasBackward0",
-        "SqueezeBackward0",
-        "SqueezeBackward1",
-        "SqueezeBackward2",
-        "UnsqueezeBackward0",
-        "PermuteBackward0",
-        "TransposeBackward0",
-        "TBackward0",
-        "ExpandBackward0",
-        "ClampBackward0",
-        "ClampBackward1",
-        "ClampMinBackward0",
-        "ClampMaxBackward0",
-    }
-)
+_PASS_NODES = VIEW_NODES | {"ClampBackward0", "ClampBackward1", "ClampMinBackward0", "ClampMaxBackward0"}
 _SCALAR_NODES = frozenset({"AddBackward0", "SubBackward0", "MulBackward0", "DivBackward0"})
 _MAX_NODES = frozenset({"MaxBackward0", "MaxBackward1", "AmaxBackward0", "LogsumexpBackward0"})
 _MAX_WALK = 12

@@ -37,7 +37,8 @@ LOG_NODES: dict[str, str] = {
     "LogsumexpBackward0": "logsumexp",
 }
 
-_SHAPE_NODES = frozenset(
+#: Autograd nodes that only copy, cast or re-view a tensor: its values are still what they were.
+VIEW_NODES = frozenset(
     {
         "CloneBackward0",
         "ToCopyBackward0",
@@ -52,12 +53,9 @@ _SHAPE_NODES = frozenset(
         "TransposeBackward0",
         "TBackward0",
         "ExpandBackward0",
-        "SliceBackward0",
-        "SelectBackward0",
-        "IndexBackward0",
-        "ContiguousBackward0",
     }
 )
+_SHAPE_NODES = VIEW_NODES | {"SliceBackward0", "SelectBackward0", "IndexBackward0", "ContiguousBackward0"}
 #: Elementwise steps through which a log still makes a log-probability-like tensor (dropout, a
 #: focal weight ``(1 - p) ** gamma * logp``, label smoothing mixes, masking, a safety clamp).
 _ELEMENTWISE_NODES = frozenset(
