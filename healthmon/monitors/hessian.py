@@ -50,6 +50,7 @@ from healthmon.numerics.hessian import (
     split_batch,
     stability_limit,
 )
+from healthmon.numerics.hvp import FD_AGREEMENT
 from healthmon.schedules import BudgetClock, LogSpacedSteps, LogThenEvery, log_then_every
 
 __all__ = ["BudgetClock", "HessianEigenMonitor", "LogThenEvery", "log_then_every"]
@@ -363,8 +364,12 @@ class HessianEigenMonitor(Monitor):
         try:
             with isolated(pl_module), torch.enable_grad():
                 if self._method is None:
+                    # finite differences only where their error is well below the tolerance asked
+                    # for: an operator less accurate than that could never honestly converge
                     self._method = choose_hvp_method(
-                        lambda m: self._operator(pl_module, m), generator=self._generator
+                        lambda m: self._operator(pl_module, m),
+                        rtol=min(FD_AGREEMENT, 0.1 * self.tol),
+                        generator=self._generator,
                     )
                 step = int(trainer.global_step)
                 early = self.budgeted and step < self._early.until
