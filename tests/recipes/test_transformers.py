@@ -1,7 +1,8 @@
 """Hugging Face ``transformers`` models built from config with random init (no download).
 
-GPT-2, BERT, ViT and ResNet at tiny sizes, trained the way their model cards do (AdamW with the
-library's warm-up schedules, the loss the model computes itself). Skipped only where
+GPT-2, BERT, ViT, ResNet, ConvNeXt, MobileNetV2 and Llama at tiny sizes, trained the way their model
+cards do (AdamW with the library's warm-up schedules, or SGD momentum for MobileNetV2; the loss the
+model computes itself). Skipped only where
 ``transformers`` is not installed; ``make test`` installs it (the ``recipes`` extra).
 """
 
@@ -44,17 +45,26 @@ class HFModule(Recorded):
         warmup: int,
         total: int,
         weight_decay: float = 0.01,
+        betas: tuple[float, float] = (0.9, 0.999),
+        schedule: str = "linear",
     ) -> None:
         super().__init__()
         self.model, self.loss_fn = model, loss
         self.lr, self.warmup, self.total, self.weight_decay = lr, warmup, total, weight_decay
+        self.betas, self.schedule = betas, schedule
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         return self.record(self.loss_fn(self.model, batch))
 
     def configure_optimizers(self) -> Any:
-        opt = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        schedule = transformers.get_linear_schedule_with_warmup(opt, self.warmup, self.total)
+        opt = torch.optim.AdamW(
+            self.parameters(), lr=self.lr, betas=self.betas, weight_decay=self.weight_decay
+        )
+        with_warmup = {
+            "linear": transformers.get_linear_schedule_with_warmup,
+            "cosine": transformers.get_cosine_schedule_with_warmup,
+        }[self.schedule]
+        schedule = with_warmup(opt, self.warmup, self.total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
@@ -161,6 +171,115 @@ def build_resnet(sick: bool) -> tuple[Recorded, DataLoader, dict[str, Any]]:
     return module, loader(x, y, batch_size=64), options
 
 
+# ---- ConvNeXt: depthwise 7x7 convs, LayerNorm, GELU, layer scale 1e-6 on every residual branch ----
+def with_nan_image(x: torch.Tensor) -> torch.Tensor:
+    """The bug: one corrupt image (NaN pixels, as a failed decode or a 0/0 normalisation leaves)."""
+    x = x.clone()
+    x[100, :, 2:4, 2:4] = float("nan")
+    return x
+
+
+def build_convnext(sick: bool) -> tuple[Recorded, DataLoader, dict[str, Any]]:
+    config = transformers.ConvNextConfig(
+        num_channels=1,
+        image_size=8,
+        patch_size=2,  # 4x4 after the stem, 2x2 after the second stage's downsampling
+        num_stages=2,
+        hidden_sizes=[16, 32],
+        depths=[2, 2],
+        drop_path_rate=0.1,
+        num_labels=10,
+    )
+    model = transformers.ConvNextForImageClassification(config)
+    steps = 250
+    module = HFModule(
+        model, image_loss, lr=4e-3, warmup=25, total=steps, weight_decay=0.05, schedule="cosine"
+    )
+    x, y = digit_images()
+    if sick:
+        x = with_nan_image(x)
+    return module, loader(x, y, batch_size=64), {"max_steps": steps}
+
+
+# ---- MobileNetV2: inverted residuals, ReLU6, BatchNorm; SGD momentum + cosine ---------------------
+class SGDModule(HFModule):
+    """The MobileNet recipe: SGD with Nesterov momentum, weight decay 4e-5, a cosine schedule."""
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.SGD(
+            self.parameters(), lr=self.lr, momentum=0.9, nesterov=True, weight_decay=self.weight_decay
+        )
+        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.total)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": cosine, "interval": "step"}}
+
+
+def softmax_then_cross_entropy(model: nn.Module, batch: Any) -> torch.Tensor:
+    x, y = batch
+    probs = model(pixel_values=x).logits.softmax(-1)  # the bug: probabilities into cross_entropy
+    return F.cross_entropy(probs, y)
+
+
+def build_mobilenet_v2(sick: bool) -> tuple[Recorded, DataLoader, dict[str, Any]]:
+    config = transformers.MobileNetV2Config(
+        num_channels=1,
+        image_size=8,
+        depth_multiplier=0.25,
+        finegrained_output=False,
+        classifier_dropout_prob=0.2,
+        num_labels=10,
+    )
+    model = transformers.MobileNetV2ForImageClassification(config)
+    steps = 250
+    loss = softmax_then_cross_entropy if sick else image_loss
+    module = SGDModule(model, loss, lr=0.01, warmup=0, total=steps, weight_decay=4e-5)
+    x, y = digit_images()
+    return module, loader(x, y, batch_size=64), {"max_steps": steps}
+
+
+# ---- Llama: RMSNorm, rotary embeddings, SwiGLU, grouped-query attention -------------------------
+def lm_loss_with_z_loss(naive: bool) -> Callable[[nn.Module, Any], torch.Tensor]:
+    """The model's own next-token loss plus PaLM's z-loss, 1e-4 * logsumexp(logits)^2."""
+
+    def loss(model: nn.Module, batch: Any) -> torch.Tensor:
+        (tokens,) = batch
+        out = model(input_ids=tokens, labels=tokens)
+        if naive:  # the bug: log(sum(exp(z))) written out, without subtracting the max
+            log_z = torch.log(torch.exp(out.logits).sum(-1))
+        else:
+            log_z = torch.logsumexp(out.logits, -1)
+        return out.loss + 1e-4 * log_z.pow(2).mean()
+
+    return loss
+
+
+def build_llama(sick: bool) -> tuple[Recorded, DataLoader, dict[str, Any]]:
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=LENGTH,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    model = transformers.LlamaForCausalLM(config)
+    steps = 200
+    module = HFModule(
+        model,
+        lm_loss_with_z_loss(naive=sick),
+        lr=3e-3,
+        warmup=20,
+        total=steps,
+        weight_decay=0.1,
+        betas=(0.9, 0.95),
+        schedule="cosine",
+    )
+    options = {"max_steps": steps, "precision": "bf16-mixed", "gradient_clip_val": 1.0}
+    return module, loader(markov_tokens(2048, LENGTH, VOCAB), batch_size=16), options
+
+
 HF_RECIPES = [
     Recipe(
         "hf_gpt2_causal_lm",
@@ -196,10 +315,59 @@ HF_RECIPES = [
         code="loss.nonfinite",
         final_loss=0.5,
     ),
+    Recipe(
+        "hf_convnext_image_classification",
+        build_convnext,
+        guards="ConvNeXt from config (depthwise 7x7 convs, LayerNorm, GELU, layer scale 1e-6, stochastic "
+        "depth 0.1), the model's own loss, AdamW + cosine warm-up, weight decay 0.05",
+        bug="one image of the data set has NaN pixels",
+        code="batch.nonfinite",
+        final_loss=0.5,
+    ),
+    Recipe(
+        "hf_mobilenet_v2_image_classification",
+        build_mobilenet_v2,
+        guards="MobileNetV2 from config (inverted residuals, ReLU6, BatchNorm, dropout 0.2), the model's own "
+        "loss, SGD Nesterov momentum 0.9 (lr 0.01: torchvision's 0.045 at batch 256, scaled to 64), weight "
+        "decay 4e-5, cosine schedule",
+        bug="`softmax` on the logits before `F.cross_entropy`",
+        code="logits.probabilities",
+        final_loss=1.6,
+    ),
+    Recipe(
+        "hf_llama_causal_lm",
+        build_llama,
+        guards="Llama from config (RMSNorm, rotary embeddings, SwiGLU, grouped-query attention), the model's "
+        "own loss plus a z-loss (`torch.logsumexp`), AdamW (0.9, 0.95) + `get_cosine_schedule_with_warmup`, "
+        "weight decay 0.1, clipping 1.0, `bf16-mixed`",
+        bug="the z-loss's log-partition written as `torch.log(torch.exp(z).sum(-1))`",
+        code="logits.naive_logsumexp",
+        final_loss=1.5,
+    ),
 ]
 
 
-@pytest.mark.parametrize("recipe", HF_RECIPES, ids=lambda r: r.name)
+# A known false alarm, kept visible until the rule handles it: every convolution of MobileNetV2 feeds a
+# BatchNorm, so the loss is invariant to each conv weight's scale; Hugging Face's init (normal, std
+# 0.02) leaves those weights tiny (||w|| 0.13 in the stem), and the curvature along them, which
+# scales as 1/||w||^2, is lambda_max ~ 6e6 at step 0 against SGD's limit 136 (lr 0.01). The top
+# eigenvector lies in those conv weights, orthogonal to them; the steps along it grow ||w|| and the
+# curvature falls by itself (lambda_max 188 at step 64), and the loss falls steadily. The first
+# step's update is also 39x the stem convs' weights (grad.explosion at step 0).
+SCALE_INVARIANT_SHARPNESS = pytest.mark.xfail(
+    strict=True,
+    reason="hessian.sharpness (and grad.explosion at step 0) on BatchNorm-normalised convs whose "
+    "weights are tiny: sharpness along scale-invariant weights does not predict divergence",
+)
+HEALTHY = [
+    pytest.param(r, marks=SCALE_INVARIANT_SHARPNESS)
+    if r.name == "hf_mobilenet_v2_image_classification"
+    else r
+    for r in HF_RECIPES
+]
+
+
+@pytest.mark.parametrize("recipe", HEALTHY, ids=lambda r: r.name)
 def test_healthy_transformers_model(tmp_path: Any, recipe: Recipe) -> None:
     result = run(recipe, tmp_path, sick=False)
     assert_trains(result, recipe.final_loss)
