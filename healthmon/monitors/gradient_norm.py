@@ -395,11 +395,31 @@ class GradientNormMonitor(Monitor):
             f"any running level exists: update {self.update_ratio_limit:g}x the weights, sensitivity "
             f"{self.sensitivity_limit:g}).{others}",
             where=worst.layer,
-            hint="Clip gradients (Trainer(gradient_clip_val=1.0)) and lower the learning rate; check "
-            "this layer's initialisation (a recurrent weight with spectral radius well above 1 "
-            "explodes through time: use an orthogonal init or a gain of at most 1).",
+            hint=self._oversized_hint(worst),
             value=worst.update_ratio if worst.rewritten else worst.sensitivity,
             step=step,
+        )
+
+    def _oversized_hint(self, worst: OversizedStep) -> str:
+        """The fix for an oversized first step: the cause differs for recurrent layers."""
+        try:
+            module = self._trainer.lightning_module.get_submodule(worst.layer)
+        except (AttributeError, RuntimeError):
+            module = None
+        if isinstance(module, (torch.nn.RNNBase, torch.nn.RNNCellBase)):
+            return (
+                "Clip gradients (Trainer(gradient_clip_val=1.0)) and check the recurrent weights' "
+                "initialisation: a recurrent matrix with spectral radius well above 1 explodes "
+                "through time (use an orthogonal init or a gain of at most 1)."
+            )
+        if worst.exploded:
+            return (
+                "Clip gradients (Trainer(gradient_clip_val=1.0)) and check this layer's initialisation "
+                "and inputs (unnormalised features, a scale far from 1); then lower the learning rate."
+            )
+        return (
+            "Lower the learning rate (or warm it up from a small value); clipping "
+            "(Trainer(gradient_clip_val=1.0)) also bounds the step."
         )
 
     @override

@@ -75,7 +75,7 @@ def test_rnn_with_a_large_recurrent_gain_is_reported_at_step_0(tmp_path: Any, op
     assert first and first[0].step == 0 and first[0].where == "rnn", mon.alerts
     message = first[0].message
     assert "rnn" in message and "gradient norm" in message and "step 0" in message
-    assert "gradient_clip_val" in first[0].hint
+    assert "gradient_clip_val" in first[0].hint and "recurrent" in first[0].hint
     if optimizer == "sgd":  # the update itself rewrote the layer
         assert "x the layer's weights" in message
     else:  # Adam's update is about lr per entry: the gradient's sensitivity tells
@@ -191,3 +191,15 @@ def test_judge_update_sizes_limits_and_floors() -> None:
     assert hot and hot[0].exploded and hot[0].sensitivity == pytest.approx(2.5e6)
     assert judge_update_sizes(["rnn"], [0.01], [5.0], [1e6], [n], None) == []  # loss unknown
     assert judge_update_sizes(["x"], [math.nan], [1.0], [1.0], [n], 1.0) == []  # left to NaN checks
+
+
+def test_a_learning_rate_too_large_for_an_mlp_says_so(tmp_path: Any) -> None:
+    """lr 10 with SGD momentum on digits (the quickstart's sick run): an ordinary gradient, a huge step."""
+    torch.manual_seed(0)
+    model = DigitsClassifier(hidden=(64, 64), lr=10.0, momentum=0.9)
+    mon = HealthMonitor(summary=False)
+    trainer(tmp_path, [mon], max_steps=5).fit(model, digits_loader())
+    first = [a for a in mon.alerts if a.code == "grad.explosion"]
+    assert first and first[0].step <= 3, mon.alerts  # within the first steps, before any running level
+    assert "learning rate is too large" in first[0].message
+    assert first[0].hint.startswith("Lower the learning rate") and "recurrent" not in first[0].hint
