@@ -98,16 +98,6 @@ def combined_norms_by_group(norms: Sequence[float], groups: Sequence[Hashable]) 
     return {g: math.sqrt(v) for g, v in squares.items()}
 
 
-def update_ratios(
-    before: Sequence[Tensor], after: Sequence[Tensor], group_index: Tensor, num_groups: int
-) -> Tensor:
-    """||w_after - w_before|| / ||w_before|| per group of tensors (layers), on the device."""
-    updates = torch._foreach_sub(list(after), list(before))
-    update_norms = grouped_norms(tensor_norms(updates), group_index, num_groups)
-    weight_norms = grouped_norms(tensor_norms(list(before)), group_index, num_groups)
-    return update_norms / weight_norms.clamp_min(torch.finfo(weight_norms.dtype).tiny)
-
-
 def nonfinite_indices(per_tensor_norms: Sequence[float]) -> list[int]:
     """Indices of tensors whose norm (and hence some entry) is NaN or Inf, from host values."""
     return [i for i, n in enumerate(per_tensor_norms) if n != n or n in (float("inf"), float("-inf"))]

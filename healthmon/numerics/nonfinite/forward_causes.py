@@ -426,7 +426,6 @@ def explain_forward(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     inputs: list[Tensor],
-    in_kinds: list[frozenset[str]],
     out: Tensor,
     new: frozenset[str],
     producer: Producer,

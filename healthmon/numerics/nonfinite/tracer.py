@@ -188,7 +188,7 @@ class NonFiniteTracer(TorchFunctionMode):
                 if new and prov.then is None and NAN in new:
                     prov.then = f"Downstream, {op.name} turned it into NaN at {op.where}."
             elif new:
-                prov = self._new_origin(op, args, kwargs, inputs, in_kinds, t, new)
+                prov = self._new_origin(op, args, kwargs, inputs, t, new)
             else:
                 prov = self._constant_origin(op, in_prov, constant, kinds)
             self._prov[t] = prov
@@ -271,12 +271,11 @@ class NonFiniteTracer(TorchFunctionMode):
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         inputs: list[Tensor],
-        in_kinds: list[frozenset[str]],
         out: Tensor,
         new: frozenset[str],
     ) -> Origin:
         try:
-            cause, hint = explain_forward(op, args, kwargs, inputs, in_kinds, out, new, self.producer)
+            cause, hint = explain_forward(op, args, kwargs, inputs, out, new, self.producer)
         except Exception as exc:  # an explanation must not hide the origin
             self.errors.append(f"explain {op.name}: {type(exc).__name__}: {exc}")
             cause, hint = f"it turned finite inputs into {kinds_text(new)}.", HINT_GENERIC
