@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from overhead import MLP, TinyLM, digits_loader, token_loader
 
-from healthmon.monitors.isolation import isolated
+from healthmon.engine.isolation import isolated
 from healthmon.numerics.nonfinite import trace_nonfinite
 
 

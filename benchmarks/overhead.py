@@ -37,7 +37,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from healthmon import HealthMonitor, LogitsCheck
-from healthmon.monitors.health import PER_STEP_HOOKS
+from healthmon.engine.driver import PER_STEP as PER_STEP_HOOKS
 
 CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.thread_time}
 clock: Callable[[], float] = time.perf_counter

@@ -1,13 +1,14 @@
-"""The base of healthmon's callbacks: cadence, the shared hub, alert policy and checkpoint state.
+"""The base of healthmon's monitors: cadence, policy, checkpoint state and the driver's hooks.
 
-Subclasses override Lightning hooks and call ``super()``: first in ``on_before_backward`` (the hub
-records the loss), last in ``on_before_optimizer_step`` (a ``stop`` policy drops the step) and in
-``on_train_batch_end``. Inside ``HealthMonitor`` the bundle drives the shared hub and the monitor
-only reads and writes through it. Monitors used on their own (directly in ``Trainer(callbacks=...)``)
-share one hub per Trainer, so a run has one report holding every monitor's alerts: a
-``HealthMonitor``'s hub when the Trainer has one, else one hub driven by the last standalone
-monitor in the callback list (its hooks run after the others', so the policy is enforced, the loss
-reset and the report written once every monitor has seen the step).
+A monitor implements the points of a training step it needs (``on_batch_start``, ``on_loss``,
+``on_optimizer_step``, ``on_batch_end``, ...) against a :class:`~healthmon.engine.run.Run` and
+writes through its :class:`~healthmon.engine.driver.Driver`; it never sees a particular trainer.
+
+A monitor is also a Lightning callback of its own, for ``Trainer(callbacks=[GradientNormMonitor()])``:
+it is then a bundle of one. The monitors of one Trainer share one driver, so that a run has one
+report with every monitor's alerts: a ``HealthMonitor``'s when the Trainer has one (the monitor
+joins its bundle), else one driven by the first standalone monitor in the callback list, whose
+policy is the strictest of theirs.
 """
 
 from __future__ import annotations
@@ -15,20 +16,20 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import pytorch_lightning as pl
-import torch
-from pytorch_lightning.callbacks import Callback
 from torch import Tensor
 from typing_extensions import override
 
 from healthmon import _checks
 from healthmon._checks import Cadence
 from healthmon.alerts import Alert, AlertPolicy, OnAlert, Severity, severity_rank
-from healthmon.monitors.hub import Hub
+from healthmon.engine.driver import Driver
+from healthmon.engine.run import Run
+from healthmon.integrations.lightning import LightningHooks
 
 
 def strictest_policy(policies: list[AlertPolicy]) -> AlertPolicy:
-    """One policy for callbacks that share a hub: the strongest action ("raise" > "stop" >
-    "warn") at the lowest ``fail_on`` of the callbacks that act."""
+    """One policy for monitors that share a driver: the strongest action ("raise" > "stop" >
+    "warn") at the lowest ``fail_on`` of those that act."""
     acting = [p for p in policies if p.on_alert != "warn"]
     if not acting:
         return AlertPolicy("warn", min((p.fail_on for p in policies), key=severity_rank, default="warning"))
@@ -36,7 +37,7 @@ def strictest_policy(policies: list[AlertPolicy]) -> AlertPolicy:
     return AlertPolicy(on_alert, min((p.fail_on for p in acting), key=severity_rank))
 
 
-class Monitor(Callback):
+class Monitor(LightningHooks):
     """Common machinery of the healthmon monitors.
 
     Args:
@@ -45,8 +46,7 @@ class Monitor(Callback):
             or "stop" (skip the offending step and stop the Trainer cleanly). Used only when the
             monitor runs on its own; inside ``HealthMonitor`` the bundle's policy applies.
         fail_on: lowest severity that raises or stops.
-        log_every_n_steps: how often scalars are written; None follows the Trainer's
-            ``log_every_n_steps``.
+        log_every_n_steps: how often scalars are written; None follows the loop's setting.
     """
 
     #: Monitors that intercept the forward pass (a TorchFunctionMode) run after the others in a
@@ -67,158 +67,122 @@ class Monitor(Callback):
         if log_every_n_steps is not None:
             _checks.positive_int(log_every_n_steps, "log_every_n_steps")
         self.log_every_n_steps = log_every_n_steps
-        self._hub: Hub | None = None
-        self._owns_hub = False  # this monitor drives the hub (lifecycle, loss, policy, report)
-        self._bundled = False  # bound by a HealthMonitor, which drives the hub
+        self.driver: Driver | None = None  # set by the driver that runs this monitor
+        self._bundled = False  # constructed into a HealthMonitor's bundle
+        self._pending_state: dict[str, Any] | None = None  # driver state loaded before setup
 
     # ---- public --------------------------------------------------------------------------
     @property
-    def hub(self) -> Hub:
-        if self._hub is None:
-            raise RuntimeError(f"{type(self).__name__} is not attached to a Trainer yet.")
-        return self._hub
+    def hub(self) -> Driver:
+        """The driver this monitor writes through (raises before it is attached)."""
+        if self.driver is None:
+            raise RuntimeError(f"{type(self).__name__} is not attached to a training loop yet.")
+        return self.driver
 
     @property
     def alerts(self) -> list[Alert]:
         """Alerts in the order detected (de-duplicated; see ``Alert.count``), of every monitor
-        sharing this monitor's hub (the run's report)."""
-        return [] if self._hub is None else self._hub.book.alerts
+        sharing this monitor's driver (the run's report)."""
+        return [] if self.driver is None else self.driver.alerts
 
     @property
     def report_path(self) -> str | None:
-        return None if self._hub is None else self._hub.report_path
+        return None if self.driver is None else self.driver.report_path
 
     def config(self) -> dict[str, Any]:
-        """The settings recorded in the report and TensorBoard's hparams."""
+        """The settings recorded in the report and TensorBoard's configuration text."""
         every = self.every_n_steps
         return {"every_n_steps": every if isinstance(every, int) else getattr(every, "__name__", repr(every))}
 
-    def bind(self, hub: Hub) -> None:
-        """Share a hub owned by a bundle (``HealthMonitor``)."""
-        self._hub = hub
-        self._owns_hub = False
-        self._bundled = True
+    def should_run(self, run: Run) -> bool:
+        """Whether this step is on the monitor's cadence."""
+        return bool(self._schedule(run.global_step))
 
-    def _share_hub(self, trainer: pl.Trainer) -> None:
-        """Attach to the one hub of this Trainer's healthmon callbacks (see the module docstring).
-
-        Idempotent: every standalone monitor calls it in ``setup`` and all reach the same hub and
-        driver. The hub's policy is the strictest of the callbacks' policies.
-        """
-        callbacks = list(getattr(trainer, "callbacks", None) or [])
-        peers = [cb for cb in callbacks if isinstance(cb, Monitor) and not cb._bundled]
-        if self not in peers:
-            peers.append(self)
-        bundle = next(
-            (
-                cb
-                for cb in callbacks
-                if not isinstance(cb, Monitor) and isinstance(getattr(cb, "hub", None), Hub)
-            ),
-            None,
-        )
-        if bundle is not None:
-            hub, driver, policies = bundle.hub, None, [bundle.policy]
-        else:
-            hub = next((m._hub for m in peers if m._owns_hub and m._hub is not None), None)
-            every = next((m.log_every_n_steps for m in peers if m.log_every_n_steps is not None), None)
-            hub = hub or Hub(self.policy, log_every_n_steps=every)
-            driver, policies = peers[-1], []
-        for m in peers:
-            m._hub, m._owns_hub = hub, m is driver
-        hub.policy = strictest_policy(policies + [m.policy for m in peers])
-
-    def should_run(self, trainer: pl.Trainer) -> bool:
-        hub = self._hub
-        return bool(self._schedule(int(trainer.global_step) if hub is None else hub.global_step(trainer)))
-
-    def declare_layout(self, hub: Hub) -> None:
+    def declare_layout(self, driver: Driver) -> None:
         """Add this monitor's charts to the custom-scalars layout (override)."""
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(every_n_steps=str(self.every_n_steps))
 
-    # ---- Lightning hooks -----------------------------------------------------------------
-    @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if not self._bundled:
-            self._share_hub(trainer)
-        hub = self.hub
-        if self._owns_hub:
-            hub.setup(trainer, pl_module)
-        if not self._bundled:
-            hub.config[type(self).__name__] = self.config()
-        self.declare_layout(hub)
+    # ---- the points of a step (override what the monitor needs) ----------------------------
+    def on_setup(self, run: Run) -> None:
+        """A fit begins (parameters are indexed, the writer is open): declare charts."""
+        if self.driver is not None:
+            self.declare_layout(self.driver)
 
-    @override
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._owns_hub:
-            self.hub.start(trainer)
+    def on_start(self, run: Run) -> None:
+        """The first step is next: read the loop's settings (clipping, planned steps)."""
 
-    @override
-    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
-        if self._owns_hub:
-            self.hub.add_loss(loss)
+    def on_batch_start(self, run: Run, batch: Any, batch_idx: int) -> None:
+        """A micro-batch starts (before the forward pass)."""
 
-    @override
-    def on_before_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
-    ) -> None:
-        if self._owns_hub:
-            self.hub.end_step()
-            self.hub.enforce_policy(trainer, optimizer)
+    def on_loss(self, run: Run, loss: Tensor) -> None:
+        """A micro-batch's loss is about to be backpropagated (scaled under fp16 AMP)."""
 
-    @override
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        if self._owns_hub:
-            self.hub.enforce_policy(trainer)
-            if self.hub.is_log_step(trainer):
-                self.hub.gather_alerts(trainer)
+    def on_optimizer_step(self, run: Run, optimizer: Any) -> None:
+        """Gradients are complete and unscaled, before clipping and the step."""
 
-    @override
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._owns_hub:
-            self.hub.gather_alerts(trainer)
+    def on_batch_end(self, run: Run, batch: Any, batch_idx: int) -> None:
+        """A micro-batch ended (after the optimizer step when it was the last of a step)."""
 
-    @override
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._owns_hub:
-            self.hub.finish(trainer, "stopped" if self.hub.stop_requested else "completed")
+    def on_training_end(self, run: Run) -> None:
+        """The training loop finished."""
 
-    @override
-    def on_exception(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
-    ) -> None:
-        if self._owns_hub:
-            self.hub.finish(trainer, "exception", exception)
+    def on_end(self, run: Run, error: BaseException | None) -> None:
+        """The fit ended, normally or by ``error``."""
 
-    @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._owns_hub:
-            self.hub.close()
+    def on_teardown(self, run: Run) -> None:
+        """Release what the monitor holds (modes, hooks)."""
 
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        state = self.monitor_state()
-        if self._owns_hub and self._hub is not None:
-            state["hub"] = self._hub.state_dict()
-        return state
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if "hub" in state_dict:
-            if self._hub is None:
-                self._hub = Hub(self.policy, log_every_n_steps=self.log_every_n_steps)
-                self._owns_hub = True
-            self._hub.load_state_dict(state_dict["hub"])
-        self.load_monitor_state(state_dict)
-
+    # ---- resumable state -------------------------------------------------------------------
     def monitor_state(self) -> dict[str, Any]:
         """Resumable state of this monitor (override): running statistics, warm starts..."""
         return {}
 
     def load_monitor_state(self, state: dict[str, Any]) -> None:
         """Restore :meth:`monitor_state` (override)."""
+
+    # ---- as a Lightning callback of its own --------------------------------------------------
+    @override
+    def attach(self, trainer: pl.Trainer) -> Driver | None:
+        """Join the one driver of this Trainer's healthmon callbacks (see the module docstring)."""
+        callbacks = list(getattr(trainer, "callbacks", None) or [])
+        peers = [cb for cb in callbacks if isinstance(cb, Monitor) and not cb._bundled]
+        if self not in peers:
+            peers.append(self)
+        bundle = next(
+            (cb for cb in callbacks if isinstance(cb, LightningHooks) and not isinstance(cb, Monitor)), None
+        )
+        if bundle is not None:
+            driver: Driver = bundle.driver  # type: ignore[attr-defined]
+            driver.add(self)
+            driver.policy = strictest_policy([driver.policy, self.policy])
+            driver.config[type(self).__name__] = self.config()
+            return None
+        if peers[0] is not self:
+            return None  # the first standalone monitor drives every peer
+        every = next((m.log_every_n_steps for m in peers if m.log_every_n_steps is not None), None)
+        driver = Driver(peers, strictest_policy([m.policy for m in peers]), log_every_n_steps=every)
+        for m in peers:
+            driver.config[type(m).__name__] = m.config()
+        if self._pending_state is not None:
+            driver.load_state_dict(self._pending_state)
+            self._pending_state = None
+        return driver
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        state = self.monitor_state()
+        if self._driving is not None:
+            state["hub"] = self._driving.state_dict()
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "hub" in state_dict:
+            if self._driving is not None:
+                self._driving.load_state_dict(state_dict["hub"])
+            else:
+                self._pending_state = dict(state_dict["hub"])
+        self.load_monitor_state(state_dict)

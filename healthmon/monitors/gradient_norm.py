@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 from torch import Tensor
 from typing_extensions import override
@@ -13,8 +12,9 @@ from typing_extensions import override
 from healthmon import _checks
 from healthmon._checks import Cadence
 from healthmon.alerts import OnAlert, Severity
+from healthmon.engine.driver import Driver
+from healthmon.engine.run import Run
 from healthmon.monitors.base import Monitor
-from healthmon.monitors.hub import Hub
 from healthmon.numerics.gradients import combined_norms_by_group, global_norm, tensor_norms
 from healthmon.numerics.trends import (
     CollapseRule,
@@ -199,7 +199,7 @@ class GradientNormMonitor(Monitor):
         }
 
     @override
-    def declare_layout(self, hub: Hub) -> None:
+    def declare_layout(self, hub: Driver) -> None:
         hub.declare_layout(
             "healthmon: gradients",
             {
@@ -213,23 +213,20 @@ class GradientNormMonitor(Monitor):
 
     # ---- hooks -------------------------------------------------------------------------------
     @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._trainer = trainer
-        self._clip_on = bool(trainer.gradient_clip_val) if pl_module.automatic_optimization else False
-        for optimizer in trainer.optimizers:
+    def on_start(self, run: Run) -> None:
+        self._run = run
+        self._clip_on = run.clips_gradients
+        for optimizer in run.optimizers:
             self._hooks.append(optimizer.register_step_post_hook(self._after_step))
 
     @override
-    def on_before_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
-    ) -> None:
-        if self.should_run(trainer):
-            self._check(trainer, optimizer)
-        super().on_before_optimizer_step(trainer, pl_module, optimizer)
+    def on_optimizer_step(self, run: Run, optimizer: Any) -> None:
+        if self.should_run(run):
+            self._check(run, optimizer)
 
-    def _check(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> None:
+    def _check(self, run: Run, optimizer: torch.optim.Optimizer) -> None:
         hub = self.hub
-        stats = hub.grad_step(trainer, optimizer)
+        stats = hub.grad_step(run, optimizer)
         step, index = stats.step, stats.optimizer_index
         values: dict[str, float] = {}
         if stats.logged and stats.loss is not None:
@@ -246,20 +243,20 @@ class GradientNormMonitor(Monitor):
                 self._snapshot_step = step
                 self._snapshot_params = stats.params
         self._arm_update_measure(stats, logged=stats.layer_norms is not None)
-        hub.log(trainer, values, step)
+        hub.log(run, values, step)
         if not stats.skipped:  # a step the GradScaler skips says nothing about the trends
-            self._judge(trainer, stats.norm, stats.loss, index)
+            self._judge(run, stats.norm, stats.loss, index)
 
-    def _judge(self, trainer: pl.Trainer, norm: float, loss: float | None, optimizer_index: int = 0) -> None:
+    def _judge(self, run: Run, norm: float, loss: float | None, optimizer_index: int = 0) -> None:
         hub = self.hub
         rules = self.rules(optimizer_index)
         # several optimizers: say which one, and keep their alerts apart (de-duplication key)
-        where = f"optimizer {optimizer_index}" if len(trainer.optimizers) > 1 else None
+        where = f"optimizer {optimizer_index}" if len(run.optimizers) > 1 else None
         of = f" ({where})" if where else ""
         ratio = rules["spike"].update(norm, loss)
         if ratio is not None:
             hub.alert(
-                trainer,
+                run,
                 "grad.explosion",
                 f"Gradient norm{of} {norm:.3g} is {ratio:.3g}x its running level, and "
                 f"{rules['spike'].reason}.",
@@ -269,7 +266,7 @@ class GradientNormMonitor(Monitor):
         drop = rules["collapse"].update(norm, loss)
         if drop is not None:
             hub.alert(
-                trainer,
+                run,
                 "grad.vanishing",
                 f"Gradient norm{of} {norm:.3g} collapsed {drop:.1f} orders of magnitude below its peak "
                 "while the loss is still high.",
@@ -280,11 +277,11 @@ class GradientNormMonitor(Monitor):
             return
         reason = rules["divergence"].update(loss, norm)
         if reason is not None:
-            hub.alert(trainer, "loss.divergence", f"The loss{of} {reason}.", where=where, value=loss)
+            hub.alert(run, "loss.divergence", f"The loss{of} {reason}.", where=where, value=loss)
         trend = rules["opposing"].update(norm, loss)
         if trend is not None:
             hub.alert(
-                trainer,
+                run,
                 "grad.norm_rising",
                 f"Over the last {rules['opposing'].window} steps the gradient norm{of} rose "
                 f"(correlation {trend[0]:.2f}) while the loss fell ({trend[1]:.2f}).",
@@ -321,15 +318,15 @@ class GradientNormMonitor(Monitor):
         params = self._snapshot_params
         self._snapshot_params = []
         measured, self._measured = self._measured, None
-        if self._hub is None or self._hub.params is None:
+        if self.driver is None or self.driver.params is None:
             self._sampler.disarm()
             return
-        hub, step = self._hub, self._snapshot_step
+        hub, step = self.driver, self._snapshot_step
         if self._clip_on and params:
             grads = [p.grad for p in params if p.grad is not None]
             if grads:
                 norm = global_norm(tensor_norms(grads))
-                hub.defer(norm, lambda v: hub.log(self._trainer, {TAG_NORM_CLIPPED: v[0]}, step))
+                hub.defer(norm, lambda v: hub.log(self._run, {TAG_NORM_CLIPPED: v[0]}, step))
         weight_norms = self._sampler.weight_norms
         update_norms = self._sampler.update_norms()
         if measured is None or update_norms is None or weight_norms is None:
@@ -346,7 +343,7 @@ class GradientNormMonitor(Monitor):
         if measured.log_ratios:
             tiny = torch.finfo(torch.float32).tiny
             ratios = {TAG_UPDATE_RATIO + layers[i]: updates[i] / max(weights[i], tiny) for i in present}
-            hub.log(self._trainer, ratios, measured.step)
+            hub.log(self._run, ratios, measured.step)
         if not measured.judge:
             return
         layer_numel = [0] * len(layers)
@@ -389,7 +386,7 @@ class GradientNormMonitor(Monitor):
             else ""
         )
         self.hub.alert(
-            self._trainer,
+            self._run,
             "grad.explosion",
             f"Optimizer step {step}, layer {worst.layer}: {'; '.join(what)} (first-step limits, before "
             f"any running level exists: update {self.update_ratio_limit:g}x the weights, sensitivity "
@@ -403,7 +400,7 @@ class GradientNormMonitor(Monitor):
     def _oversized_hint(self, worst: OversizedStep) -> str:
         """The fix for an oversized first step: the cause differs for recurrent layers."""
         try:
-            module = self._trainer.lightning_module.get_submodule(worst.layer)
+            module = self._run.model.get_submodule(worst.layer)
         except (AttributeError, RuntimeError):
             module = None
         if isinstance(module, (torch.nn.RNNBase, torch.nn.RNNCellBase)):
@@ -423,20 +420,16 @@ class GradientNormMonitor(Monitor):
         )
 
     @override
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
+    def on_batch_end(self, run: Run, batch: Any, batch_idx: int) -> None:
         # The step was skipped (AMP inf) if these are still set.
         self._snapshot_params, self._measured = [], None
         self._sampler.disarm()
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def on_teardown(self, run: Run) -> None:
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
-        super().teardown(trainer, pl_module, stage)
 
     @override
     def monitor_state(self) -> dict[str, Any]:

@@ -8,7 +8,7 @@ lives in :mod:`healthmon.numerics.hessian`.
 
 When: in ``on_train_batch_start`` of the steps its schedule selects, before that step's forward
 pass, on the weights the step is about to update. The estimate runs inside
-:func:`~healthmon.monitors.isolation.isolated` and replays one RNG state (torch, Python, NumPy)
+:func:`~healthmon.engine.isolation.isolated` and replays one RNG state (torch, Python, NumPy)
 for every loss evaluation (dropout masks and mixup draws identical across products), so gradients,
 BatchNorm statistics, train/eval modes, RNG streams, torchmetrics states and ``self.log``
 aggregates are exactly as before: the trained weights are bit-identical with and without
@@ -21,7 +21,6 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
-import pytorch_lightning as pl
 import torch
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
@@ -30,9 +29,10 @@ from typing_extensions import override
 from healthmon import _checks
 from healthmon._checks import Cadence
 from healthmon.alerts import OnAlert, Severity
+from healthmon.engine.driver import Driver
+from healthmon.engine.isolation import HostRandomState, isolated
+from healthmon.engine.run import Run
 from healthmon.monitors.base import Monitor
-from healthmon.monitors.hub import Hub
-from healthmon.monitors.isolation import HostRandomState, isolated, replay_blocker
 from healthmon.numerics.batches import batch_size
 from healthmon.numerics.eigensolvers import vector_ratio
 from healthmon.numerics.hessian import (
@@ -70,16 +70,10 @@ TAG_PRECOND = TAG + "preconditioned_sharpness"
 TAG_PRECOND_LIMIT = TAG + "preconditioned_limit"
 
 
-def _max_over_ranks(trainer: Any) -> Callable[[int], int]:
-    """The interval agreement of :class:`BudgetClock` under DDP: the largest proposal wins."""
-
-    def agree(steps: int) -> int:
-        if trainer.world_size <= 1:
-            return steps
-        proposal = torch.tensor([float(steps)], device=trainer.strategy.root_device)
-        return int(trainer.strategy.reduce(proposal, reduce_op="max").item())
-
-    return agree
+def _device_of(model: torch.nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a model without parameters)."""
+    param = next(iter(model.parameters()), None)
+    return param.device if param is not None else torch.device("cpu")
 
 
 def _clone(batch: Any, device: torch.device) -> Any:
@@ -267,7 +261,7 @@ class HessianEigenMonitor(Monitor):
         }
 
     @override
-    def declare_layout(self, hub: Hub) -> None:
+    def declare_layout(self, hub: Driver) -> None:
         hub.declare_layout(
             "healthmon: curvature",
             {
@@ -279,22 +273,20 @@ class HessianEigenMonitor(Monitor):
 
     # ---- hooks ---------------------------------------------------------------------------------
     @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._clock.agree = _max_over_ranks(trainer)
-        self._clock.total_steps = float(trainer.estimated_stepping_batches)
+    def on_start(self, run: Run) -> None:
+        self._clock.agree = run.max_over_ranks
+        self._clock.total_steps = float(run.total_steps)
 
     @override
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        step = int(trainer.global_step)
+    def on_batch_start(self, run: Run, batch: Any, batch_idx: int) -> None:
+        step = run.global_step
         if self._user_probe is not None:
             if not self._probes:
-                self._add_probe(self._user_probe, 0, pl_module)
+                self._add_probe(self._user_probe, 0, run.model)
         elif not self._probe_complete:
-            self._add_probe(batch, batch_idx, pl_module)
-            micro_batches = max(int(getattr(trainer, "accumulate_grad_batches", 1) or 1), 1)
-            available = getattr(trainer, "num_training_batches", math.inf)
+            self._add_probe(batch, batch_idx, run.model)
+            micro_batches = run.accumulate_grad_batches
+            available = run.batches_per_epoch
             self._probe_complete = len(self._probes) >= min(micro_batches, available)
             if not self._probe_complete:
                 return  # the probe is the first optimizer step's whole batch: wait for the rest
@@ -305,19 +297,19 @@ class HessianEigenMonitor(Monitor):
             due = self._clock.due(step)  # always called: it times the training steps
             due = due or (self._early(step) and self._early_affordable(step))
         else:
-            due = self.should_run(trainer)
+            due = self.should_run(run)
         if not due:
             return
-        blocker = replay_blocker(pl_module)
+        blocker = run.replay_blocker()
         if blocker is not None:
-            self._skip(trainer, blocker)
+            self._skip(run, blocker)
             return
-        self._estimate(trainer, pl_module)
+        self._estimate(run)
 
-    def _add_probe(self, batch: Any, batch_idx: int, pl_module: pl.LightningModule) -> None:
+    def _add_probe(self, batch: Any, batch_idx: int, model: torch.nn.Module) -> None:
         """Keep a copy of a (micro-)batch as part of the probe, weighted by its rows (1 if unknown)."""
         rows = batch_size(batch) or 1
-        self._probes.append((_clone(batch, pl_module.device), batch_idx, rows))
+        self._probes.append((_clone(batch, _device_of(model)), batch_idx, rows))
         self._probe_rows += rows
 
     def _early_affordable(self, step: int) -> bool:
@@ -331,7 +323,7 @@ class HessianEigenMonitor(Monitor):
         return clock.last_cost <= self.early_budget * planned
 
     # ---- the estimate ---------------------------------------------------------------------------
-    def _operator(self, pl_module: pl.LightningModule, method: HVPMethod) -> HessianOperator:
+    def _operator(self, run: Run, method: HVPMethod) -> HessianOperator:
         # Each probe batch weighs by its share of the rows: the products are those of the mean loss
         # over all probe samples (mean-reduced losses).
         chunks = [
@@ -339,45 +331,45 @@ class HessianEigenMonitor(Monitor):
             for probe, idx, rows in self._probes
             for chunk, weight in split_batch(probe, self.probe_chunk_size)
         ]
-        host_rng = HostRandomState(pl_module)  # NumPy/Python draws replayed like torch's (one function)
+        host_rng = HostRandomState(run.model)  # NumPy/Python draws replayed like torch's (one function)
 
         def closure(chunk: Any, idx: int) -> Callable[[], Tensor]:
             def loss() -> Tensor:
                 host_rng.restore()
-                return _loss_of(pl_module.training_step(chunk, idx))
+                return _loss_of(run.loss_on(chunk, idx))
 
             return loss
 
         return HessianOperator(
-            pl_module,
+            run.model,
             [(closure(c, idx), w) for c, idx, w in chunks],
             method=method,
             reduce=mean_over_ranks,
             cache_graph=len(chunks) == 1,
         )
 
-    def _estimate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        optimizer = trainer.optimizers[0] if trainer.optimizers else None
-        if optimizer is None or not any(p.requires_grad for p in pl_module.parameters()):
-            self._skip(trainer, "no optimizer or no trainable parameter: there is no loss Hessian to watch")
+    def _estimate(self, run: Run) -> None:
+        optimizer = run.optimizers[0] if run.optimizers else None
+        if optimizer is None or not any(p.requires_grad for p in run.model.parameters()):
+            self._skip(run, "no optimizer or no trainable parameter: there is no loss Hessian to watch")
             return
         try:
-            with isolated(pl_module), torch.enable_grad():
+            with isolated(run.model), torch.enable_grad():
                 if self._method is None:
                     # finite differences only where their error is well below the tolerance asked
                     # for: an operator less accurate than that could never honestly converge
                     self._method = choose_hvp_method(
-                        lambda m: self._operator(pl_module, m),
+                        lambda m: self._operator(run, m),
                         rtol=min(FD_AGREEMENT, 0.1 * self.tol),
                         generator=self._generator,
                     )
-                step = int(trainer.global_step)
+                step = run.global_step
                 early = self.budgeted and step < self._early.until
                 tol = self.early_tol if early else self.tol
                 negative = self.negative_curvature and (
                     not self.budgeted or (not early and (self.estimates + 1) % self.negative_every == 0)
                 )
-                op = self._operator(pl_module, self._method)  # type: ignore[arg-type]
+                op = self._operator(run, self._method)  # type: ignore[arg-type]
                 memory = max(
                     self.max_memory_factor,
                     minimum_memory_factor(op.dtype, self.top_k) + self.top_k * vector_ratio(op.dtype),
@@ -412,27 +404,27 @@ class HessianEigenMonitor(Monitor):
                         )
                 op.release()
         except TypeError as err:
-            self._skip(trainer, str(err))
+            self._skip(run, str(err))
             return
         except (FloatingPointError, torch.linalg.LinAlgError) as err:
             # NaN/Inf weights or probe batch: NonFiniteMonitor reports the cause; no estimate here
-            self._skip(trainer, f"no estimate: {err}")
+            self._skip(run, f"no estimate: {err}")
             return
         except RuntimeError as err:  # a model autograd cannot differentiate twice (custom kernels...)
-            self._skip(trainer, f"no estimate, the loss cannot be differentiated twice ({err})")
+            self._skip(run, f"no estimate, the loss cannot be differentiated twice ({err})")
             return
         self.estimates += 1
         self.last_estimate = est
         if self.budgeted:
-            self._clock.spent(int(trainer.global_step), est.seconds)
+            self._clock.spent(run.global_step, est.seconds)
         self._warm_top = est.top.eigenvectors.detach()
         self._warm_bottom = None if est.bottom is None else est.bottom.eigenvectors.detach()
         self._warm_precond = None if pre is None else pre.eigenvectors.detach()
         products = est.num_products + (pre.num_products if pre is not None else 0)
-        self._report(trainer, est, limit, pre, products)
+        self._report(run, est, limit, pre, products)
 
     def _report(
-        self, trainer: pl.Trainer, est: SpectrumEstimate, limit: Any, pre: Any, products: int
+        self, run: Run, est: SpectrumEstimate, limit: Any, pre: Any, products: int
     ) -> None:
         hub = self.hub
         lam = est.lambda_max
@@ -454,17 +446,17 @@ class HessianEigenMonitor(Monitor):
                 values[TAG_PRECOND_LIMIT if limit.kind == "adam" else TAG_LIMIT] = limit.limit
         if pre is not None:
             values[TAG_PRECOND] = pre.eigenvalues[0]
-        hub.log(trainer, values, int(trainer.global_step))
-        self._judge(trainer, est, limit, pre)
+        hub.log(run, values, run.global_step)
+        self._judge(run, est, limit, pre)
 
-    def _judge(self, trainer: pl.Trainer, est: SpectrumEstimate, limit: Any, pre: Any) -> None:
+    def _judge(self, run: Run, est: SpectrumEstimate, limit: Any, pre: Any) -> None:
         hub = self.hub
         lam = est.lambda_max
         if limit is None or limit.kind == "unknown":
-            self._skip(trainer, "sharpness: no known stability limit for this optimizer")
+            self._skip(run, "sharpness: no known stability limit for this optimizer")
         elif limit.kind == "sgd" and lam > limit.limit:
             hub.alert(
-                trainer,
+                run,
                 "hessian.sharpness",
                 f"The top Hessian eigenvalue lambda_max = {lam:.4g} is above the stability limit "
                 f"{limit.limit:.4g} ({limit.formula}, lr={limit.lr:.3g}, 2/lr = {limit.two_over_lr:.4g}) "
@@ -477,7 +469,7 @@ class HessianEigenMonitor(Monitor):
         elif limit.kind == "adam" and pre is not None and pre.eigenvalues[0] > limit.limit:
             ps = pre.eigenvalues[0]
             hub.alert(
-                trainer,
+                run,
                 "hessian.sharpness",
                 f"The preconditioned sharpness lambda_max(P^-1 H) = {ps:.4g} is above Adam's stability "
                 f"limit {limit.limit:.4g} ({limit.formula}, lr={limit.lr:.3g}).",
@@ -485,7 +477,7 @@ class HessianEigenMonitor(Monitor):
                 value=ps,
             )
         elif limit.kind == "adam" and not self.preconditioned:
-            self._skip(trainer, "sharpness: Adam-type optimizer and preconditioned=False")
+            self._skip(run, "sharpness: Adam-type optimizer and preconditioned=False")
         low = est.lambda_min
         if (
             low is not None
@@ -495,16 +487,16 @@ class HessianEigenMonitor(Monitor):
             and -low >= self.negative_ratio * lam
         ):
             hub.alert(
-                trainer,
+                run,
                 "hessian.negative_curvature",
                 f"The Hessian has a negative eigenvalue {low:.4g}, {-low / lam:.2g} of lambda_max "
                 f"{lam:.4g}: the weights are near a saddle point.",
                 value=low,
             )
 
-    def _skip(self, trainer: pl.Trainer, reason: str) -> None:
+    def _skip(self, run: Run, reason: str) -> None:
         self.hub.alert(
-            trainer, "monitor.skipped", f"HessianEigenMonitor: {reason}.", where="HessianEigenMonitor"
+            run, "monitor.skipped", f"HessianEigenMonitor: {reason}.", where="HessianEigenMonitor"
         )
 
     # ---- checkpoints -----------------------------------------------------------------------------

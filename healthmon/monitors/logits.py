@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 from lightning_utilities.core.rank_zero import rank_zero_warn
 from torch import Tensor
@@ -21,8 +20,9 @@ from typing_extensions import override
 from healthmon import _checks
 from healthmon._checks import Cadence
 from healthmon.alerts import OnAlert, Severity
+from healthmon.engine.driver import Driver
+from healthmon.engine.run import Run
 from healthmon.monitors.base import Monitor
-from healthmon.monitors.hub import Hub
 from healthmon.numerics.logits import LogitsInterceptor
 
 TAG_CHECKS = "healthmon/logits/checks"
@@ -93,56 +93,41 @@ class LogitsCheck(Monitor):
         return {**super().config(), "first_steps": self.first_steps}
 
     @override
-    def declare_layout(self, hub: Hub) -> None:
+    def declare_layout(self, hub: Driver) -> None:
         hub.declare_layout("healthmon: logits", {"logits checks and findings": [TAG_CHECKS, TAG_FINDINGS]})
 
-    def should_sample(self, trainer: pl.Trainer) -> bool:
+    def should_sample(self, run: Run) -> bool:
         """Whether this step's forward pass is intercepted (the first steps, then the cadence)."""
-        return int(trainer.global_step) < self.first_steps or self.should_run(trainer)
+        return run.global_step < self.first_steps or self.should_run(run)
 
     @property
     def active(self) -> bool:
         """Whether the interceptor is currently on the torch function mode stack."""
         return self._mode is not None
 
-    # ---- hooks -------------------------------------------------------------------------------
+    # ---- the points of a step ----------------------------------------------------------------
     @override
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        if self._mode is None and self.should_sample(trainer):
+    def on_batch_start(self, run: Run, batch: Any, batch_idx: int) -> None:
+        if self._mode is None and self.should_sample(run):
             mode = LogitsInterceptor()
             mode.__enter__()
             self._mode = mode
 
     @override
-    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
-        super().on_before_backward(trainer, pl_module, loss)
-        self._finish(trainer)
+    def on_loss(self, run: Run, loss: Tensor) -> None:
+        self._finish(run)
 
     @override
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        self._finish(trainer)  # a step that never reached backward (training_step returned None)
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+    def on_batch_end(self, run: Run, batch: Any, batch_idx: int) -> None:
+        self._finish(run)  # a step that never reached backward (the step function returned None)
 
     @override
-    def on_exception(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
-    ) -> None:
+    def on_end(self, run: Run, error: BaseException | None) -> None:
         self._leave()
-        super().on_exception(trainer, pl_module, exception)
 
     @override
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_teardown(self, run: Run) -> None:
         self._leave()
-        super().on_fit_end(trainer, pl_module)
-
-    @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._leave()
-        super().teardown(trainer, pl_module, stage)
 
     # ---- helpers -----------------------------------------------------------------------------
     def _leave(self) -> LogitsInterceptor | None:
@@ -164,7 +149,7 @@ class LogitsCheck(Monitor):
         self._mode = None
         return mode
 
-    def _finish(self, trainer: pl.Trainer) -> None:
+    def _finish(self, run: Run) -> None:
         mode = self._leave()
         if mode is None:
             return
@@ -172,11 +157,11 @@ class LogitsCheck(Monitor):
         findings = mode.findings()
         if mode.errors:
             rank_zero_warn(f"healthmon: LogitsCheck skipped a rule after an internal error: {mode.errors[0]}")
-        step = int(trainer.global_step)
-        self.hub.log(trainer, {TAG_CHECKS: float(mode.checks), TAG_FINDINGS: float(len(findings))}, step)
+        step = run.global_step
+        self.hub.log(run, {TAG_CHECKS: float(mode.checks), TAG_FINDINGS: float(len(findings))}, step)
         for f in findings:
             times = f" ({f.count} calls this step)" if f.count > 1 else ""
-            self.hub.alert(trainer, f.code, f.message + times, where=f.where, hint=f.hint, value=f.value)
+            self.hub.alert(run, f.code, f.message + times, where=f.where, hint=f.hint, value=f.value)
 
     @override
     def monitor_state(self) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from the same RNG state, under an op-level tracer
 inputs into NaN/Inf, at the user's source line: in the forward pass, in the backward pass (the
 derivative of ``sqrt``/``log``/``pow`` at 0, the ``torch.where`` trap), or the batch itself. When the
 weights are already non-finite, the optimizer step that wrote them is named instead. The replay
-runs inside :func:`~healthmon.monitors.isolation.isolated` (every RNG, buffers, modes, gradients,
+runs inside :func:`~healthmon.engine.isolation.isolated` (every RNG, buffers, modes, gradients,
 torchmetrics states and ``self.log`` results restored); a model that cannot be replayed safely is
 not replayed.
 
@@ -25,16 +25,16 @@ import math
 import time
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 from typing_extensions import override
 
 from healthmon import _checks
 from healthmon._checks import Cadence
 from healthmon.alerts import OnAlert, Severity
+from healthmon.engine.driver import Driver
+from healthmon.engine.run import Run
+from healthmon.engine.step_stats import GradStep
 from healthmon.monitors.base import Monitor
-from healthmon.monitors.hub import GradStep, Hub
-from healthmon.monitors.isolation import isolated, replay_blocker
 from healthmon.numerics.gradients import nonfinite_indices, tensor_norms
 from healthmon.numerics.loss_scale import LossScaleRule
 from healthmon.numerics.nonfinite import Origin, OriginTrace, explain_update, trace_nonfinite
@@ -42,13 +42,6 @@ from healthmon.numerics.nonfinite import Origin, OriginTrace, explain_update, tr
 MAX_NAMES = 10
 TAG_LOSS_SCALE = "healthmon/amp/loss_scale"
 TAG_SKIPPED = "healthmon/amp/skipped_steps"
-
-
-def _loss_of(output: Any) -> Any:
-    """The loss inside what ``training_step`` returned (a tensor or a dict with "loss")."""
-    if isinstance(output, dict):
-        return output.get("loss")
-    return output
 
 
 def _shown(names: list[str]) -> str:
@@ -142,17 +135,15 @@ class NonFiniteMonitor(Monitor):
         }
 
     @override
-    def declare_layout(self, hub: Hub) -> None:
+    def declare_layout(self, hub: Driver) -> None:
         hub.declare_layout(
             "healthmon: precision", {"AMP loss scale and skipped steps": [TAG_LOSS_SCALE, TAG_SKIPPED]}
         )
 
     @override
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
+    def on_batch_start(self, run: Run, batch: Any, batch_idx: int) -> None:
         self._batch_idx = batch_idx
-        if len(self._window) >= max(int(getattr(trainer, "accumulate_grad_batches", 1)), 1):
+        if len(self._window) >= run.accumulate_grad_batches:
             self._window = []
         rng = None
         if self.find_module and self.replays < self.max_replays:
@@ -165,24 +156,19 @@ class NonFiniteMonitor(Monitor):
         self._window.append((batch, batch_idx, rng))
 
     @override
-    def on_before_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
-    ) -> None:
-        if self.should_run(trainer):
-            self._check(trainer, pl_module, optimizer)
+    def on_optimizer_step(self, run: Run, optimizer: Any) -> None:
+        if self.should_run(run):
+            self._check(run, optimizer)
         self._window = []  # this step's micro-batches are consumed
-        super().on_before_optimizer_step(trainer, pl_module, optimizer)
 
-    def _check(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
-    ) -> None:
+    def _check(self, run: Run, optimizer: Any) -> None:
         hub = self.hub
-        stats = hub.grad_step(trainer, optimizer)
+        stats = hub.grad_step(run, optimizer)
         loss_bad = stats.loss is not None and not math.isfinite(stats.loss)
         grads_bad = not math.isfinite(stats.norm)
-        step = int(trainer.global_step)
+        step = run.global_step
         if hub.scaler is not None:
-            self._watch_scaler(trainer, stats)
+            self._watch_scaler(run, stats)
             if stats.skipped and not loss_bad:
                 return  # overflow: the scaler skips this step and lowers its scale
         if not (loss_bad or grads_bad):
@@ -192,7 +178,7 @@ class NonFiniteMonitor(Monitor):
         if grads_bad and hub.params is not None:
             bad = nonfinite_indices(stats.per_tensor_host)
             names = [hub.params.name(stats.params[i]) for i in bad]
-        weights = [p for p in pl_module.parameters() if p.is_floating_point() or p.is_complex()]
+        weights = [p for p in run.model.parameters() if p.is_floating_point() or p.is_complex()]
         weight_norms = tensor_norms([p.detach() for p in weights]).tolist() if weights else []
         corrupted_params = [weights[i] for i in nonfinite_indices(weight_norms)]
         corrupted = [hub.params.name(p) for p in corrupted_params] if hub.params else []
@@ -203,14 +189,14 @@ class NonFiniteMonitor(Monitor):
         grads_explained = False
         if known is not None:
             for code, message, where, hint in known:  # the same failure again: count it, no replay
-                hub.alert(trainer, code, message, where=where, hint=hint)
+                hub.alert(run, code, message, where=where, hint=hint)
                 grads_explained = grads_explained or code == "grad.nonfinite"
         elif corrupted_params and self._clean_step == step - 1:
-            self._alert_update(trainer, corrupted_params, signature, step)
+            self._alert_update(run, corrupted_params, signature, step)
         elif corrupted_params:
             pass  # non-finite gradients of an earlier step corrupted them: reported at that step
         else:
-            trace = self._replay(trainer, pl_module)
+            trace = self._replay(run)
             origin = trace.origin if trace is not None else None
             if trace is not None and trace.loss_finite and trace.grads_finite:
                 unreproduced = (
@@ -219,14 +205,14 @@ class NonFiniteMonitor(Monitor):
                     "kernel, state changed by the step itself, loss scaling)."
                 )
             if origin is not None:
-                self._alert_origin(trainer, origin, names, signature)
+                self._alert_origin(run, origin, names, signature)
                 grads_explained = origin.phase == "backward"
-        self._write_crash_record(trainer, stats.loss, names, origin)
+        self._write_crash_record(run, stats.loss, names, origin)
         if loss_bad:
-            hub.alert(trainer, "loss.nonfinite", f"The loss is {stats.loss}.{unreproduced}", value=stats.loss)
+            hub.alert(run, "loss.nonfinite", f"The loss is {stats.loss}.{unreproduced}", value=stats.loss)
         if grads_bad and not grads_explained:
             hub.alert(
-                trainer,
+                run,
                 "grad.nonfinite",
                 f"{len(names)} parameter gradient(s) hold NaN/Inf: {_shown(names)}."
                 + (
@@ -238,14 +224,14 @@ class NonFiniteMonitor(Monitor):
                 where=names[0] if names else None,
             )
 
-    def _watch_scaler(self, trainer: pl.Trainer, stats: GradStep) -> None:
+    def _watch_scaler(self, run: Run, stats: GradStep) -> None:
         """Log the loss scale and the skipped steps; alert when the scaler is in trouble."""
         hub = self.hub
         if stats.logged:
             values = {TAG_SKIPPED: float(hub.amp_skipped_steps)}
             if stats.loss_scale is not None:
                 values[TAG_LOSS_SCALE] = stats.loss_scale
-            hub.log(trainer, values, stats.step)
+            hub.log(run, values, stats.step)
         reason = self.scaler_rule.update(stats.skipped, stats.loss_scale)
         if reason is None:
             return
@@ -253,7 +239,7 @@ class NonFiniteMonitor(Monitor):
         where = hub.params.name(stats.params[bad[0]]) if bad and hub.params is not None else None
         first = f" The first parameter with a non-finite gradient is {where}." if where else ""
         hub.alert(
-            trainer,
+            run,
             "amp.scaler_unstable",
             f"The GradScaler {reason} ({hub.amp_skipped_steps} step(s) skipped so far).{first}",
             where=where,
@@ -265,9 +251,7 @@ class NonFiniteMonitor(Monitor):
     ) -> None:
         self._diagnosed.setdefault(signature, []).append((code, message, where, hint))
 
-    def _alert_origin(
-        self, trainer: pl.Trainer, origin: Origin, names: list[str], signature: tuple[Any, ...]
-    ) -> None:
+    def _alert_origin(self, run: Run, origin: Origin, names: list[str], signature: tuple[Any, ...]) -> None:
         """Turn the replay's origin into one alert, by where the NaN/Inf came from."""
         message = origin.describe()
         if origin.phase == "input" and origin.source_kind == "batch":
@@ -279,16 +263,16 @@ class NonFiniteMonitor(Monitor):
             message += f" {len(names)} parameter gradient(s) hold NaN/Inf: {_shown(names)}."
         else:
             code, where = "activation.nonfinite", origin.where or origin.module
-        self.hub.alert(trainer, code, message, where=where, hint=origin.hint)
+        self.hub.alert(run, code, message, where=where, hint=origin.hint)
         self._remember(signature, code, message, where, origin.hint)
 
     def _alert_update(
-        self, trainer: pl.Trainer, corrupted: list[torch.Tensor], signature: tuple[Any, ...], step: int
+        self, run: Run, corrupted: list[torch.Tensor], signature: tuple[Any, ...], step: int
     ) -> None:
         """The weights are non-finite: name the optimizer step and parameter group that wrote them."""
         hub = self.hub
         ids = {id(p) for p in corrupted}
-        for opt in trainer.optimizers:
+        for opt in run.optimizers:
             for gi, group in enumerate(opt.param_groups):
                 params = [p for p in group["params"] if id(p) in ids]
                 if not params:
@@ -305,10 +289,10 @@ class NonFiniteMonitor(Monitor):
                     f"tensor(s) non-finite ({_shown(names)}). Cause: {cause.cause}"
                 )
                 where = f"{opt_name} param group {gi}"
-                hub.alert(trainer, "update.nonfinite", message, where=where, hint=cause.hint)
+                hub.alert(run, "update.nonfinite", message, where=where, hint=cause.hint)
                 self._remember(signature, "update.nonfinite", message, where, cause.hint)
 
-    def _replay(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> OriginTrace | None:
+    def _replay(self, run: Run) -> OriginTrace | None:
         """Run this step's batches again, from the same RNG states, under the op-level tracer.
 
         With gradient accumulation every micro-batch of the step is replayed in order until one
@@ -316,10 +300,10 @@ class NonFiniteMonitor(Monitor):
         """
         if not self.find_module or self.replays >= self.max_replays or not self._window:
             return None
-        blocker = replay_blocker(pl_module)
+        blocker = run.replay_blocker()
         if blocker is not None:
             self.hub.alert(
-                trainer,
+                run,
                 "monitor.skipped",
                 "NonFiniteMonitor: the step is not replayed to find where the NaN/Inf came from "
                 f"({blocker}).",
@@ -327,7 +311,7 @@ class NonFiniteMonitor(Monitor):
             )
             return None
         self.replays += 1
-        automatic = bool(getattr(pl_module, "automatic_optimization", True))
+        automatic = run.automatic_optimization
         trace: OriginTrace | None = None
         for batch, idx, rng in list(self._window):
 
@@ -336,12 +320,12 @@ class NonFiniteMonitor(Monitor):
                     torch.set_rng_state(rng[0])
                     if rng[1] is not None:
                         torch.cuda.set_rng_state_all(rng[1])
-                return _loss_of(pl_module.training_step(batch, idx))
+                return run.loss_on(batch, idx)
 
-            with isolated(pl_module), trainer.precision_plugin.train_step_context():
+            with run.replay_context():
                 # manual optimisation steps the optimizer inside training_step: trace its forward only
                 with torch.enable_grad() if automatic else torch.no_grad():
-                    trace = trace_nonfinite(step, module=pl_module, batch=batch, backward=automatic)
+                    trace = trace_nonfinite(step, module=run.model, batch=batch, backward=automatic)
             if trace.origin is not None:
                 self._batch_idx = idx
                 break
@@ -349,19 +333,18 @@ class NonFiniteMonitor(Monitor):
         return trace
 
     def _write_crash_record(
-        self, trainer: pl.Trainer, loss: float | None, names: list[str], origin: Origin | None
+        self, run: Run, loss: float | None, names: list[str], origin: Origin | None
     ) -> None:
         if self._crash_written:
             return
         self._crash_written = True
         self.hub.write_crash_record(
-            trainer,
             {
                 "schema": "healthmon.crash",
                 "version": 1,
                 "time": time.time(),
-                "global_step": int(trainer.global_step),
-                "epoch": int(trainer.current_epoch),
+                "global_step": run.global_step,
+                "epoch": run.current_epoch,
                 "batch_idx": int(self._batch_idx),
                 "loss": loss,
                 "nonfinite_gradients": names,
@@ -382,12 +365,9 @@ class NonFiniteMonitor(Monitor):
         )
 
     @override
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        if self._window and len(self._window) >= max(int(getattr(trainer, "accumulate_grad_batches", 1)), 1):
+    def on_batch_end(self, run: Run, batch: Any, batch_idx: int) -> None:
+        if self._window and len(self._window) >= run.accumulate_grad_batches:
             self._window = []  # the step is complete: do not keep its batches alive
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     @override
     def monitor_state(self) -> dict[str, Any]:

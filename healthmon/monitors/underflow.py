@@ -45,7 +45,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 from typing_extensions import override
@@ -53,8 +52,10 @@ from typing_extensions import override
 from healthmon import _checks
 from healthmon._checks import Cadence
 from healthmon.alerts import OnAlert, Severity
+from healthmon.engine.driver import Driver
+from healthmon.engine.run import Run
+from healthmon.engine.step_stats import GradStep, optimizer_params_with_grad
 from healthmon.monitors.base import Monitor
-from healthmon.monitors.hub import GradStep, Hub, optimizer_params_with_grad
 from healthmon.numerics.precision import dtype_name, stale_counts
 from healthmon.numerics.trends import EMA
 from healthmon.numerics.underflow import (
@@ -254,7 +255,7 @@ class GradientUnderflowMonitor(Monitor):
         }
 
     @override
-    def declare_layout(self, hub: Hub) -> None:
+    def declare_layout(self, hub: Driver) -> None:
         hub.declare_layout(
             "healthmon: precision",
             {
@@ -272,23 +273,21 @@ class GradientUnderflowMonitor(Monitor):
 
     # ---- lifecycle ---------------------------------------------------------------------------
     @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._relus = [(n or "(root)", m) for n, m in pl_module.named_modules() if isinstance(m, RELU_FAMILY)]
-        self._structural = {id(m.weight) for m in pl_module.modules() if isinstance(m, _EMBEDDINGS)}
+    def on_start(self, run: Run) -> None:
+        self._relus = [(n or "(root)", m) for n, m in run.model.named_modules() if isinstance(m, RELU_FAMILY)]
+        self._structural = {id(m.weight) for m in run.model.modules() if isinstance(m, _EMBEDDINGS)}
         # Lightning runs the closure (forward, backward, on_before_optimizer_step) *inside*
         # optimizer.step, so a step pre-hook fires before the gradients exist: the weights are
         # sampled in on_before_optimizer_step and again in the post-hook, right after the update.
-        for optimizer in trainer.optimizers:
+        for optimizer in run.optimizers:
             self._step_hooks.append(optimizer.register_step_post_hook(self._after_step))
 
     @override
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        step = int(trainer.global_step)
+    def on_batch_start(self, run: Run, batch: Any, batch_idx: int) -> None:
+        step = run.global_step
         if self._alive_step != step:  # a new optimizer step (not the next micro-batch of this one)
             self._alive, self._alive_step = {}, step
-        if self.dead_units and self._relus and not self._fwd_hooks and self.should_run(trainer):
+        if self.dead_units and self._relus and not self._fwd_hooks and self.should_run(run):
             self._fwd_hooks = [m.register_forward_hook(self._record_units(name)) for name, m in self._relus]
 
     def _record_units(self, name: str) -> Any:
@@ -306,52 +305,45 @@ class GradientUnderflowMonitor(Monitor):
         self._fwd_hooks = []
 
     @override
-    def on_before_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
-    ) -> None:
-        if self.should_run(trainer):
+    def on_optimizer_step(self, run: Run, optimizer: Any) -> None:
+        if self.should_run(run):
             self._remove_forward_hooks()
-            self._check(trainer, optimizer)
+            self._check(run, optimizer)
             if self.stale_updates:
-                self._sample_before(optimizer, int(trainer.global_step))
+                self._sample_before(optimizer, run.global_step)
         else:
-            self._whole_zero_from_shared_norms(trainer, optimizer)
+            self._whole_zero_from_shared_norms(run, optimizer)
         every = self.histogram_every_n_steps
-        if every is not None and trainer.global_step % every == 0:
-            self._histograms(trainer, optimizer)
-        super().on_before_optimizer_step(trainer, pl_module, optimizer)
+        if every is not None and run.global_step % every == 0:
+            self._histograms(run, optimizer)
 
     @override
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
+    def on_batch_end(self, run: Run, batch: Any, batch_idx: int) -> None:
         self._remove_forward_hooks()
         self._stale_before = []  # a step the GradScaler skipped never reached the post-hook
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     @override
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._pending_stale is not None and self._hub is not None:
-            self._judge_stale(trainer, self._pending_stale, self._pending_stale[3].cpu(), log=True)
+    def on_training_end(self, run: Run) -> None:
+        if self._pending_stale is not None and self.driver is not None:
+            self._judge_stale(run, self._pending_stale, self._pending_stale[3].cpu(), log=True)
             self._pending_stale = None
 
     @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def on_teardown(self, run: Run) -> None:
         for handle in self._step_hooks:
             handle.remove()
         self._step_hooks.clear()
         self._remove_forward_hooks()
-        super().teardown(trainer, pl_module, stage)
 
     # ---- the monitored step ------------------------------------------------------------------
-    def _check(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> None:
+    def _check(self, run: Run, optimizer: torch.optim.Optimizer) -> None:
         hub = self.hub
         index = hub.params
         params, _ = optimizer_params_with_grad(optimizer)
         params = [p for p in params if p.grad is not None and p.grad.is_floating_point()]
         if index is None or not params:
             return
-        step = int(trainer.global_step)
+        step = run.global_step
         grads = [p.grad for p in params]
         structural = [id(p) in self._structural for p in params]
         layer_idx = [index.layer_of.get(id(p), 0) for p in params]
@@ -362,7 +354,7 @@ class GradientUnderflowMonitor(Monitor):
         counts = gradient_counts(grads, structural_zeros=structural)
         profile = [i for i, s in enumerate(structural) if not s and not grads[i].is_sparse]
         # per-tensor norms and the loss come from the hub's shared per-step statistics
-        stats = hub.grad_step(trainer, optimizer)
+        stats = hub.grad_step(run, optimizer)
         if stats.skipped:  # overflow the GradScaler handles: these gradients are never applied
             return
         if not math.isfinite(stats.norm):
@@ -425,13 +417,13 @@ class GradientUnderflowMonitor(Monitor):
             values[TAG_RMS + layers[li]] = rms_h[li]
         if decay is not None and math.isfinite(decay):
             values[TAG_DEPTH] = decay
-        log = self._log_due(trainer, step)
+        log = self._log_due(run, step)
         if log:
-            hub.log(trainer, values, step)
+            hub.log(run, values, step)
 
         # ---- alerts --------------------------------------------------------------------------
         if loss_nonzero and not stationary:
-            self._judge_zero(trainer, params, grads, structural, counts_h, loss_h)
+            self._judge_zero(run, params, grads, structural, counts_h, loss_h)
         # The decision uses the exact share of nonzero entries in the subnormal range; the
         # flushed-to-zero figure is an upper-bound estimate (structural zeros such as ReLU-masked
         # columns count too), so it is reported but never decides on its own. A gradient flushed
@@ -443,7 +435,7 @@ class GradientUnderflowMonitor(Monitor):
             kinds = sorted({dtype_name(grads[i].dtype) for i, li in enumerate(layer_idx) if li == worst})
             zero, sub, flushed = by_layer[worst]
             hub.alert(
-                trainer,
+                run,
                 "grad.underflow",
                 f"{sub:.0%} of the nonzero {'/'.join(kinds)} gradient entries of {layers[worst]} are "
                 f"subnormal (an estimated {flushed:.0%} of its entries flushed to zero); "
@@ -455,7 +447,7 @@ class GradientUnderflowMonitor(Monitor):
             if frac >= self.dead_fraction:
                 module = dict(self._relus).get(name)
                 hub.alert(
-                    trainer,
+                    run,
                     "grad.dead_units",
                     f"{frac:.0%} of the units of {name} ({type(module).__name__}) passed no gradient for "
                     "the whole batch.",
@@ -471,7 +463,7 @@ class GradientUnderflowMonitor(Monitor):
         ):
             first, last = layers[profile_layers[0]], layers[profile_layers[-1]]
             hub.alert(
-                trainer,
+                run,
                 "grad.vanishing",
                 f"The gradient decays {decay:.1f} orders of magnitude from the last layer ({last}, "
                 f"rms {rms_h[profile_layers[-1]]:.2g}) back to the first ({first}, "
@@ -480,28 +472,28 @@ class GradientUnderflowMonitor(Monitor):
                 value=decay,
             )
         if pending is not None and stale_h is not None:
-            self._judge_stale(trainer, pending, stale_h, log=log)
+            self._judge_stale(run, pending, stale_h, log=log)
 
-    def _log_due(self, trainer: pl.Trainer, step: int) -> bool:
+    def _log_due(self, run: Run, step: int) -> bool:
         """Write scalars about every ``log_every_n_steps`` (the hub's, else the Trainer's) steps.
 
         Decisions are made on every monitored step; writing a few dozen scalars costs more than
         counting, so the writes follow the logging cadence even when the two cadences do not align.
         """
-        every = self.hub.log_every_n_steps or max(int(getattr(trainer, "log_every_n_steps", 50)), 1)
+        every = self.hub.stats.log_every_n_steps or run.log_every_n_steps
         if self._last_log < 0 or step - self._last_log >= every or step % every == 0:
             self._last_log = step
             return True
         return False
 
-    def _whole_zero_from_shared_norms(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> None:
+    def _whole_zero_from_shared_norms(self, run: Run, optimizer: torch.optim.Optimizer) -> None:
         """Between counting steps: a gradient whose norm is exactly 0 is entirely zero.
 
         Free: the per-tensor norms are the hub's shared per-step statistics (already fetched for
         the NaN check), so a layer killed mid-run (dead ReLUs after a blow-up) is reported at once.
         """
         hub = self.hub
-        stats = hub.grad_step(trainer, optimizer)
+        stats = hub.grad_step(run, optimizer)
         if stats.skipped:
             return
         self._track_loss(stats)
@@ -525,7 +517,7 @@ class GradientUnderflowMonitor(Monitor):
             params = [stats.params[i] for i in hits]
             rows = torch.tensor([[float(p.numel()), float(p.numel()), 0.0, 0.0] for p in params])
             self._judge_zero(
-                trainer, params, [p.grad for p in params], [False] * len(params), rows, stats.loss
+                run, params, [p.grad for p in params], [False] * len(params), rows, stats.loss
             )  # type: ignore[misc]
 
     def _track_loss(self, stats: GradStep) -> None:
@@ -556,7 +548,7 @@ class GradientUnderflowMonitor(Monitor):
 
     def _judge_zero(
         self,
-        trainer: pl.Trainer,
+        run: Run,
         params: list[Tensor],
         grads: list[Tensor],
         structural: list[bool],
@@ -588,7 +580,7 @@ class GradientUnderflowMonitor(Monitor):
         what = "entirely zero" if self.zero_fraction >= 1.0 else f"at least {self.zero_fraction:.0%} zeros"
         loss_text = "unknown" if math.isnan(loss) else f"{loss:.3g}"
         hub.alert(
-            trainer,
+            run,
             "grad.zero",
             f"The gradient of {len(names)} parameter tensor(s) is {what} while the loss is {loss_text}, "
             f"and stayed so over {self.zero_steps} checked steps with optimizer updates between them: "
@@ -611,7 +603,7 @@ class GradientUnderflowMonitor(Monitor):
 
     def _judge_stale(
         self,
-        trainer: pl.Trainer,
+        run: Run,
         pending: tuple[int, list[int], list[str], Tensor],
         stale: Tensor,
         *,
@@ -641,11 +633,11 @@ class GradientUnderflowMonitor(Monitor):
                 if s / e > worst_frac:
                     worst, worst_frac = li, s / e
         if log:
-            hub.log(trainer, values, step)
+            hub.log(run, values, step)
         if worst >= 0:
             kinds_worst = sorted({k for k, li in zip(kinds, layer_idx, strict=True) if li == worst})
             hub.alert(
-                trainer,
+                run,
                 "update.stale",
                 f"The optimizer step left {worst_frac:.0%} of the sampled {'/'.join(kinds_worst)} weights of "
                 f"{layers[worst]} bit-identical although their gradient was nonzero (step {step}); "
@@ -683,9 +675,9 @@ class GradientUnderflowMonitor(Monitor):
         self._awaiting_step = False
         if any(_learning_rate(group, exact=False) > 0.0 for group in optimizer.param_groups):
             self._updates += 1
-        if not self._stale_before or self._hub is None or self._hub.params is None:
+        if not self._stale_before or self.driver is None or self.driver.params is None:
             return
-        index = self._hub.params
+        index = self.driver.params
         rows, layer_idx, kinds = [], [], []
         for p, idx, before, grad in self._stale_before:
             rows.append(stale_counts(before, torch.take(p.detach(), idx), grad))
@@ -695,9 +687,9 @@ class GradientUnderflowMonitor(Monitor):
         self._pending_stale = (self._armed_step, layer_idx, kinds, torch.stack(rows))
 
     # ---- histograms ------------------------------------------------------------------------------
-    def _histograms(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> None:
+    def _histograms(self, run: Run, optimizer: torch.optim.Optimizer) -> None:
         hub = self.hub
-        if hub.sink is None or hub.params is None:
+        if hub.output.writer is None or hub.params is None:
             return
         per_layer: dict[int, list[Tensor]] = {}
         for p in optimizer_params_with_grad(optimizer)[0]:
@@ -706,7 +698,7 @@ class GradientUnderflowMonitor(Monitor):
         for li, parts in per_layer.items():
             values = torch.cat(parts)
             if values.numel():
-                hub.sink.histogram(TAG_HIST + hub.params.layers[li], values, int(trainer.global_step))
+                hub.histogram(run, TAG_HIST + hub.params.layers[li], values)
 
     # ---- checkpoints -----------------------------------------------------------------------------
     @override

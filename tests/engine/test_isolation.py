@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from healthmon.monitors.isolation import isolated, replay_blocker
+from healthmon.engine.isolation import isolated, replay_blocker
 
 
 class Stateful(pl.LightningModule):

@@ -1,0 +1,242 @@
+"""Driver: the one hook sequence every integration runs, over a bundle of monitors.
+
+An integration (the Lightning callbacks, :func:`healthmon.watch` for plain PyTorch and Fabric, the
+Hugging Face callback) keeps a :class:`~healthmon.engine.run.Run` up to date and calls the
+driver at the points of a training step; the driver hands each point to its monitors, then does
+what must happen once per step whatever the monitors are: forget the accumulated loss, enforce
+the alert policy on every rank, gather alerts to rank zero, write the report. Monitors see the
+driver as their way out: :meth:`alert`, :meth:`log`, :meth:`grad_step`, :meth:`defer`.
+
+Order of a step: ``batch_start`` -> ``before_backward`` (per micro-batch) ->
+``before_optimizer_step`` (per optimizer, after unscaling, before clipping) -> ``batch_end``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from torch import Tensor
+
+from healthmon.alerts import Alert, AlertPolicy, make_alert
+from healthmon.engine.escalation import Escalation
+from healthmon.engine.output import RunOutput
+from healthmon.engine.run import Run
+from healthmon.engine.step_stats import GradStep, ParamIndex, StepStatistics
+
+if TYPE_CHECKING:
+    from healthmon.monitors.base import Monitor
+
+#: The per-step points; a monitor is called at one only if it overrides the matching method.
+PER_STEP = ("on_batch_start", "on_loss", "on_optimizer_step", "on_batch_end")
+
+
+class Driver:
+    """Runs a bundle of monitors against one :class:`Run`: statistics, escalation, output."""
+
+    def __init__(
+        self,
+        monitors: Sequence[Monitor],
+        policy: AlertPolicy,
+        *,
+        log_every_n_steps: int | None = None,
+        write_report: bool = True,
+        print_summary: bool = True,
+    ) -> None:
+        self.monitors: list[Monitor] = []
+        self.stats = StepStatistics(log_every_n_steps)
+        self.escalation = Escalation(policy)
+        self.output = RunOutput(write_report=write_report, print_summary=print_summary)
+        self.run: Run | None = None
+        self._per_step: dict[str, list[Monitor]] = {hook: [] for hook in PER_STEP}
+        for m in monitors:
+            self.add(m)
+
+    def add(self, monitor: Monitor) -> None:
+        """Drive one more monitor (monitors that intercept the forward pass go last)."""
+        if monitor in self.monitors:
+            return
+        self.monitors.append(monitor)
+        self.monitors.sort(key=lambda m: m.intercepts_forward)  # stable
+        from healthmon.monitors.base import Monitor
+
+        for hook in PER_STEP:
+            self._per_step[hook] = [
+                m for m in self.monitors if getattr(type(m), hook) is not getattr(Monitor, hook)
+            ]
+        monitor.driver = self
+        if self.run is not None:  # joined after setup (a standalone monitor after the bundle)
+            monitor.on_setup(self.run)
+
+    # ---- what monitors use ----------------------------------------------------------------
+    @property
+    def policy(self) -> AlertPolicy:
+        return self.escalation.policy
+
+    @policy.setter
+    def policy(self, policy: AlertPolicy) -> None:
+        self.escalation.policy = policy
+
+    @property
+    def book(self) -> Any:
+        return self.escalation.book
+
+    @property
+    def alerts(self) -> list[Alert]:
+        return self.escalation.book.alerts
+
+    @property
+    def params(self) -> ParamIndex | None:
+        return self.stats.params
+
+    @property
+    def scaler(self) -> Any:
+        return self.stats.scaler
+
+    @property
+    def amp_skipped_steps(self) -> int:
+        return self.stats.amp_skipped_steps
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.output.config
+
+    @property
+    def last(self) -> dict[str, float]:
+        return self.output.last
+
+    @property
+    def log_dir(self) -> str | None:
+        return self.output.log_dir
+
+    @property
+    def report_path(self) -> str | None:
+        return self.output.report_path
+
+    @property
+    def stop_requested(self) -> bool:
+        return self.escalation.stop_requested
+
+    def grad_step(self, run: Run, optimizer: Any) -> GradStep:
+        """This optimizer step's gradient statistics (see :class:`StepStatistics`)."""
+        return self.stats.grad_step(run, optimizer)
+
+    def defer(self, values: Tensor, callback: Callable[[list[float]], None]) -> None:
+        """Fetch ``values`` with the next step's one host synchronisation."""
+        self.stats.defer(values, callback)
+
+    def is_log_step(self, run: Run, optimizer_index: int | None = None) -> bool:
+        return self.stats.is_log_step(run, optimizer_index)
+
+    def log(self, run: Run, values: Mapping[str, float], step: int | None = None) -> None:
+        """Write scalars at ``step`` (default: this step)."""
+        self.output.scalars(values, run.global_step if step is None else step)
+
+    def histogram(self, run: Run, tag: str, values: Tensor) -> None:
+        """Write a histogram of ``values`` at this step (rank zero)."""
+        self.output.histogram(tag, values, run.global_step)
+
+    def declare_layout(self, category: str, charts: Mapping[str, list[str]]) -> None:
+        self.output.declare_layout(category, charts)
+
+    def alert(
+        self,
+        run: Run,
+        code: str,
+        message: str,
+        *,
+        where: str | None = None,
+        hint: str | None = None,
+        severity: str | None = None,
+        value: float | None = None,
+        step: int | None = None,
+    ) -> Alert:
+        """Record an alert; warn on the first occurrence; the policy acts at the step's end.
+
+        ``step`` is the step the alert is about when it is judged later (deferred values).
+        """
+        alert = make_alert(
+            code,
+            run.global_step if step is None else step,
+            message,
+            where=where,
+            hint=hint,
+            severity=severity,  # type: ignore[arg-type]  # validated by make_alert
+            value=value,
+        )
+        return self.escalation.record(alert, self.output.text)
+
+    def write_crash_record(self, record: Mapping[str, Any]) -> str | None:
+        return self.output.crash_record(record)
+
+    # ---- the hook sequence -----------------------------------------------------------------
+    def setup(self, run: Run) -> None:
+        """A fit begins: index parameters, open the writer, let monitors declare their charts."""
+        self.run = run
+        self.stats.setup(run)
+        self.escalation.reset()
+        self.output.open(run)
+        for m in self.monitors:
+            m.on_setup(run)
+
+    def start(self, run: Run) -> None:
+        """The loop is about to take its first step: monitors read the loop's settings."""
+        for m in self.monitors:
+            m.on_start(run)
+        self.output.start()
+
+    def batch_start(self, run: Run, batch: Any, batch_idx: int) -> None:
+        for m in self._per_step["on_batch_start"]:
+            m.on_batch_start(run, batch, batch_idx)
+
+    def before_backward(self, run: Run, loss: Tensor) -> None:
+        """The loss of one micro-batch, as handed to backward (scaled under fp16 AMP)."""
+        self.stats.add_loss(loss)
+        for m in self._per_step["on_loss"]:
+            m.on_loss(run, loss)
+
+    def before_optimizer_step(self, run: Run, optimizer: Any) -> None:
+        """Gradients are complete and unscaled, not yet clipped: the monitors' main check."""
+        for m in self._per_step["on_optimizer_step"]:
+            m.on_optimizer_step(run, optimizer)
+        self.stats.end_step()
+        self.escalation.enforce(run, optimizer)
+
+    def batch_end(self, run: Run, batch: Any, batch_idx: int) -> None:
+        for m in self._per_step["on_batch_end"]:
+            m.on_batch_end(run, batch, batch_idx)
+        self.escalation.enforce(run)
+        if self.stats.is_log_step(run):
+            self.escalation.gather(run, self.output.text)
+
+    def train_end(self, run: Run) -> None:
+        for m in self.monitors:
+            m.on_training_end(run)
+        self.escalation.gather(run, self.output.text)
+
+    def end(self, run: Run, error: BaseException | None = None) -> None:
+        """The fit ended (``error``: by an exception): write the report and the summary."""
+        for m in self.monitors:
+            m.on_end(run, error)
+        self.stats.flush_deferred()
+        status = "exception" if error is not None else ("stopped" if self.stop_requested else "completed")
+        self.output.finish(run, status, self.alerts, self.book.dropped, error)
+
+    def teardown(self, run: Run) -> None:
+        for m in self.monitors:
+            m.on_teardown(run)
+        self.output.close()
+        self.run = None
+
+    # ---- checkpoints -----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "alerts": self.escalation.state_dict(),
+            "last": dict(self.output.last),
+            "amp_skipped_steps": self.stats.amp_skipped_steps,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.escalation.load_state_dict(state.get("alerts", {}))
+        self.output.last.update(state.get("last", {}))
+        self.stats.amp_skipped_steps = int(state.get("amp_skipped_steps", 0))

@@ -1,0 +1,240 @@
+"""Per-step gradient statistics, computed once per optimizer step and shared by the monitors.
+
+One fused norm kernel and one host synchronisation per optimizer step: the per-tensor norms, the
+loss handed to backward, the loss scale and every value a monitor deferred are fetched together;
+global, per-layer and per-group norms are then sums of squares on the host.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from healthmon.engine.run import Run
+from healthmon.numerics.gradients import (
+    combined_norm,
+    combined_norms_by_group,
+    reduce_sharded_norms,
+    tensor_norms,
+)
+
+
+def layer_of(param_name: str) -> str:
+    """The module path that owns a parameter.
+
+    >>> layer_of("net.0.weight"), layer_of("scale")
+    ('net.0', '(root)')
+    """
+    head, _, _ = param_name.rpartition(".")
+    return head or "(root)"
+
+
+class ParamIndex:
+    """Names of a module's parameters and the layer each belongs to, in registration order."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.names: dict[int, str] = {}
+        self.layers: list[str] = []
+        self.layer_of: dict[int, int] = {}
+        layer_ids: dict[str, int] = {}
+        for name, param in module.named_parameters():
+            self.names[id(param)] = name
+            layer = layer_of(name)
+            if layer not in layer_ids:
+                layer_ids[layer] = len(self.layers)
+                self.layers.append(layer)
+            self.layer_of[id(param)] = layer_ids[layer]
+
+    def name(self, param: Tensor) -> str:
+        return self.names.get(id(param), f"<unnamed {tuple(param.shape)}>")
+
+
+@dataclass
+class GradStep:
+    """Gradient statistics of one optimizer step, shared by the monitors.
+
+    ``per_tensor`` stays on the device (``per_tensor_host`` is its copy); the floats were fetched
+    with one host synchronisation. Norms are measured after AMP unscaling and before gradient
+    clipping. ``loss`` is the loss handed to backward since the previous optimizer step (the
+    user's loss: AMP scaling undone), summed over accumulated micro-batches, which the loops
+    divide by their number: their mean. ``skipped``: a ``GradScaler`` is active and the gradients
+    are non-finite, so the scaler will skip this step (``loss_scale`` is the scale it used).
+    ``optimizer_index`` is the optimizer's position in ``run.optimizers``; ``logged`` says whether
+    scalars are written at this step (``layer_norms``/``group_norms`` are then set).
+    """
+
+    step: int
+    params: list[Tensor]
+    per_tensor: Tensor
+    per_tensor_host: list[float]
+    norm: float
+    loss: float | None
+    layer_norms: dict[str, float] | None
+    group_norms: list[float] | None
+    optimizer_index: int = 0
+    logged: bool = False
+    skipped: bool = False
+    loss_scale: float | None = None
+
+
+def optimizer_params_with_grad(optimizer: Any) -> tuple[list[Tensor], list[int]]:
+    """The optimizer's parameters that have a gradient this step, and each one's group index."""
+    params, groups = [], []
+    for gi, group in enumerate(optimizer.param_groups):
+        for p in group["params"]:
+            if p.grad is not None:
+                params.append(p)
+                groups.append(gi)
+    return params, groups
+
+
+def optimizer_index(run: Run, optimizer: Any) -> int:
+    """The position of ``optimizer`` in ``run.optimizers`` (0 when it is not found there)."""
+    for i, candidate in enumerate(run.optimizers):
+        if candidate is optimizer or getattr(candidate, "optimizer", None) is optimizer:
+            return i
+    return 0
+
+
+def scale_tensor(scaler: Any) -> Tensor | None:
+    """The ``GradScaler``'s current scale as a device tensor (no host sync), or None."""
+    scale = getattr(scaler, "_scale", None) if scaler is not None else None
+    return scale if isinstance(scale, Tensor) else None
+
+
+class StepStatistics:
+    """The parameter index, the accumulated loss and the per-step gradient statistics of a run."""
+
+    def __init__(self, log_every_n_steps: int | None = None) -> None:
+        self.log_every_n_steps = log_every_n_steps
+        self.params: ParamIndex | None = None
+        self.scaler: Any = None
+        self.amp_skipped_steps = 0
+        self._loss_sum: Tensor | None = None
+        self._cache: dict[int, GradStep] = {}
+        self._cache_step = -1
+        self._deferred: list[tuple[Tensor, Callable[[list[float]], None]]] = []
+        self._last_logged: dict[int, int] = {}
+
+    def setup(self, run: Run) -> None:
+        """Index the parameters and find the scaler; once per fit."""
+        self.params = ParamIndex(run.model)
+        self.scaler = run.scaler
+        self._loss_sum = None
+        self._cache.clear()
+        self._cache_step = -1
+        self._last_logged.clear()
+
+    def is_log_step(self, run: Run, optimizer_index: int | None = None) -> bool:
+        """Whether scalars are written at this step.
+
+        Every ``log_every_n_steps`` global steps; with ``optimizer_index``, also when that
+        optimizer has not logged for that many steps (under manual optimisation each optimizer
+        step is a global step, so a second optimizer may never step on a multiple).
+        """
+        every = self.log_every_n_steps or max(int(run.log_every_n_steps), 1)
+        step = run.global_step
+        if optimizer_index is None:
+            return step % every == 0
+        last = self._last_logged.get(optimizer_index)
+        if step % every == 0 or last is None or step - last >= every:
+            self._last_logged[optimizer_index] = step
+            return True
+        return False
+
+    def add_loss(self, loss: Tensor) -> None:
+        """Accumulate the (accumulation-normalised) loss handed to backward; no host sync.
+
+        Under fp16 mixed precision the loss reaching backward is multiplied by the
+        ``GradScaler``'s scale; dividing by the scale tensor on the device gives back the user's
+        loss (exactly: the scale is a power of two).
+        """
+        loss = loss.detach().float()
+        scale = scale_tensor(self.scaler)
+        if scale is not None:
+            loss = loss / scale.to(loss.device)
+        self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
+
+    def end_step(self) -> None:
+        """Forget the accumulated loss once every monitor has seen this optimizer step, so that
+        the next optimizer step, of the same or of another optimizer, gets only its own loss."""
+        self._loss_sum = None
+
+    def grad_step(self, run: Run, optimizer: Any) -> GradStep:
+        """Gradient statistics of this optimizer step, computed once and shared."""
+        step = run.global_step
+        if step != self._cache_step:
+            self._cache.clear()
+            self._cache_step = step
+        cached = self._cache.get(id(optimizer))
+        if cached is not None:
+            return cached
+        params, groups = optimizer_params_with_grad(optimizer)
+        grads, sharded = run.local_gradients([p.grad for p in params])
+        per_tensor = tensor_norms(grads)
+        if sharded:
+            per_tensor = reduce_sharded_norms(per_tensor)
+        device, dtype = per_tensor.device, per_tensor.dtype
+        loss = self._loss_sum
+        parts = [per_tensor] if loss is None else [per_tensor, loss.to(device=device, dtype=dtype).reshape(1)]
+        scale = scale_tensor(self.scaler)
+        if scale is not None:
+            parts.append(scale.detach().to(device=device, dtype=dtype).reshape(1))
+        deferred, self._deferred = self._deferred, []
+        parts.extend(t.detach().reshape(-1).to(device=device, dtype=dtype) for t, _ in deferred)
+        host = (torch.cat(parts) if len(parts) > 1 else parts[0]).tolist()  # the one host sync
+        end = len(host)
+        for t, callback in reversed(deferred):
+            start = end - t.numel()
+            callback(host[start:end])
+            end = start
+        norms = host[: len(params)]
+        index = optimizer_index(run, optimizer)
+        norm = combined_norm(norms)  # = the norm of the concatenated gradient
+        # The scaler skips the step exactly when the unscaled gradients hold NaN/Inf.
+        skipped = self.scaler is not None and not math.isfinite(norm)
+        self.amp_skipped_steps += int(skipped)
+        layer_norms: dict[str, float] | None = None
+        group_norms: list[float] | None = None
+        logged = self.is_log_step(run, index)
+        if logged and self.params is not None and params:
+            index_ = self.params
+            layers = [index_.layers[index_.layer_of.get(id(p), 0)] for p in params]
+            layer_norms = combined_norms_by_group(norms, layers)
+            by_group = combined_norms_by_group(norms, groups)
+            group_norms = [by_group.get(g, 0.0) for g in range(len(optimizer.param_groups))]
+        result = GradStep(
+            step=step,
+            params=params,
+            per_tensor=per_tensor,
+            per_tensor_host=norms,
+            norm=norm,
+            loss=None if loss is None else host[len(params)],
+            layer_norms=layer_norms,
+            group_norms=group_norms,
+            optimizer_index=index,
+            logged=logged,
+            skipped=skipped,
+            loss_scale=host[len(params) + (loss is not None)] if scale is not None else None,
+        )
+        self._cache[id(optimizer)] = result
+        return result
+
+    def defer(self, values: Tensor, callback: Callable[[list[float]], None]) -> None:
+        """Fetch device ``values`` with the next step's synchronisation and hand them to ``callback``.
+
+        Lets a monitor log numbers computed after the optimizer step (update ratios, clipped norms)
+        without a synchronisation of its own.
+        """
+        self._deferred.append((values, callback))
+
+    def flush_deferred(self) -> None:
+        """Fetch what is still deferred (end of training)."""
+        deferred, self._deferred = self._deferred, []
+        for values, callback in deferred:
+            callback(values.detach().reshape(-1).float().tolist())
