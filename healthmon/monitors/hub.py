@@ -28,9 +28,9 @@ from healthmon.numerics.gradients import (
     tensor_norms,
 )
 from healthmon.sinks.console import print_summary
-from healthmon.sinks.reader import ALERT_RECORD_TAG
 from healthmon.sinks.report import CRASH_NAME, REPORT_NAME, build_report, write_json_atomic
 from healthmon.sinks.tensorboard import TensorBoardSink
+from healthmon.tags import ALERT_RECORDS as ALERT_RECORD_TAG
 
 ALERT_TEXT_TAG = "healthmon/alerts"
 CONFIG_TAG = "healthmon/config"
