@@ -50,4 +50,3 @@ def test_a_failed_write_leaves_the_previous_report_intact(tmp_path: Any) -> None
     assert open(path).read() == before
     assert os.listdir(tmp_path) == ["r.json"]  # no temp file left behind
     json.loads(before)
-
