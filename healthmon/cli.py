@@ -12,8 +12,9 @@ from collections.abc import Sequence
 from xml.sax.saxutils import escape, quoteattr
 
 from healthmon.alerts import SEVERITIES, Alert, severity_rank
-from healthmon.sinks.reader import RunAlerts, load_runs
-from healthmon.sinks.report import ReportError, write_text_atomic
+from healthmon.report.errors import ReportError
+from healthmon.report.reader import RunAlerts, load_runs
+from healthmon.sinks.report import write_text_atomic
 
 EXIT_OK, EXIT_ALERTS, EXIT_USAGE = 0, 1, 2
 FORMATS = ("text", "json", "junit", "github")
@@ -87,7 +88,7 @@ def _check(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     """Write the HTML report; exit 0 whatever the alerts (`check` gives the verdict)."""
-    from healthmon.sinks.html import write_html_report
+    from healthmon.report.html import write_html_report
 
     runs = write_html_report(args.path, args.out, title=args.title)
     n_alerts = sum(len(r.alerts) for r in runs)

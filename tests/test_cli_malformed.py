@@ -19,7 +19,7 @@ from models import DigitsClassifier, digits_loader, trainer
 
 from healthmon import HealthMonitor
 from healthmon.cli import main
-from healthmon.sinks.reader import ALERT_RECORD_TAG
+from healthmon.tags import ALERT_RECORDS as ALERT_RECORD_TAG
 
 HAS_MATPLOTLIB = True
 try:

@@ -1,4 +1,5 @@
-"""`import healthmon.numerics` never imports Lightning or TensorBoard; the top level loads lazily."""
+"""`import healthmon.numerics` never imports Lightning or TensorBoard; healthmon.report and
+healthmon.tags never import torch, Lightning, TensorBoard or matplotlib; the top level loads lazily."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import subprocess
 import sys
 
 import healthmon.numerics
+import healthmon.report
 
 HEAVY = ("pytorch_lightning", "lightning", "tensorboard", "torch.utils.tensorboard")
 
@@ -23,6 +25,16 @@ def test_numerics_are_pure_torch() -> None:
     stmt = "; ".join(f"import healthmon.numerics.{n}" for n in names)
     loaded = _loaded_after(stmt)
     assert not [m for m in loaded if m.split(".")[0] in HEAVY or m in HEAVY]
+
+
+def test_the_offline_side_is_light() -> None:
+    """The CLI's modules load no Lightning, no torch; TensorBoard and matplotlib only when used."""
+    names = [m.name for m in pkgutil.iter_modules(healthmon.report.__path__)]
+    assert {"reader", "schema", "events", "charts", "html"} <= set(names)
+    stmt = "; ".join(f"import healthmon.report.{n}" for n in names) + "; import healthmon.tags, healthmon.cli"
+    loaded = _loaded_after(stmt)
+    heavy = (*HEAVY, "torch", "matplotlib")
+    assert not [m for m in loaded if m.split(".")[0] in heavy or m in heavy]
 
 
 def test_top_level_import_is_lazy() -> None:

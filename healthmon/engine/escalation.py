@@ -17,7 +17,7 @@ from lightning_utilities.core.rank_zero import rank_zero_warn
 
 from healthmon.alerts import Alert, AlertBook, AlertPolicy, NumericalHealthError, make_alert
 from healthmon.engine.run import Run
-from healthmon.tags import ALERT_RECORD_TAG, ALERT_TEXT_TAG
+from healthmon.tags import ALERT_RECORDS, ALERTS_TEXT
 
 
 class HealthWarning(UserWarning):
@@ -56,8 +56,8 @@ class Escalation:
             self._unsent.append(new)
             rank_zero_warn(f"healthmon: {alert.line()} Hint: {alert.hint}", category=HealthWarning)
             if text is not None:
-                text(ALERT_TEXT_TAG, alert_markdown(alert), alert.step)
-                text(ALERT_RECORD_TAG, json.dumps(alert.to_dict()), alert.step)
+                text(ALERTS_TEXT, alert_markdown(alert), alert.step)
+                text(ALERT_RECORDS, json.dumps(alert.to_dict()), alert.step)
         if self._pending is None and self.policy.escalates(alert):
             self._pending = new or alert
         return new or alert

@@ -21,7 +21,7 @@ from healthmon.engine.run import Run
 from healthmon.engine.writer import Writer
 from healthmon.sinks.console import print_summary
 from healthmon.sinks.report import CRASH_NAME, REPORT_NAME, build_report, write_json_atomic
-from healthmon.tags import CONFIG_TAG
+from healthmon.tags import CONFIG_TEXT
 
 
 class RunOutput:
@@ -56,7 +56,7 @@ class RunOutput:
             return
         self.writer.layout(self.layout)
         config = json.dumps(self.config, indent=2, default=str)
-        self.writer.text(CONFIG_TAG, "healthmon configuration:\n\n    " + config.replace("\n", "\n    "), 0)
+        self.writer.text(CONFIG_TEXT, "healthmon configuration:\n\n    " + config.replace("\n", "\n    "), 0)
         self.writer.flush()
 
     def declare_layout(self, category: str, charts: Mapping[str, list[str]]) -> None:

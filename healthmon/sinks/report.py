@@ -6,6 +6,9 @@ Schema ``healthmon.report`` version 1::
      "run": {"status": "completed" | "stopped" | "exception", "global_step": int, ...},
      "config": {...}, "alerts": [Alert.to_dict(), ...], "dropped_alerts": int,
      "counts": {"info": n, "warning": n, "error": n}, "last": {tag: value}}
+
+This module writes it; :mod:`healthmon.report.reader` reads it back (and validates it field by
+field, :mod:`healthmon.report.schema`). The atomic writers serve the CLI's outputs too.
 """
 
 from __future__ import annotations
@@ -22,10 +25,6 @@ SCHEMA = "healthmon.report"
 VERSION = 1
 REPORT_NAME = "healthmon_report.json"
 CRASH_NAME = "healthmon_crash.json"
-
-
-class ReportError(ValueError):
-    """A report file that cannot be read: missing, not JSON, or not a healthmon report."""
 
 
 def _readable_like_a_new_file(path: str) -> None:
@@ -77,6 +76,7 @@ def build_report(
     dropped: int,
     last: Mapping[str, float],
 ) -> dict[str, Any]:
+    """The report of one run as a JSON-ready dict (schema above); counts are per severity."""
     alerts = list(alerts)
     counts = {s: sum(1 for a in alerts if a.severity == s) for s in SEVERITIES}
     return {
@@ -89,32 +89,3 @@ def build_report(
         "counts": counts,
         "last": {k: float(v) for k, v in last.items()},
     }
-
-
-def read_report(path: str) -> dict[str, Any]:
-    """Load and validate a report; raises :class:`ReportError` with a one-line reason."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise ReportError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ReportError(f"{path}: cannot read ({exc.__class__.__name__}: {exc})") from None
-    except json.JSONDecodeError as exc:
-        raise ReportError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
-    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
-        raise ReportError(f'{path}: not a healthmon report (missing "schema": "{SCHEMA}")')
-    if (
-        not isinstance(data.get("version"), int)
-        or isinstance(data["version"], bool)
-        or data["version"] > VERSION
-    ):
-        raise ReportError(
-            f"{path}: unsupported report version {data.get('version')!r} (this healthmon reads <= {VERSION})"
-        )
-    from healthmon.sinks.schema import SchemaError, validate_report
-
-    try:
-        return validate_report(data, schema=SCHEMA, version=VERSION)
-    except SchemaError as exc:
-        raise ReportError(f"{path}: malformed report, {exc}") from None

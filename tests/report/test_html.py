@@ -15,7 +15,8 @@ import pytest
 from models import DigitsClassifier, digits_loader, trainer
 
 from healthmon import GradientNormMonitor, HealthMonitor, NonFiniteMonitor
-from healthmon.sinks.html import NOT_RECORDED, load_run_data, read_scalars, render_html, write_html_report
+from healthmon.report.events import read_scalars
+from healthmon.report.html import NOT_RECORDED, load_run_data, render_html, write_html_report
 
 pytest.importorskip("matplotlib", reason="the HTML report needs matplotlib (healthmon[report])")
 
