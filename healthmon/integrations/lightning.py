@@ -132,13 +132,13 @@ class LightningHooks(Callback):
     (the monitors of one Trainer share one driver, so that a run has one report).
     """
 
-    _driving: Driver | None = None
-    _run: LightningRun | None = None
+    _lightning_driver: Driver | None = None
+    _lightning_run: LightningRun | None = None
 
     @property
     def drives(self) -> bool:
         """Whether this callback drives its driver for the current fit."""
-        return self._driving is not None
+        return self._lightning_driver is not None
 
     def attach(self, trainer: pl.Trainer) -> Driver | None:
         """The driver this callback drives for ``trainer`` (None: another callback drives it)."""
@@ -146,16 +146,16 @@ class LightningHooks(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._driving = self.attach(trainer)
-        if self._driving is not None:
-            self._run = LightningRun(trainer, pl_module)
-            self._driving.setup(self._run)
+        self._lightning_driver = self.attach(trainer)
+        if self._lightning_driver is not None:
+            self._lightning_run = LightningRun(trainer, pl_module)
+            self._lightning_driver.setup(self._lightning_run)
 
     def _step(self) -> tuple[Driver, LightningRun] | None:
-        if self._driving is None or self._run is None:
+        if self._lightning_driver is None or self._lightning_run is None:
             return None
-        self._run.refresh()
-        return self._driving, self._run
+        self._lightning_run.refresh()
+        return self._lightning_driver, self._lightning_run
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -209,4 +209,4 @@ class LightningHooks(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if (ctx := self._step()) is not None:
             ctx[0].teardown(ctx[1])
-        self._run = None
+        self._lightning_run = None

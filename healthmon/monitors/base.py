@@ -174,15 +174,15 @@ class Monitor(LightningHooks):
     @override
     def state_dict(self) -> dict[str, Any]:
         state = self.monitor_state()
-        if self._driving is not None:
-            state["hub"] = self._driving.state_dict()
+        if self._lightning_driver is not None:
+            state["hub"] = self._lightning_driver.state_dict()
         return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "hub" in state_dict:
-            if self._driving is not None:
-                self._driving.load_state_dict(state_dict["hub"])
+            if self._lightning_driver is not None:
+                self._lightning_driver.load_state_dict(state_dict["hub"])
             else:
                 self._pending_state = dict(state_dict["hub"])
         self.load_monitor_state(state_dict)

@@ -214,7 +214,7 @@ class GradientNormMonitor(Monitor):
     # ---- hooks -------------------------------------------------------------------------------
     @override
     def on_start(self, run: Run) -> None:
-        self._run = run
+        self._current_run = run
         self._clip_on = run.clips_gradients
         for optimizer in run.optimizers:
             self._hooks.append(optimizer.register_step_post_hook(self._after_step))
@@ -326,7 +326,7 @@ class GradientNormMonitor(Monitor):
             grads = [p.grad for p in params if p.grad is not None]
             if grads:
                 norm = global_norm(tensor_norms(grads))
-                hub.defer(norm, lambda v: hub.log(self._run, {TAG_NORM_CLIPPED: v[0]}, step))
+                hub.defer(norm, lambda v: hub.log(self._current_run, {TAG_NORM_CLIPPED: v[0]}, step))
         weight_norms = self._sampler.weight_norms
         update_norms = self._sampler.update_norms()
         if measured is None or update_norms is None or weight_norms is None:
@@ -343,7 +343,7 @@ class GradientNormMonitor(Monitor):
         if measured.log_ratios:
             tiny = torch.finfo(torch.float32).tiny
             ratios = {TAG_UPDATE_RATIO + layers[i]: updates[i] / max(weights[i], tiny) for i in present}
-            hub.log(self._run, ratios, measured.step)
+            hub.log(self._current_run, ratios, measured.step)
         if not measured.judge:
             return
         layer_numel = [0] * len(layers)
@@ -386,7 +386,7 @@ class GradientNormMonitor(Monitor):
             else ""
         )
         self.hub.alert(
-            self._run,
+            self._current_run,
             "grad.explosion",
             f"Optimizer step {step}, layer {worst.layer}: {'; '.join(what)} (first-step limits, before "
             f"any running level exists: update {self.update_ratio_limit:g}x the weights, sensitivity "
@@ -400,7 +400,7 @@ class GradientNormMonitor(Monitor):
     def _oversized_hint(self, worst: OversizedStep) -> str:
         """The fix for an oversized first step: the cause differs for recurrent layers."""
         try:
-            module = self._run.model.get_submodule(worst.layer)
+            module = self._current_run.model.get_submodule(worst.layer)
         except (AttributeError, RuntimeError):
             module = None
         if isinstance(module, (torch.nn.RNNBase, torch.nn.RNNCellBase)):

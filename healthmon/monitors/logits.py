@@ -17,7 +17,7 @@ from lightning_utilities.core.rank_zero import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from healthmon import _checks
+from healthmon import _checks, tags
 from healthmon._checks import Cadence
 from healthmon.alerts import OnAlert, Severity
 from healthmon.engine.driver import Driver
@@ -25,8 +25,8 @@ from healthmon.engine.run import Run
 from healthmon.monitors.base import Monitor
 from healthmon.numerics.logits import LogitsInterceptor
 
-TAG_CHECKS = "healthmon/logits/checks"
-TAG_FINDINGS = "healthmon/logits/findings"
+TAG_CHECKS = tags.LOGITS_CHECKS
+TAG_FINDINGS = tags.LOGITS_FINDINGS
 
 #: Default sampling: the first ``first_steps`` optimizer steps, then every ``every_n_steps``.
 DEFAULT_EVERY_N_STEPS = 100

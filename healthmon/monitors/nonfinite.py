@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from typing_extensions import override
 
-from healthmon import _checks
+from healthmon import _checks, tags
 from healthmon._checks import Cadence
 from healthmon.alerts import OnAlert, Severity
 from healthmon.engine.driver import Driver
@@ -40,8 +40,8 @@ from healthmon.numerics.loss_scale import LossScaleRule
 from healthmon.numerics.nonfinite import Origin, OriginTrace, explain_update, trace_nonfinite
 
 MAX_NAMES = 10
-TAG_LOSS_SCALE = "healthmon/amp/loss_scale"
-TAG_SKIPPED = "healthmon/amp/skipped_steps"
+TAG_LOSS_SCALE = tags.AMP_LOSS_SCALE
+TAG_SKIPPED = tags.AMP_SKIPPED_STEPS
 
 
 def _shown(names: list[str]) -> str:
