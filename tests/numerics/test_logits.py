@@ -26,7 +26,7 @@ from healthmon.numerics.logits import (
     looks_like_softmax,
     saturated_fraction,
 )
-from healthmon.numerics.source_lines import user_frame_location
+from healthmon.numerics.source_lines import SourceLineFinder
 
 N, C = 16, 5
 
@@ -675,10 +675,10 @@ def test_interceptor_is_inactive_outside_its_window() -> None:
     assert mode.findings() == [] and mode.checks == 0
 
 
-def test_user_frame_location_names_this_line() -> None:
-    where = user_frame_location(1)
+def test_source_line_finder_names_this_line() -> None:
+    where = SourceLineFinder().caller(1)
     line = inspect.currentframe().f_lineno - 1
-    assert where is not None and _same_place(where, test_user_frame_location_names_this_line, line)
+    assert where is not None and _same_place(where, test_source_line_finder_names_this_line, line)
 
 
 def test_numerics_module_does_not_import_lightning() -> None:
