@@ -137,4 +137,3 @@ class SourceLineFinder:
             if not self.is_skipped(filename):
                 return self.format(filename, lineno)
         return None
-

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from healthmon.numerics.eigensolvers import MatVec, _operator_facts
+from healthmon.numerics.eigensolvers import MatVec, operator_facts
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ def hutchinson_trace(
     """
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"`num_samples`: expected an integer >= 1, got {num_samples!r}.")
-    matvec, n, dtype, device, _ = _operator_facts(matvec, n)
+    matvec, n, dtype, device, _ = operator_facts(matvec, n)
     samples = []
     for _ in range(num_samples):
         z = (torch.randint(0, 2, (n,), generator=generator) * 2 - 1).to(dtype=dtype, device=device)
