@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from healthmon._checks import positive_int
 from healthmon.numerics.eigensolvers import MatVec, operator_facts
 
 
@@ -27,8 +28,7 @@ def hutchinson_trace(
     Its variance is ``2 * (||H||_F^2 - sum_i H_ii^2)`` per sample: a coarse number (the mean
     curvature over all directions), logged beside ``lambda_max`` to see how dominant the top is.
     """
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"`num_samples`: expected an integer >= 1, got {num_samples!r}.")
+    positive_int(num_samples, "num_samples")
     matvec, n, dtype, device, _ = operator_facts(matvec, n)
     samples = []
     for _ in range(num_samples):
