@@ -162,7 +162,7 @@ class NonFiniteTracer(TorchFunctionMode):
             seq=self.ops,
             func=func,
             name=name,
-            where=self.source_lines.caller(4),
+            where=self.source_lines.caller(3),
             module=self.module_of(),
             args=args if name in BACKWARD_EXPLAINED else (),
             kwargs=kwargs if name in BACKWARD_EXPLAINED else {},
