@@ -29,6 +29,7 @@ EXPECTED = {
     "healthmon.numerics.eigensolvers.negative_curvature": 4,
     "healthmon.numerics.logits.kinds": 4,
     "healthmon.numerics.logits.values": 2,
+    "healthmon.numerics.views": 1,
     "healthmon.schedules": 5,
     "healthmon._checks": 5,
     "healthmon.alerts": 2,

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from healthmon.numerics.logits.rules import LogitsRules
+from healthmon.numerics.views import CASTS_AND_VIEWS
 
 Rule = Callable[[LogitsRules, tuple[Any, ...], dict[str, Any]], "str | None"]
 
@@ -39,24 +40,12 @@ def _build_rules() -> dict[Any, Rule]:
         (
             _funcs(
                 tensor_names=(
+                    *CASTS_AND_VIEWS,
                     "detach",
-                    "clone",
-                    "contiguous",
-                    "to",
-                    "float",
-                    "double",
-                    "half",
                     "bfloat16",
                     "type",
-                    "view",
                     "view_as",
-                    "reshape",
                     "reshape_as",
-                    "squeeze",
-                    "unsqueeze",
-                    "flatten",
-                    "permute",
-                    "transpose",
                     "t",
                     "clamp_max",
                     "__getitem__",
