@@ -8,12 +8,67 @@ from typing import Any
 
 from healthmon.schedules import Cadence, cadence, check_cadence
 
-__all__ = ["Cadence", "cadence", "check_cadence", "choice", "fraction", "positive_float", "positive_int"]
+__all__ = [
+    "Cadence",
+    "boolean",
+    "cadence",
+    "check_cadence",
+    "choice",
+    "fraction",
+    "non_negative_int",
+    "positive_float",
+    "positive_int",
+]
+
+
+def _integer_at_least(value: Any, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"`{name}`: expected an integer >= {minimum}, got {value!r}.")
+    return value
 
 
 def positive_int(value: Any, name: str, *, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"`{name}`: expected an integer >= {minimum}, got {value!r}.")
+    """``value`` when it is an integer >= ``minimum`` (itself >= 1), else ValueError naming ``name``.
+
+    >>> positive_int(3, "top_k")
+    3
+    >>> positive_int(2, "window", minimum=3)
+    Traceback (most recent call last):
+    ...
+    ValueError: `window`: expected an integer >= 3, got 2.
+    """
+    if minimum < 1:
+        raise ValueError(
+            f"`minimum`: expected an integer >= 1 (use non_negative_int for 0), got {minimum!r}."
+        )
+    return _integer_at_least(value, name, minimum)
+
+
+def non_negative_int(value: Any, name: str) -> int:
+    """``value`` when it is an integer >= 0 (a count that may be zero, a seed), else ValueError.
+
+    >>> non_negative_int(0, "seed")
+    0
+    >>> non_negative_int(True, "seed")
+    Traceback (most recent call last):
+    ...
+    ValueError: `seed`: expected an integer >= 0, got True.
+    """
+    return _integer_at_least(value, name, 0)
+
+
+def boolean(value: Any, name: str) -> bool:
+    """``value`` when it is True or False (not 0/1, not None), else TypeError naming ``name``.
+
+    >>> boolean(False, "report")
+    False
+    >>> boolean(1, "report")
+    Traceback (most recent call last):
+    ...
+    TypeError: `report`: expected True or False, got 1.
+    """
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}`: expected True or False, got {value!r}.")
     return value
 
 

@@ -257,6 +257,43 @@ def code_info(code: str) -> CodeInfo:
         raise ValueError(f"`code`: expected a registered alert code, got {code!r}.") from None
 
 
+#: Fixes for one call form of a code, refining its registry hint: ``{code: {form: hint}}``.
+#: ``logits.probabilities`` names the loss that received probabilities, ``logits.naive_log_softmax``
+#: the form of the two-step log-softmax.
+CALL_HINTS: dict[str, dict[str, str]] = {
+    "logits.probabilities": {
+        "cross_entropy": (
+            "Pass the raw logits: F.cross_entropy(logits, y) (remove the softmax before the loss)."
+        ),
+        "nll_loss": "Use F.log_softmax(logits, dim=1) before F.nll_loss, or F.cross_entropy(logits, y).",
+        "bce_with_logits": (
+            "Pass the pre-sigmoid values: nn.BCEWithLogitsLoss()(logits, y) (remove the sigmoid)."
+        ),
+        "kl_div": (
+            "kl_div expects log-probabilities as input: F.kl_div(F.log_softmax(student, dim=-1), target)."
+        ),
+    },
+    "logits.naive_log_softmax": {
+        "log_of_softmax": (
+            "Use F.log_softmax(logits, dim=-1) instead of torch.log(F.softmax(logits, dim=-1))."
+        ),
+        "double_softmax": "Apply F.log_softmax to the logits, not to softmax outputs (remove the softmax).",
+    },
+}
+
+
+def call_hint(code: str, form: str | None = None) -> str:
+    """The fix for ``code`` written in ``form`` (see :data:`CALL_HINTS`), else the registry's hint.
+
+    >>> call_hint("logits.naive_log_softmax", "double_softmax")
+    'Apply F.log_softmax to the logits, not to softmax outputs (remove the softmax).'
+    >>> call_hint("logits.naive_logsumexp") == code_info("logits.naive_logsumexp").hint
+    True
+    """
+    hint = CALL_HINTS.get(code, {}).get(form or "")
+    return hint if hint is not None else code_info(code).hint
+
+
 @dataclass
 class Alert:
     """One numerical-health finding.

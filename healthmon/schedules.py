@@ -22,7 +22,12 @@ def _positive_int(value: Any, name: str, *, minimum: int = 1) -> int:
 
 
 def cadence(value: Any, name: str = "every_n_steps") -> Callable[[int], bool]:
-    """A schedule ``step -> bool`` from an int period or a callable (Cockpit-style schedules)."""
+    """A schedule ``step -> bool`` from an int period or a callable (Cockpit-style schedules).
+
+    >>> every_3 = cadence(3)
+    >>> [s for s in range(10) if every_3(s)]
+    [0, 3, 6, 9]
+    """
     if callable(value):
         return value
     every = _positive_int(value, name)
@@ -68,6 +73,10 @@ def log_then_every(every: int = 2000, *, base: int = 4) -> Callable[[int], bool]
     """The default cadence of :class:`HessianEigenMonitor`: log-spaced early, then every ``every``.
 
     ``log_then_every(2000)`` runs at steps 0, 1, 4, 16, 64, 256, 1024, 2000, 4000, ...
+
+    >>> due = log_then_every(2000)
+    >>> [s for s in range(4001) if due(s)]
+    [0, 1, 4, 16, 64, 256, 1024, 2000, 4000]
     """
     return LogThenEvery(every, base)
 
@@ -156,6 +165,10 @@ class LogSpacedSteps:
 
     A learning rate far above the stability limit shows at step 0; progressive sharpening in the
     first hundreds of steps shows on a log scale. Later steps are left to another schedule.
+
+    >>> due = LogSpacedSteps(base=4, until=100)
+    >>> [s for s in range(200) if due(s)], due
+    ([0, 4, 16, 64], log_spaced(base=4, until=100))
     """
 
     def __init__(self, base: int = 4, until: int = 1000) -> None:

@@ -109,3 +109,16 @@ def test_error_carries_the_alert() -> None:
     a = make_alert("loss.nonfinite", 3, "The loss is nan.")
     err = NumericalHealthError(a)
     assert err.alert is a and "loss.nonfinite" in str(err) and a.hint in str(err)
+
+
+def test_call_hints_refine_registered_codes_and_fall_back_to_the_registry() -> None:
+    from healthmon.alerts import CALL_HINTS, call_hint
+
+    for code, forms in CALL_HINTS.items():
+        assert code in CODES
+        for form, hint in forms.items():
+            assert call_hint(code, form) == hint and len(hint) > 20
+    assert call_hint("logits.probabilities", "no such form") == CODES["logits.probabilities"].hint
+    assert call_hint("softmax.saturated") == CODES["softmax.saturated"].hint
+    with pytest.raises(ValueError, match="registered alert code"):
+        call_hint("no.such_code")

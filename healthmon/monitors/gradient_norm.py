@@ -140,7 +140,7 @@ class GradientNormMonitor(Monitor):
             log_every_n_steps=log_every_n_steps,
         )
         self.spike_factor = _checks.positive_float(spike_factor, "spike_factor", above=1.0)
-        self.warmup_steps = _checks.positive_int(warmup_steps, "warmup_steps", minimum=0)
+        self.warmup_steps = _checks.non_negative_int(warmup_steps, "warmup_steps")
         self.collapse_orders = _checks.positive_float(collapse_orders, "collapse_orders")
         self.blowup_factor = _checks.positive_float(blowup_factor, "blowup_factor", above=1.0)
         self.divergence_window = _checks.positive_int(divergence_window, "divergence_window", minimum=3)

@@ -214,13 +214,13 @@ class HessianEigenMonitor(Monitor):
                 raise TypeError(f"`{name}`: expected True or False, got {flag!r}.")
         self.negative_curvature = negative_curvature
         self.negative_ratio = _checks.fraction(negative_ratio, "negative_ratio")
-        self.trace_samples = _checks.positive_int(trace_samples, "trace_samples", minimum=0)
+        self.trace_samples = _checks.non_negative_int(trace_samples, "trace_samples")
         self.preconditioned = preconditioned
         self.warm_start = warm_start
         if probe_chunk_size is not None:
             _checks.positive_int(probe_chunk_size, "probe_chunk_size")
         self.probe_chunk_size = probe_chunk_size
-        self.seed = _checks.positive_int(seed, "seed", minimum=0)
+        self.seed = _checks.non_negative_int(seed, "seed")
         self.max_memory_factor = _checks.positive_float(max_memory_factor, "max_memory_factor")
         self._user_probe = probe_batch
         self._probes: list[tuple[Any, int, int]] = []  # (batch, batch_idx, rows) on the device

@@ -84,7 +84,7 @@ class LogitsCheck(Monitor):
             fail_on=fail_on,
             log_every_n_steps=log_every_n_steps,
         )
-        self.first_steps = _checks.positive_int(first_steps, "first_steps", minimum=0)
+        self.first_steps = _checks.non_negative_int(first_steps, "first_steps")
         self._mode: LogitsInterceptor | None = None
         self.sampled_steps = 0
 

@@ -109,7 +109,7 @@ class NonFiniteMonitor(Monitor):
         if not isinstance(find_module, bool):
             raise TypeError(f"`find_module`: expected True or False, got {find_module!r}.")
         self.find_module = find_module
-        self.max_replays = _checks.positive_int(max_replays, "max_replays", minimum=0)
+        self.max_replays = _checks.non_negative_int(max_replays, "max_replays")
         self.max_consecutive_skips = _checks.positive_int(max_consecutive_skips, "max_consecutive_skips")
         self.min_loss_scale = _checks.positive_float(min_loss_scale, "min_loss_scale")
         self.scaler_rule = LossScaleRule(

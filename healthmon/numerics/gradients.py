@@ -13,15 +13,23 @@ import torch
 from torch import Tensor
 
 
-def _as_real_dense(t: Tensor) -> Tensor:
-    """A dense real view of a gradient with the same L2 norm (sparse -> values, complex -> real)."""
-    if t.is_sparse:
-        t = t.coalesce().values()
-    elif t.layout != torch.strided:  # sparse CSR and friends
-        t = t.values()
-    if t.is_complex():
-        t = torch.view_as_real(t)
-    return t
+def dense_values(grad: Tensor) -> Tensor:
+    """The stored values of a gradient: coalesced values of a sparse one, real view of a complex one.
+
+    The result has the same L2 norm as ``grad``. Rows absent from a sparse gradient (embedding
+    rows not in the batch) are not part of it.
+
+    >>> g = torch.tensor([3.0, 0.0, 4.0, 0.0]).to_sparse()
+    >>> dense_values(g).tolist(), dense_values(torch.tensor([1 + 2j])).tolist()
+    ([3.0, 4.0], [[1.0, 2.0]])
+    """
+    if grad.is_sparse:
+        grad = grad.coalesce().values()
+    elif grad.layout != torch.strided:  # sparse CSR and friends
+        grad = grad.values()
+    if grad.is_complex():
+        grad = torch.view_as_real(grad)
+    return grad
 
 
 _NARROW_FLOATS = frozenset((torch.float32, torch.float16, torch.bfloat16))
@@ -33,6 +41,11 @@ def tensor_norms(tensors: Sequence[Tensor]) -> Tensor:
     Norms are accumulated in float32 (float64 when a tensor is float64) whatever the tensors'
     dtype, so a float16 gradient whose squared entries overflow float16 still gets a finite norm.
     A tensor holding NaN/Inf gets a NaN/Inf norm, which is what the non-finite checks rely on.
+
+    >>> tensor_norms([torch.tensor([3.0, 4.0]), torch.tensor([[1.0, 0.0], [0.0, 0.0]])]).tolist()
+    [5.0, 1.0]
+    >>> tensor_norms([torch.full((2,), 60000.0, dtype=torch.float16)]).item()  # 60000**2 overflows fp16
+    84852.8125
     """
     if not tensors:
         return torch.zeros(0)
@@ -44,7 +57,7 @@ def tensor_norms(tensors: Sequence[Tensor]) -> Tensor:
         except RuntimeError:  # tensors on several devices: gather the norms on the first one
             device = norms[0].device
             return torch.stack([n if n.device == device else n.to(device) for n in norms])
-    dense = [_as_real_dense(t) for t in tensors]
+    dense = [dense_values(t) for t in tensors]
     wide = [i for i, t in enumerate(dense) if t.dtype == torch.float64]
     if not wide:
         norms = torch._foreach_norm(dense, 2, dtype=torch.float32)
@@ -65,6 +78,9 @@ def global_norm(per_tensor_norms: Tensor) -> Tensor:
     """Global L2 norm of the concatenated tensors from their per-tensor norms.
 
     This is sqrt(sum of squares), not the sum of the per-tensor norms.
+
+    >>> global_norm(torch.tensor([3.0, 4.0])).item()
+    5.0
     """
     return torch.linalg.vector_norm(per_tensor_norms)
 
@@ -86,12 +102,21 @@ def combined_norm(norms: Sequence[float]) -> float:
     """The L2 norm of concatenated tensors from their norms, on the host: sqrt(sum of squares).
 
     NaN and Inf propagate (a non-finite tensor makes the whole norm non-finite).
+
+    >>> combined_norm([3.0, 4.0])
+    5.0
+    >>> combined_norm([1.0, float("nan")])
+    nan
     """
     return math.sqrt(math.fsum(n * n for n in norms))
 
 
 def combined_norms_by_group(norms: Sequence[float], groups: Sequence[Hashable]) -> dict[Hashable, float]:
-    """Per-group L2 norms (layers, parameter groups) from per-tensor norms, on the host."""
+    """Per-group L2 norms (layers, parameter groups) from per-tensor norms, on the host.
+
+    >>> combined_norms_by_group([3.0, 4.0, 2.0], ["fc1", "fc1", "fc2"])
+    {'fc1': 5.0, 'fc2': 2.0}
+    """
     squares: dict[Hashable, float] = {}
     for n, g in zip(norms, groups, strict=True):
         squares[g] = squares.get(g, 0.0) + n * n
@@ -99,7 +124,11 @@ def combined_norms_by_group(norms: Sequence[float], groups: Sequence[Hashable]) 
 
 
 def nonfinite_indices(per_tensor_norms: Sequence[float]) -> list[int]:
-    """Indices of tensors whose norm (and hence some entry) is NaN or Inf, from host values."""
+    """Indices of tensors whose norm (and hence some entry) is NaN or Inf, from host values.
+
+    >>> nonfinite_indices([1.0, float("inf"), 2.0, float("nan")])
+    [1, 3]
+    """
     return [i for i, n in enumerate(per_tensor_norms) if n != n or n in (float("inf"), float("-inf"))]
 
 

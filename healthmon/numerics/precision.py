@@ -63,6 +63,12 @@ def dtype_facts(dtype: torch.dtype) -> DtypeFacts:
 
     The smallest subnormal is found by construction: halve ``smallest_normal`` while the half
     survives a round trip through the dtype. Raises ``TypeError`` for non-floating dtypes.
+
+    >>> f16 = dtype_facts(torch.float16)
+    >>> f16.eps, f16.smallest_normal, f16.smallest_subnormal  # 2**-10, 2**-14, 2**-24
+    (0.0009765625, 6.103515625e-05, 5.960464477539063e-08)
+    >>> dtype_facts(torch.bfloat16).smallest_normal == torch.finfo(torch.float32).smallest_normal
+    True
     """
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"`dtype`: expected a floating torch.dtype, got {dtype!r}.")
@@ -89,7 +95,11 @@ def floating_dtypes() -> list[torch.dtype]:
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    """Short dtype name for tags and messages ("torch.bfloat16" -> "bfloat16")."""
+    """Short dtype name for tags and messages.
+
+    >>> dtype_name(torch.bfloat16)
+    'bfloat16'
+    """
     return str(dtype).removeprefix("torch.")
 
 
@@ -99,6 +109,9 @@ def ulp(x: Tensor) -> Tensor:
     For a normal ``|x|`` in ``[2**e, 2**(e+1))`` this is ``eps * 2**e``; for zero and subnormals
     it is the smallest subnormal. Just below a power of two the spacing downwards is half of
     this (which :func:`is_stale_update` handles exactly by rounding instead of comparing).
+
+    >>> ulp(torch.tensor([1.0, 3.0, 0.0], dtype=torch.bfloat16)).tolist()  # eps 2**-7; 0: subnormal
+    [0.0078125, 0.015625, 9.183549615799121e-41]
     """
     facts = dtype_facts(x.dtype)
     a = x.detach().to(torch.float64).abs()

@@ -8,8 +8,9 @@ packages in ``site-packages`` count as the user's: a model library is where the 
 
 :class:`SourceLineFinder` holds what it learns (which directories to skip, which files were
 already classified, how a file is displayed) as its own state, so two finders never share it and a
-test can build one with other packages skipped. :func:`user_frame_location` uses one shared
-finder.
+test can build one with other packages skipped. There is no module-level finder: each user (the
+logits interceptor, the non-finite tracer) holds its own, and a caller that opens many windows
+passes one finder to all of them to keep its caches.
 
 This module is pure Python (no torch, no Lightning).
 """
@@ -136,20 +137,3 @@ class SourceLineFinder:
             if not self.is_skipped(filename):
                 return self.format(filename, lineno)
         return None
-
-
-_SHARED = SourceLineFinder()
-
-
-def shared_finder() -> SourceLineFinder:
-    """The finder used by default across healthmon (its caches are shared by its users)."""
-    return _SHARED
-
-
-def user_frame_location(depth: int = 1) -> str | None:
-    """``path/file.py:LINE`` of the first caller frame outside the skipped packages.
-
-    ``depth=1`` starts at the function that called this one. The path is relative to the working
-    directory when the file lies inside it, else absolute.
-    """
-    return _SHARED.caller(depth + 1)

@@ -45,6 +45,14 @@ def stability_limit(optimizer: torch.optim.Optimizer) -> StabilityLimit:
     * Anything else: "unknown" (the sharpness alert is skipped).
 
     With several parameter groups the largest learning rate is used (the lowest limit).
+
+    >>> w = [torch.nn.Parameter(torch.zeros(1))]
+    >>> stability_limit(torch.optim.SGD(w, lr=0.5)).limit  # 2/lr
+    4.0
+    >>> stability_limit(torch.optim.SGD(w, lr=0.5, momentum=0.5)).limit  # (2 + 2*0.5)/lr
+    6.0
+    >>> round(stability_limit(torch.optim.Adam(w, lr=1e-3)).limit)  # (2 + 2*0.9)/(0.1*lr)
+    38000
     """
     groups = optimizer.param_groups
     lr = max(float(g.get("lr", math.nan)) for g in groups)

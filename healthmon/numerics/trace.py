@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from healthmon.numerics.eigensolvers import MatVec, _operator_facts
+from healthmon._checks import positive_int
+from healthmon.numerics.eigensolvers import MatVec, operator_facts
 
 
 @dataclass(frozen=True)
@@ -27,9 +28,8 @@ def hutchinson_trace(
     Its variance is ``2 * (||H||_F^2 - sum_i H_ii^2)`` per sample: a coarse number (the mean
     curvature over all directions), logged beside ``lambda_max`` to see how dominant the top is.
     """
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"`num_samples`: expected an integer >= 1, got {num_samples!r}.")
-    matvec, n, dtype, device, _ = _operator_facts(matvec, n)
+    positive_int(num_samples, "num_samples")
+    matvec, n, dtype, device, _ = operator_facts(matvec, n)
     samples = []
     for _ in range(num_samples):
         z = (torch.randint(0, 2, (n,), generator=generator) * 2 - 1).to(dtype=dtype, device=device)

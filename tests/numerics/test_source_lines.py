@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from healthmon.numerics import source_lines
-from healthmon.numerics.source_lines import SourceLineFinder, user_frame_location
+from healthmon.numerics.source_lines import SKIPPED_PACKAGES, SourceLineFinder
 
 THIS_FILE = os.path.realpath(__file__)
 
@@ -92,9 +92,19 @@ def test_caller_names_this_line() -> None:
     assert _split(where) == (THIS_FILE, _here() - 1)
 
 
-def test_module_function_names_this_line() -> None:
-    where = user_frame_location()
+def test_caller_with_depth_names_the_line_that_called_the_helper() -> None:
+    finder = SourceLineFinder()
+
+    def helper() -> str | None:  # a helper in the user's file: depth 2 skips it
+        return finder.caller(2)
+
+    where = helper()
     assert _split(where) == (THIS_FILE, _here() - 1)
+
+
+def test_the_module_keeps_no_shared_finder() -> None:
+    state = [v for v in vars(source_lines).values() if isinstance(v, SourceLineFinder)]
+    assert state == []
 
 
 def test_caller_walks_past_library_frames() -> None:
@@ -120,7 +130,7 @@ def test_caller_inside_a_module_forward_names_the_forward() -> None:
 
 def test_all_frames_skipped_gives_none() -> None:
     # Under `python -c` every frame is "<string>": there is no user file to name.
-    code = "from healthmon.numerics.source_lines import user_frame_location as f; print(repr(f()))"
+    code = "from healthmon.numerics.source_lines import SourceLineFinder as F; print(repr(F().caller()))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "None"
 
@@ -152,11 +162,17 @@ def test_path_is_relative_inside_the_working_directory(tmp_path, monkeypatch) ->
     assert finder.format(str(script), 7) == f"{os.path.realpath(script)}:7"
 
 
-def test_logits_module_reexports_the_finder() -> None:
-    from healthmon.numerics import logits
+def test_interceptor_and_tracer_hold_a_finder_or_take_the_callers() -> None:
+    from healthmon.numerics.logits import LogitsInterceptor
+    from healthmon.numerics.nonfinite.tracer import NonFiniteTracer
 
-    assert logits.user_frame_location is user_frame_location
-    assert logits.SKIPPED_PACKAGES == source_lines.SKIPPED_PACKAGES
+    for make in (LogitsInterceptor, lambda **kw: NonFiniteTracer(**kw)):
+        own = make()
+        assert isinstance(own.source_lines, SourceLineFinder)
+        assert own.source_lines.skipped_packages == SKIPPED_PACKAGES
+        assert make().source_lines is not own.source_lines  # no state shared between windows
+        finder = SourceLineFinder()
+        assert make(source_lines=finder).source_lines is finder
 
 
 def test_source_lines_is_pure_python() -> None:

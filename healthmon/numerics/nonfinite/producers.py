@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from healthmon.numerics.nonfinite.operations import TracedOp
+from healthmon.numerics.views import CASTS_AND_VIEWS
 
 #: The traced operation that made a tensor (the tracer's ``producer``), or None.
 Producer = Callable[[Any], TracedOp | None]
@@ -18,28 +19,16 @@ Producer = Callable[[Any], TracedOp | None]
 #: Operations followed back: elementwise arithmetic, casts, views and indexing.
 PASS_THROUGH = frozenset(
     {
+        *CASTS_AND_VIEWS,
         "rsub",
         "sub",
         "add",
         "radd",
         "mul",
         "rmul",
-        "clone",
-        "contiguous",
-        "to",
-        "float",
-        "double",
-        "half",
-        "view",
-        "reshape",
-        "squeeze",
-        "unsqueeze",
-        "flatten",
         "getitem",
         "gather",
         "index_select",
-        "transpose",
-        "permute",
         "expand",
         "expand_as",
         "neg",

@@ -18,6 +18,7 @@ from healthmon.numerics.nonfinite.module_stack import ModuleStack
 from healthmon.numerics.nonfinite.origin import OriginTrace
 from healthmon.numerics.nonfinite.tracer import NonFiniteTracer
 from healthmon.numerics.nonfinite.values import nonfinite_kinds
+from healthmon.numerics.source_lines import SourceLineFinder
 
 
 def trace_nonfinite(
@@ -26,6 +27,7 @@ def trace_nonfinite(
     module: torch.nn.Module | None = None,
     batch: Any = None,
     backward: bool = True,
+    source_lines: SourceLineFinder | None = None,
 ) -> OriginTrace:
     """Run ``step`` (a forward pass returning the loss) under the tracer, then its backward if needed.
 
@@ -35,12 +37,14 @@ def trace_nonfinite(
         batch: the batch the step reads, to name its tensors.
         backward: run ``torch.autograd.grad`` of a finite loss under node hooks (the gradients are
             returned by autograd, never written into ``.grad``).
+        source_lines: the finder naming the user's lines (a fresh one when None; pass the same
+            finder to every replay to keep its caches).
 
     Returns:
         an :class:`OriginTrace`; a step that raises is traced up to the exception.
     """
     modules = ModuleStack(module)
-    tracer = NonFiniteTracer(tensor_names(module, batch), modules.current)
+    tracer = NonFiniteTracer(tensor_names(module, batch), modules.current, source_lines)
     loss: Any = None
     try:
         with tracer:

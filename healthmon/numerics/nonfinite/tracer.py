@@ -37,7 +37,7 @@ from healthmon.numerics.nonfinite.values import (
     numbers_in,
     tensors_in,
 )
-from healthmon.numerics.source_lines import user_frame_location
+from healthmon.numerics.source_lines import SourceLineFinder
 
 
 @dataclass
@@ -83,14 +83,17 @@ class NonFiniteTracer(TorchFunctionMode):
             ``("parameter", "net.0.weight")``, ``("buffer", "mask")``); NaN/Inf found in them is
             named after them.
         module_of: a callable returning the module whose forward is running (or None).
+        source_lines: the finder naming the user's line of each operation (a fresh one when None).
     """
 
     def __init__(
         self,
         names: WeakIdKeyDictionary | None = None,
         module_of: Callable[[], str | None] | None = None,
+        source_lines: SourceLineFinder | None = None,
     ) -> None:
         super().__init__()
+        self.source_lines = source_lines if source_lines is not None else SourceLineFinder()
         self.names = names if names is not None else WeakIdKeyDictionary()
         self.module_of = module_of or (lambda: None)
         self.ops = 0
@@ -159,7 +162,7 @@ class NonFiniteTracer(TorchFunctionMode):
             seq=self.ops,
             func=func,
             name=name,
-            where=user_frame_location(3),
+            where=self.source_lines.caller(3),
             module=self.module_of(),
             args=args if name in BACKWARD_EXPLAINED else (),
             kwargs=kwargs if name in BACKWARD_EXPLAINED else {},
