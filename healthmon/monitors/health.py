@@ -59,9 +59,8 @@ class HealthMonitor(LightningHooks):
         self.policy = AlertPolicy(on_alert, fail_on)
         if log_every_n_steps is not None:
             _checks.positive_int(log_every_n_steps, "log_every_n_steps")
-        for name, flag in (("report", report), ("summary", summary)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"`{name}`: expected True or False, got {flag!r}.")
+        _checks.boolean(report, "report")
+        _checks.boolean(summary, "summary")
         if monitors is None:
             monitors = default_monitors()
         else:

@@ -24,6 +24,7 @@ from healthmon.engine.driver import Driver
 from healthmon.engine.run import Run
 from healthmon.monitors.base import Monitor
 from healthmon.numerics.logits import LogitsInterceptor
+from healthmon.numerics.source_lines import SourceLineFinder
 
 TAG_CHECKS = tags.LOGITS_CHECKS
 TAG_FINDINGS = tags.LOGITS_FINDINGS
@@ -86,6 +87,7 @@ class LogitsCheck(Monitor):
         )
         self.first_steps = _checks.non_negative_int(first_steps, "first_steps")
         self._mode: LogitsInterceptor | None = None
+        self._source_lines = SourceLineFinder()  # its caches live as long as the monitor
         self.sampled_steps = 0
 
     @override
@@ -109,7 +111,7 @@ class LogitsCheck(Monitor):
     @override
     def on_batch_start(self, run: Run, batch: Any, batch_idx: int) -> None:
         if self._mode is None and self.should_sample(run):
-            mode = LogitsInterceptor()
+            mode = LogitsInterceptor(source_lines=self._source_lines)
             mode.__enter__()
             self._mode = mode
 

@@ -38,6 +38,7 @@ from healthmon.monitors.base import Monitor
 from healthmon.numerics.gradients import nonfinite_indices, tensor_norms
 from healthmon.numerics.loss_scale import LossScaleRule
 from healthmon.numerics.nonfinite import Origin, OriginTrace, explain_update, trace_nonfinite
+from healthmon.numerics.source_lines import SourceLineFinder
 
 MAX_NAMES = 10
 TAG_LOSS_SCALE = tags.AMP_LOSS_SCALE
@@ -106,9 +107,8 @@ class NonFiniteMonitor(Monitor):
             fail_on=fail_on,
             log_every_n_steps=log_every_n_steps,
         )
-        if not isinstance(find_module, bool):
-            raise TypeError(f"`find_module`: expected True or False, got {find_module!r}.")
-        self.find_module = find_module
+        self.find_module = _checks.boolean(find_module, "find_module")
+        self._source_lines = SourceLineFinder()  # its caches live as long as the monitor
         self.max_replays = _checks.non_negative_int(max_replays, "max_replays")
         self.max_consecutive_skips = _checks.positive_int(max_consecutive_skips, "max_consecutive_skips")
         self.min_loss_scale = _checks.positive_float(min_loss_scale, "min_loss_scale")
@@ -325,7 +325,13 @@ class NonFiniteMonitor(Monitor):
             with run.replay_context():
                 # manual optimisation steps the optimizer inside training_step: trace its forward only
                 with torch.enable_grad() if automatic else torch.no_grad():
-                    trace = trace_nonfinite(step, module=run.model, batch=batch, backward=automatic)
+                    trace = trace_nonfinite(
+                        step,
+                        module=run.model,
+                        batch=batch,
+                        backward=automatic,
+                        source_lines=self._source_lines,
+                    )
             if trace.origin is not None:
                 self._batch_idx = idx
                 break
