@@ -18,12 +18,13 @@ from healthmon.numerics.clipping import clipped_norm, clipping_enabled
 from healthmon.numerics.first_step import (
     MeasuredStep,
     first_step_finding,
+    in_first_steps,
     is_recurrent,
     judge_measured_step,
+    measure_step,
     update_ratios,
 )
 from healthmon.numerics.gradient_trends import RULES, judge_trends, trend_rules
-from healthmon.numerics.gradients import combined_norms_by_group
 from healthmon.numerics.trends import load_rule_state, rule_state
 from healthmon.numerics.update_size import (
     SENSITIVITY_LIMIT,
@@ -248,21 +249,19 @@ class GradientNormMonitor(Monitor):
         (the update's size is judged): the rest of the run pays nothing.
         """
         log_ratios = logged and self.update_ratios
-        spike = self.rules(stats.optimizer_index)["spike"]
-        judge = spike.seen < spike.warmup and not stats.skipped  # a skipped step has no update
+        judge = in_first_steps(self.rules(stats.optimizer_index)["spike"], stats.skipped)
         index = self.hub.params
         if not (log_ratios or judge) or not stats.params or index is None:
             return
-        layer_index = [index.layer_of.get(id(p), 0) for p in stats.params]
         self._sampler.before(stats.params)
-        self._measured = MeasuredStep(
-            step=stats.step,
+        self._measured = measure_step(
+            stats.step,
+            stats.params,
+            index.layer_of,
+            stats.per_tensor_host,
+            stats.loss,
             log_ratios=log_ratios,
             judge=judge,
-            layer_index=layer_index,
-            numels=[p.numel() for p in stats.params],
-            grad_norms=combined_norms_by_group(stats.per_tensor_host, layer_index) if judge else {},  # type: ignore[arg-type]
-            loss=stats.loss,
         )
 
     # ---- optimizer step hook: the update itself, and the gradient after clipping ----------------

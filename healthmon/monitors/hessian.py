@@ -33,7 +33,13 @@ from healthmon.alerts import OnAlert, Severity
 from healthmon.monitors.base import Monitor
 from healthmon.monitors.hub import Hub
 from healthmon.monitors.isolation import HostRandomState, isolated, replay_blocker
-from healthmon.numerics.curvature_estimate import CurvatureEstimate, WarmStart, estimate_curvature
+from healthmon.numerics.curvature_estimate import (
+    ESTIMATE_ERRORS,
+    CurvatureEstimate,
+    WarmStart,
+    estimate_curvature,
+    failure_reason,
+)
 from healthmon.numerics.curvature_findings import SKIPPED, judge_curvature, spectrum_values
 from healthmon.numerics.estimate_plan import (
     early_estimate_affordable,
@@ -42,7 +48,7 @@ from healthmon.numerics.estimate_plan import (
     solver_memory_factor,
 )
 from healthmon.numerics.hvp import HVP_METHODS, HessianOperator, HVPMethod, mean_over_ranks
-from healthmon.numerics.probe import ProbeBatch, loss_of
+from healthmon.numerics.probe import ProbeBatch
 from healthmon.numerics.spectrum import SpectrumEstimate
 from healthmon.schedules import BudgetClock, LogSpacedSteps, LogThenEvery, log_then_every
 
@@ -292,23 +298,11 @@ class HessianEigenMonitor(Monitor):
     # ---- the estimate ---------------------------------------------------------------------------
     def _operator(self, pl_module: pl.LightningModule, method: HVPMethod) -> HessianOperator:
         # Each probe batch weighs by its share of the rows: the products are those of the mean loss
-        # over all probe samples (mean-reduced losses).
-        chunks = self._probe.chunks(self.probe_chunk_size)
-        host_rng = HostRandomState(pl_module)  # NumPy/Python draws replayed like torch's (one function)
-
-        def closure(chunk: Any, idx: int) -> Callable[[], Tensor]:
-            def loss() -> Tensor:
-                host_rng.restore()
-                return loss_of(pl_module.training_step(chunk, idx))
-
-            return loss
-
+        # over all probe samples (mean-reduced losses). NumPy/Python draws are replayed like torch's.
+        host_rng = HostRandomState(pl_module)
+        losses = self._probe.losses(pl_module.training_step, self.probe_chunk_size, before=host_rng.restore)
         return HessianOperator(
-            pl_module,
-            [(closure(c, idx), w) for c, idx, w in chunks],
-            method=method,
-            reduce=mean_over_ranks,
-            cache_graph=len(chunks) == 1,
+            pl_module, losses, method=method, reduce=mean_over_ranks, cache_graph=len(losses) == 1
         )
 
     def _estimate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -348,15 +342,8 @@ class HessianEigenMonitor(Monitor):
                     generator=self._generator,
                 )
                 op.release()
-        except TypeError as err:
-            self._skip(trainer, str(err))
-            return
-        except (FloatingPointError, torch.linalg.LinAlgError) as err:
-            # NaN/Inf weights or probe batch: NonFiniteMonitor reports the cause; no estimate here
-            self._skip(trainer, f"no estimate: {err}")
-            return
-        except RuntimeError as err:  # a model autograd cannot differentiate twice (custom kernels...)
-            self._skip(trainer, f"no estimate, the loss cannot be differentiated twice ({err})")
+        except ESTIMATE_ERRORS as err:  # NaN/Inf: NonFiniteMonitor reports the cause
+            self._skip(trainer, failure_reason(err))
             return
         self.estimates += 1
         self.last_estimate = result.spectrum

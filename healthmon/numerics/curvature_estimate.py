@@ -50,6 +50,24 @@ class WarmStart:
         self.precond = state.get("warm_precond")
 
 
+#: The errors an estimate may end with; :func:`failure_reason` words them.
+ESTIMATE_ERRORS = (TypeError, FloatingPointError, RuntimeError)
+
+
+def failure_reason(err: BaseException) -> str:
+    """Why an estimate could not run, from its error (one of :data:`ESTIMATE_ERRORS`).
+
+    ``TypeError``: no differentiable loss (its own message); NaN/Inf weights or probe batch
+    (``FloatingPointError``, ``LinAlgError``): no estimate, the non-finite checks report the cause;
+    any other ``RuntimeError``: a model autograd cannot differentiate twice (custom kernels...).
+    """
+    if isinstance(err, TypeError):
+        return str(err)
+    if isinstance(err, (FloatingPointError, torch.linalg.LinAlgError)):
+        return f"no estimate: {err}"
+    return f"no estimate, the loss cannot be differentiated twice ({err})"
+
+
 @dataclass(frozen=True)
 class CurvatureEstimate:
     """An estimate with what it is judged against.

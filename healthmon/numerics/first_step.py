@@ -10,11 +10,14 @@ gradient, or a learning rate too large. Pure torch and Python; the monitor turns
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch import Tensor
 
+from healthmon.numerics.gradients import combined_norms_by_group
 from healthmon.numerics.update_size import OversizedStep, judge_update_sizes
 
 HINT_RECURRENT = (
@@ -48,6 +51,37 @@ class MeasuredStep:
     def present(self) -> list[int]:
         """The layers this step's parameters belong to, in layer order."""
         return sorted(set(self.layer_index))
+
+
+def in_first_steps(spike: Any, skipped: bool) -> bool:
+    """Whether a step's update size is judged: the spike rule has no running level yet (its
+    warm-up), and the step was not skipped (a step the GradScaler skips has no update)."""
+    return spike.seen < spike.warmup and not skipped
+
+
+def measure_step(
+    step: int,
+    params: Sequence[Tensor],
+    layer_of: Mapping[int, int],
+    per_tensor_norms: Any,
+    loss: float | None,
+    *,
+    log_ratios: bool,
+    judge: bool,
+) -> MeasuredStep:
+    """What to keep of a step before its update: each parameter's layer (``layer_of`` by ``id``,
+    layer 0 when unknown), sizes, and when judged the per-layer gradient norms combined from
+    the per-tensor ones (host floats)."""
+    layer_index = [layer_of.get(id(p), 0) for p in params]
+    return MeasuredStep(
+        step=step,
+        log_ratios=log_ratios,
+        judge=judge,
+        layer_index=layer_index,
+        numels=[p.numel() for p in params],
+        grad_norms=combined_norms_by_group(per_tensor_norms, layer_index) if judge else {},
+        loss=loss,
+    )
 
 
 def update_ratios(

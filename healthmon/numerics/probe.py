@@ -9,7 +9,7 @@ the mean loss over every probe sample. Pure Python over torch tensors.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from torch import Tensor
@@ -76,3 +76,18 @@ class ProbeBatch:
             for probe, idx, rows in self.parts
             for chunk, weight in split_batch(probe, chunk_size)
         ]
+
+    def losses(
+        self, step_fn: Callable[[Any, int], Any], chunk_size: int | None, before: Callable[[], None]
+    ) -> list[tuple[Callable[[], Tensor], float]]:
+        """``(loss_fn, weight)`` per chunk: ``loss_fn()`` calls ``before()`` (e.g. restore the RNG
+        state) then ``step_fn(chunk, batch_idx)`` and returns its loss (see :func:`loss_of`)."""
+
+        def closure(chunk: Any, idx: int) -> Callable[[], Tensor]:
+            def loss() -> Tensor:
+                before()
+                return loss_of(step_fn(chunk, idx))
+
+            return loss
+
+        return [(closure(c, idx), w) for c, idx, w in self.chunks(chunk_size)]
