@@ -18,7 +18,6 @@ the monitor. The loss is evaluated in float32 outside autocast.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any, Literal
 
 import pytorch_lightning as pl
@@ -43,6 +42,7 @@ from healthmon.numerics.curvature_estimate import (
 from healthmon.numerics.curvature_findings import SKIPPED, judge_curvature, spectrum_values
 from healthmon.numerics.estimate_plan import (
     early_estimate_affordable,
+    largest_over_ranks,
     plan_estimate,
     select_hvp_method,
     solver_memory_factor,
@@ -67,18 +67,6 @@ TAG_CONVERGED = TAG + "converged"
 TAG_TRACE = TAG + "trace"
 TAG_PRECOND = TAG + "preconditioned_sharpness"
 TAG_PRECOND_LIMIT = TAG + "preconditioned_limit"
-
-
-def _max_over_ranks(trainer: Any) -> Callable[[int], int]:
-    """The interval agreement of :class:`BudgetClock` under DDP: the largest proposal wins."""
-
-    def agree(steps: int) -> int:
-        if trainer.world_size <= 1:
-            return steps
-        proposal = torch.tensor([float(steps)], device=trainer.strategy.root_device)
-        return int(trainer.strategy.reduce(proposal, reduce_op="max").item())
-
-    return agree
 
 
 def _clone(batch: Any, device: torch.device) -> Any:
@@ -253,7 +241,10 @@ class HessianEigenMonitor(Monitor):
     # ---- hooks ---------------------------------------------------------------------------------
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._clock.agree = _max_over_ranks(trainer)
+        # the interval agreement of the budget clock under DDP: the largest proposal wins
+        self._clock.agree = lambda steps: (
+            steps if trainer.world_size <= 1 else largest_over_ranks(steps, trainer.strategy)
+        )
         self._clock.total_steps = float(trainer.estimated_stepping_batches)
 
     @override
@@ -261,23 +252,12 @@ class HessianEigenMonitor(Monitor):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         step = int(trainer.global_step)
-        if self._user_probe is not None:
-            if not self._probe.parts:
-                self._probe.add(_clone(self._user_probe, pl_module.device), 0)
-        elif not self._probe.complete:
-            self._probe.add(_clone(batch, pl_module.device), batch_idx)
-            accumulate = getattr(trainer, "accumulate_grad_batches", 1)
-            if not self._probe.close_after(accumulate, getattr(trainer, "num_training_batches", math.inf)):
-                return  # the probe is the first optimizer step's whole batch: wait for the rest
+        if not self._take_probe(trainer, pl_module, batch, batch_idx):
+            return  # the probe is the first optimizer step's whole batch: wait for the rest
         if step == self._last_step:
             return  # gradient accumulation: one estimate per optimizer step
         self._last_step = step
-        if self.budgeted:
-            due = self._clock.due(step)  # always called: it times the training steps
-            due = due or (self._early(step) and self._early_affordable(step))
-        else:
-            due = self.should_run(trainer)
-        if not due:
+        if not self._due(trainer, step):
             return
         blocker = replay_blocker(pl_module)
         if blocker is not None:
@@ -289,10 +269,31 @@ class HessianEigenMonitor(Monitor):
     def _probe_rows(self) -> int:
         return self._probe.rows
 
-    def _early_affordable(self, step: int) -> bool:
+    def _take_probe(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> bool:
+        """Copy the user's probe once, or this micro-batch while the probe is incomplete; whether
+        the probe is complete."""
+        if self._user_probe is not None:
+            if not self._probe.parts:
+                self._probe.add(_clone(self._user_probe, pl_module.device), 0)
+            return True
+        if not self._probe.complete:
+            self._probe.add(_clone(batch, pl_module.device), batch_idx)
+            accumulate = getattr(trainer, "accumulate_grad_batches", 1)
+            return self._probe.close_after(accumulate, getattr(trainer, "num_training_batches", math.inf))
+        return True
+
+    def _due(self, trainer: pl.Trainer, step: int) -> bool:
+        if not self.budgeted:
+            return self.should_run(trainer)
         clock = self._clock
-        return early_estimate_affordable(
-            step, clock.last_cost, clock.seconds_per_step, clock.total_steps, self.early_budget
+        due = clock.due(step)  # always called: it times the training steps
+        return due or (
+            self._early(step)
+            and early_estimate_affordable(
+                step, clock.last_cost, clock.seconds_per_step, clock.total_steps, self.early_budget
+            )
         )
 
     # ---- the estimate ---------------------------------------------------------------------------

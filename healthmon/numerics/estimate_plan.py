@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -87,3 +88,13 @@ def early_estimate_affordable(
         return True
     planned = seconds_per_step * total_steps
     return last_cost <= early_budget * planned
+
+
+def largest_over_ranks(steps: int, strategy: Any) -> int:
+    """The estimate interval every DDP rank agrees on: the largest proposal wins.
+
+    ``strategy`` is anything with ``root_device`` and ``reduce(tensor, reduce_op="max")`` (a
+    Lightning strategy); call it only with several processes.
+    """
+    proposal = torch.tensor([float(steps)], device=strategy.root_device)
+    return int(strategy.reduce(proposal, reduce_op="max").item())

@@ -12,6 +12,7 @@ from healthmon.numerics.eigensolvers import minimum_memory_factor, vector_ratio
 from healthmon.numerics.estimate_plan import (
     EstimatePlan,
     early_estimate_affordable,
+    largest_over_ranks,
     method_tolerance,
     plan_estimate,
     select_hvp_method,
@@ -71,3 +72,15 @@ def test_early_estimates_are_affordable_within_their_share_of_the_planned_run() 
     assert early_estimate_affordable(5, 1e9, 1.0, math.inf, 0.25)  # no planned length
     assert early_estimate_affordable(5, 25.0, 1.0, 100.0, 0.25)
     assert not early_estimate_affordable(5, 25.5, 1.0, 100.0, 0.25)
+
+
+def test_ranks_agree_on_the_largest_proposed_interval() -> None:
+    class TwoRanks:  # the other rank proposes 40 steps
+        root_device = torch.device("cpu")
+
+        def reduce(self, t: torch.Tensor, reduce_op: str) -> torch.Tensor:
+            assert reduce_op == "max" and t.device == self.root_device
+            return torch.maximum(t, torch.tensor([40.0]))
+
+    assert largest_over_ranks(12, TwoRanks()) == 40
+    assert largest_over_ranks(90, TwoRanks()) == 90
