@@ -1,4 +1,10 @@
-"""GradientNormMonitor: gradient norm against loss, per-layer norms, update ratios, trend alerts."""
+"""GradientNormMonitor: gradient norm against loss, per-layer norms, update ratios, trend alerts.
+
+The decisions live in :mod:`healthmon.numerics`: the trend rules and their findings
+(:mod:`~healthmon.numerics.gradient_trends`), the first-step explosion rule and its hint by cause
+(:mod:`~healthmon.numerics.first_step`), clipping (:mod:`~healthmon.numerics.clipping`); this
+module feeds them from the Lightning hooks and turns findings into alerts.
+"""
 
 from __future__ import annotations
 

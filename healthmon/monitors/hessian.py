@@ -4,7 +4,10 @@ Why: gradient descent diverges along the top eigenvector once ``lambda_max > 2/l
 momentum: ``(2 + 2*beta)/lr``), and a clearly negative ``lambda_min`` marks a saddle region
 (Goodfellow et al., *Deep Learning*, ch. 4.3). The monitor estimates both from Hessian-vector
 products of the module's own ``training_step`` loss on a fixed probe batch; all the mathematics
-lives in :mod:`healthmon.numerics.hessian`.
+lives in :mod:`healthmon.numerics` (the Hessian toolkit :mod:`~healthmon.numerics.hessian`, the probe
+batch :mod:`~healthmon.numerics.probe`, the estimate's settings and run
+:mod:`~healthmon.numerics.estimate_plan` and :mod:`~healthmon.numerics.curvature_estimate`, its
+verdicts :mod:`~healthmon.numerics.curvature_findings`); this module holds the Lightning hooks.
 
 When: in ``on_train_batch_start`` of the steps its schedule selects, before that step's forward
 pass, on the weights the step is about to update. The estimate runs inside
