@@ -16,6 +16,8 @@ __all__ = [
     "choice",
     "fraction",
     "non_negative_int",
+    "open_fraction",
+    "optional_positive_int",
     "positive_float",
     "positive_int",
 ]
@@ -93,3 +95,16 @@ def choice(value: Any, name: str, allowed: Iterable[str]) -> str:
     if value not in allowed:
         raise ValueError(f"`{name}`: expected one of {', '.join(repr(a) for a in allowed)}, got {value!r}.")
     return str(value)
+
+
+def open_fraction(value: Any, name: str) -> float:
+    """A finite number strictly between 0 and 1 (a relative tolerance)."""
+    checked = positive_float(value, name)
+    if checked >= 1:
+        raise ValueError(f"`{name}`: expected a number in (0, 1), got {value!r}.")
+    return checked
+
+
+def optional_positive_int(value: Any, name: str, *, minimum: int = 1) -> int | None:
+    """None, or an integer >= ``minimum`` (see :func:`positive_int`)."""
+    return None if value is None else positive_int(value, name, minimum=minimum)

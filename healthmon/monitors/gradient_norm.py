@@ -1,8 +1,13 @@
-"""GradientNormMonitor: gradient norm against loss, per-layer norms, update ratios, trend alerts."""
+"""GradientNormMonitor: gradient norm against loss, per-layer norms, update ratios, trend alerts.
+
+The decisions live in :mod:`healthmon.numerics`: the trend rules and their findings
+(:mod:`~healthmon.numerics.gradient_trends`), the first-step explosion rule and its hint by cause
+(:mod:`~healthmon.numerics.first_step`), clipping (:mod:`~healthmon.numerics.clipping`); this
+module feeds them from the Lightning hooks and turns findings into alerts.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -15,21 +20,23 @@ from healthmon.alerts import OnAlert, Severity
 from healthmon.engine.driver import Driver
 from healthmon.engine.run import Run
 from healthmon.monitors.base import Monitor
-from healthmon.numerics.gradients import combined_norms_by_group, global_norm, tensor_norms
-from healthmon.numerics.trends import (
-    CollapseRule,
-    DivergenceRule,
-    OpposingTrendRule,
-    SpikeRule,
-    load_rule_state,
-    rule_state,
+from healthmon.numerics.clipping import clipped_norm
+from healthmon.numerics.first_step import (
+    MeasuredStep,
+    first_step_finding,
+    in_first_steps,
+    is_recurrent,
+    judge_measured_step,
+    measure_step,
+    update_ratios,
 )
+from healthmon.numerics.gradient_trends import RULES, judge_trends, trend_rules
+from healthmon.numerics.trends import load_rule_state, rule_state
 from healthmon.numerics.update_size import (
     SENSITIVITY_LIMIT,
     UPDATE_RATIO_LIMIT,
     OversizedStep,
     UpdateSampler,
-    judge_update_sizes,
     layer_update_table,
 )
 
@@ -40,26 +47,12 @@ TAG_LAYER = "healthmon/grad/layer/"
 TAG_GROUP = "healthmon/grad/group/"
 TAG_UPDATE_RATIO = "healthmon/update_ratio/"
 TAG_OPTIMIZER = "healthmon/optimizer_{}/"
-RULES = ("spike", "collapse", "divergence", "opposing")
 
 
 def optimizer_tag(tag: str, index: int) -> str:
     """The tag of optimizer ``index``: optimizer 0 keeps the contract tags (``healthmon/loss``,
     ``healthmon/grad/norm``); optimizer k > 0 gets ``healthmon/optimizer_k/loss``, ..."""
     return tag if index == 0 else TAG_OPTIMIZER.format(index) + tag.removeprefix("healthmon/")
-
-
-@dataclass
-class _MeasuredStep:
-    """What the post-step hook needs to measure and judge the update of one optimizer step."""
-
-    step: int
-    log_ratios: bool  # a logged step: write the update ratios
-    judge: bool  # a first step (the spike rule has no level yet): judge the update's size
-    layer_index: list[int]
-    numels: list[int]
-    grad_norms: dict[int, float]  # per layer, from the hub's per-tensor norms
-    loss: float | None
 
 
 class GradientNormMonitor(Monitor):
@@ -145,15 +138,13 @@ class GradientNormMonitor(Monitor):
         self.blowup_factor = _checks.positive_float(blowup_factor, "blowup_factor", above=1.0)
         self.divergence_window = _checks.positive_int(divergence_window, "divergence_window", minimum=3)
         self.divergence_rise = _checks.positive_float(divergence_rise, "divergence_rise")
-        if not isinstance(update_ratios, bool):
-            raise TypeError(f"`update_ratios`: expected True or False, got {update_ratios!r}.")
-        self.update_ratios = update_ratios
+        self.update_ratios = _checks.boolean(update_ratios, "update_ratios")
         self.update_ratio_limit = _checks.positive_float(update_ratio_limit, "update_ratio_limit")
         self.sensitivity_limit = _checks.positive_float(sensitivity_limit, "sensitivity_limit")
         self._reset_rules()
         self._hooks: list[Any] = []
         self._sampler = UpdateSampler()
-        self._measured: _MeasuredStep | None = None
+        self._measured: MeasuredStep | None = None
         self._snapshot_params: list[Tensor] = []
         self._clip_on = False
         self._snapshot_step = 0
@@ -162,14 +153,14 @@ class GradientNormMonitor(Monitor):
         self._rules: dict[int, dict[str, Any]] = {}
 
     def _new_rules(self) -> dict[str, Any]:
-        return {
-            "spike": SpikeRule(factor=self.spike_factor, warmup=self.warmup_steps),
-            "collapse": CollapseRule(orders=self.collapse_orders, warmup=self.warmup_steps),
-            "divergence": DivergenceRule(
-                blowup=self.blowup_factor, window=self.divergence_window, rise=self.divergence_rise
-            ),
-            "opposing": OpposingTrendRule(),
-        }
+        return trend_rules(
+            spike_factor=self.spike_factor,
+            warmup=self.warmup_steps,
+            collapse_orders=self.collapse_orders,
+            blowup=self.blowup_factor,
+            window=self.divergence_window,
+            rise=self.divergence_rise,
+        )
 
     def rules(self, optimizer_index: int = 0) -> dict[str, Any]:
         """The trend rules of one optimizer's series (created on first use)."""
@@ -248,45 +239,10 @@ class GradientNormMonitor(Monitor):
             self._judge(run, stats.norm, stats.loss, index)
 
     def _judge(self, run: Run, norm: float, loss: float | None, optimizer_index: int = 0) -> None:
-        hub = self.hub
-        rules = self.rules(optimizer_index)
         # several optimizers: say which one, and keep their alerts apart (de-duplication key)
         where = f"optimizer {optimizer_index}" if len(run.optimizers) > 1 else None
-        of = f" ({where})" if where else ""
-        ratio = rules["spike"].update(norm, loss)
-        if ratio is not None:
-            hub.alert(
-                run,
-                "grad.explosion",
-                f"Gradient norm{of} {norm:.3g} is {ratio:.3g}x its running level, and "
-                f"{rules['spike'].reason}.",
-                where=where,
-                value=norm,
-            )
-        drop = rules["collapse"].update(norm, loss)
-        if drop is not None:
-            hub.alert(
-                run,
-                "grad.vanishing",
-                f"Gradient norm{of} {norm:.3g} collapsed {drop:.1f} orders of magnitude below its peak "
-                "while the loss is still high.",
-                where=where,
-                value=norm,
-            )
-        if loss is None:
-            return
-        reason = rules["divergence"].update(loss, norm)
-        if reason is not None:
-            hub.alert(run, "loss.divergence", f"The loss{of} {reason}.", where=where, value=loss)
-        trend = rules["opposing"].update(norm, loss)
-        if trend is not None:
-            hub.alert(
-                run,
-                "grad.norm_rising",
-                f"Over the last {rules['opposing'].window} steps the gradient norm{of} rose "
-                f"(correlation {trend[0]:.2f}) while the loss fell ({trend[1]:.2f}).",
-                where=where,
-            )
+        for found in judge_trends(self.rules(optimizer_index), norm, loss, where):
+            self.hub.alert(run, found.code, found.message, where=where, value=found.value)
 
     # ---- the update across optimizer.step: ratios on logged steps, first-step explosions -------
     def _arm_update_measure(self, stats: Any, *, logged: bool) -> None:
@@ -296,21 +252,19 @@ class GradientNormMonitor(Monitor):
         (the update's size is judged): the rest of the run pays nothing.
         """
         log_ratios = logged and self.update_ratios
-        spike = self.rules(stats.optimizer_index)["spike"]
-        judge = spike.seen < spike.warmup and not stats.skipped  # a skipped step has no update
+        judge = in_first_steps(self.rules(stats.optimizer_index)["spike"], stats.skipped)
         index = self.hub.params
         if not (log_ratios or judge) or not stats.params or index is None:
             return
-        layer_index = [index.layer_of.get(id(p), 0) for p in stats.params]
         self._sampler.before(stats.params)
-        self._measured = _MeasuredStep(
-            step=stats.step,
+        self._measured = measure_step(
+            stats.step,
+            stats.params,
+            index.layer_of,
+            stats.per_tensor_host,
+            stats.loss,
             log_ratios=log_ratios,
             judge=judge,
-            layer_index=layer_index,
-            numels=[p.numel() for p in stats.params],
-            grad_norms=combined_norms_by_group(stats.per_tensor_host, layer_index) if judge else {},  # type: ignore[arg-type]
-            loss=stats.loss,
         )
 
     # ---- optimizer step hook: the update itself, and the gradient after clipping ----------------
@@ -322,11 +276,9 @@ class GradientNormMonitor(Monitor):
             self._sampler.disarm()
             return
         hub, step = self.driver, self._snapshot_step
-        if self._clip_on and params:
-            grads = [p.grad for p in params if p.grad is not None]
-            if grads:
-                norm = global_norm(tensor_norms(grads))
-                hub.defer(norm, lambda v: hub.log(self._current_run, {TAG_NORM_CLIPPED: v[0]}, step))
+        norm = clipped_norm(params) if self._clip_on else None
+        if norm is not None:
+            hub.defer(norm, lambda v: hub.log(self._current_run, {TAG_NORM_CLIPPED: v[0]}, step))
         weight_norms = self._sampler.weight_norms
         update_norms = self._sampler.update_norms()
         if measured is None or update_norms is None or weight_norms is None:
@@ -335,27 +287,20 @@ class GradientNormMonitor(Monitor):
         table = layer_update_table(update_norms, weight_norms, torch.tensor(measured.layer_index), num_layers)
         hub.defer(table, lambda v: self._on_update_sizes(measured, v[:num_layers], v[num_layers:]))
 
-    def _on_update_sizes(self, measured: _MeasuredStep, updates: list[float], weights: list[float]) -> None:
+    def _on_update_sizes(self, measured: MeasuredStep, updates: list[float], weights: list[float]) -> None:
         hub = self.hub
         assert hub.params is not None
         layers = hub.params.layers
-        present = sorted(set(measured.layer_index))
         if measured.log_ratios:
-            tiny = torch.finfo(torch.float32).tiny
-            ratios = {TAG_UPDATE_RATIO + layers[i]: updates[i] / max(weights[i], tiny) for i in present}
-            hub.log(self._current_run, ratios, measured.step)
+            ratios = update_ratios(measured, layers, updates, weights)
+            hub.log(self._current_run, {TAG_UPDATE_RATIO + k: v for k, v in ratios.items()}, measured.step)
         if not measured.judge:
             return
-        layer_numel = [0] * len(layers)
-        for i, n in zip(measured.layer_index, measured.numels, strict=True):
-            layer_numel[i] += n
-        found = judge_update_sizes(
-            [layers[i] for i in present],
-            [updates[i] for i in present],
-            [weights[i] for i in present],
-            [measured.grad_norms.get(i, 0.0) for i in present],
-            [layer_numel[i] for i in present],
-            measured.loss,
+        found = judge_measured_step(
+            measured,
+            layers,
+            updates,
+            weights,
             ratio_limit=self.update_ratio_limit,
             sensitivity_limit=self.sensitivity_limit,
         )
@@ -363,61 +308,29 @@ class GradientNormMonitor(Monitor):
             self._alert_oversized(measured.step, found)
 
     def _alert_oversized(self, step: int, found: list[OversizedStep]) -> None:
-        worst = found[0]
-        what = []
-        if worst.rewritten:
-            what.append(
-                f"the update was {worst.update_ratio:.3g}x the layer's weights "
-                f"(||update|| {worst.update_norm:.3g}, ||weight|| {worst.weight_norm:.3g})"
-            )
-        if worst.exploded:
-            what.append(
-                f"its gradient norm {worst.grad_norm:.3g} gives a loss sensitivity ||g||*||w||/|loss| of "
-                f"{worst.sensitivity:.3g}: the gradient exploded"
-            )
-        else:
-            what.append(
-                f"its gradient norm {worst.grad_norm:.3g} is ordinary for its weights: the learning rate "
-                "is too large for this layer"
-            )
-        others = (
-            f" {len(found) - 1} more layer(s) too: {', '.join(f.layer for f in found[1:4])}."
-            if len(found) > 1
-            else ""
+        finding = first_step_finding(
+            found,
+            step,
+            ratio_limit=self.update_ratio_limit,
+            sensitivity_limit=self.sensitivity_limit,
+            recurrent=is_recurrent(self._layer_module(found[0].layer)),
         )
         self.hub.alert(
             self._current_run,
             "grad.explosion",
-            f"Optimizer step {step}, layer {worst.layer}: {'; '.join(what)} (first-step limits, before "
-            f"any running level exists: update {self.update_ratio_limit:g}x the weights, sensitivity "
-            f"{self.sensitivity_limit:g}).{others}",
-            where=worst.layer,
-            hint=self._oversized_hint(worst),
-            value=worst.update_ratio if worst.rewritten else worst.sensitivity,
+            finding.message,
+            where=finding.where,
+            hint=finding.hint,
+            value=finding.value,
             step=step,
         )
 
-    def _oversized_hint(self, worst: OversizedStep) -> str:
-        """The fix for an oversized first step: the cause differs for recurrent layers."""
+    def _layer_module(self, name: str) -> torch.nn.Module | None:
+        """The LightningModule's submodule ``name``, None when it is not one."""
         try:
-            module = self._current_run.model.get_submodule(worst.layer)
+            return self._current_run.model.get_submodule(name)
         except (AttributeError, RuntimeError):
-            module = None
-        if isinstance(module, (torch.nn.RNNBase, torch.nn.RNNCellBase)):
-            return (
-                "Clip gradients (Trainer(gradient_clip_val=1.0)) and check the recurrent weights' "
-                "initialisation: a recurrent matrix with spectral radius well above 1 explodes "
-                "through time (use an orthogonal init or a gain of at most 1)."
-            )
-        if worst.exploded:
-            return (
-                "Clip gradients (Trainer(gradient_clip_val=1.0)) and check this layer's initialisation "
-                "and inputs (unnormalised features, a scale far from 1); then lower the learning rate."
-            )
-        return (
-            "Lower the learning rate (or warm it up from a small value); clipping "
-            "(Trainer(gradient_clip_val=1.0)) also bounds the step."
-        )
+            return None
 
     @override
     def on_batch_end(self, run: Run, batch: Any, batch_idx: int) -> None:

@@ -4,7 +4,10 @@ Why: gradient descent diverges along the top eigenvector once ``lambda_max > 2/l
 momentum: ``(2 + 2*beta)/lr``), and a clearly negative ``lambda_min`` marks a saddle region
 (Goodfellow et al., *Deep Learning*, ch. 4.3). The monitor estimates both from Hessian-vector
 products of the module's own ``training_step`` loss on a fixed probe batch; all the mathematics
-lives in :mod:`healthmon.numerics.hessian`.
+lives in :mod:`healthmon.numerics` (the Hessian toolkit :mod:`~healthmon.numerics.hessian`, the probe
+batch :mod:`~healthmon.numerics.probe`, the estimate's settings and run
+:mod:`~healthmon.numerics.estimate_plan` and :mod:`~healthmon.numerics.curvature_estimate`, its
+verdicts :mod:`~healthmon.numerics.curvature_findings`); this module holds the Lightning hooks.
 
 When: in ``on_train_batch_start`` of the steps its schedule selects, before that step's forward
 pass, on the weights the step is about to update. The estimate runs inside
@@ -17,8 +20,6 @@ the monitor. The loss is evaluated in float32 outside autocast.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import torch
@@ -33,24 +34,23 @@ from healthmon.engine.driver import Driver
 from healthmon.engine.isolation import HostRandomState, isolated
 from healthmon.engine.run import Run
 from healthmon.monitors.base import Monitor
-from healthmon.numerics.batches import batch_size
-from healthmon.numerics.eigensolvers import vector_ratio
-from healthmon.numerics.hessian import (
-    HVP_METHODS,
-    HessianOperator,
-    HVPMethod,
-    SpectrumEstimate,
-    adam_preconditioner,
-    choose_hvp_method,
-    estimate_spectrum,
-    lanczos,
-    mean_over_ranks,
-    minimum_memory_factor,
-    preconditioned,
-    split_batch,
-    stability_limit,
+from healthmon.numerics.curvature_estimate import (
+    ESTIMATE_ERRORS,
+    CurvatureEstimate,
+    WarmStart,
+    estimate_curvature,
+    failure_reason,
 )
-from healthmon.numerics.hvp import FD_AGREEMENT
+from healthmon.numerics.curvature_findings import SKIPPED, judge_curvature, spectrum_values
+from healthmon.numerics.estimate_plan import (
+    early_estimate_affordable,
+    plan_estimate,
+    select_hvp_method,
+    solver_memory_factor,
+)
+from healthmon.numerics.hvp import HVP_METHODS, HessianOperator, HVPMethod, mean_over_ranks
+from healthmon.numerics.probe import ProbeBatch
+from healthmon.numerics.spectrum import SpectrumEstimate
 from healthmon.schedules import BudgetClock, LogSpacedSteps, LogThenEvery, log_then_every
 
 __all__ = ["BudgetClock", "HessianEigenMonitor", "LogThenEvery", "log_then_every"]
@@ -70,23 +70,8 @@ TAG_PRECOND = TAG + "preconditioned_sharpness"
 TAG_PRECOND_LIMIT = TAG + "preconditioned_limit"
 
 
-def _device_of(model: torch.nn.Module) -> torch.device:
-    """The device of the model's first parameter (CPU for a model without parameters)."""
-    param = next(iter(model.parameters()), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
 def _clone(batch: Any, device: torch.device) -> Any:
     return apply_to_collection(batch, Tensor, lambda t: t.detach().clone().to(device))
-
-
-def _loss_of(output: Any) -> Tensor:
-    loss = output.get("loss") if isinstance(output, Mapping) else output
-    if not isinstance(loss, Tensor) or not loss.requires_grad:
-        raise TypeError(
-            "training_step did not return a differentiable loss (a Tensor or a dict with 'loss')."
-        )
-    return loss
 
 
 class HessianEigenMonitor(Monitor):
@@ -196,41 +181,24 @@ class HessianEigenMonitor(Monitor):
         self.top_k = _checks.positive_int(top_k, "top_k")
         self.solver = _checks.choice(solver, "solver", ("lanczos", "power"))
         self.hvp = _checks.choice(hvp, "hvp", ("auto", *HVP_METHODS))
-        self.tol = _checks.positive_float(tol, "tol")
-        if self.tol >= 1:
-            raise ValueError(f"`tol`: expected a number in (0, 1), got {tol!r}.")
-        self.early_tol = _checks.positive_float(early_tol, "early_tol")
-        if self.early_tol >= 1:
-            raise ValueError(f"`early_tol`: expected a number in (0, 1), got {early_tol!r}.")
+        self.tol = _checks.open_fraction(tol, "tol")
+        self.early_tol = _checks.open_fraction(early_tol, "early_tol")
         self.negative_every = _checks.positive_int(negative_every, "negative_every")
         self.early_budget = _checks.fraction(early_budget, "early_budget")
         self.max_products = _checks.positive_int(max_products, "max_products", minimum=self.top_k)
-        for name, flag in (
-            ("negative_curvature", negative_curvature),
-            ("preconditioned", preconditioned),
-            ("warm_start", warm_start),
-        ):
-            if not isinstance(flag, bool):
-                raise TypeError(f"`{name}`: expected True or False, got {flag!r}.")
-        self.negative_curvature = negative_curvature
+        self.negative_curvature = _checks.boolean(negative_curvature, "negative_curvature")
+        self.preconditioned = _checks.boolean(preconditioned, "preconditioned")
+        self.warm_start = _checks.boolean(warm_start, "warm_start")
         self.negative_ratio = _checks.fraction(negative_ratio, "negative_ratio")
         self.trace_samples = _checks.non_negative_int(trace_samples, "trace_samples")
-        self.preconditioned = preconditioned
-        self.warm_start = warm_start
-        if probe_chunk_size is not None:
-            _checks.positive_int(probe_chunk_size, "probe_chunk_size")
-        self.probe_chunk_size = probe_chunk_size
+        self.probe_chunk_size = _checks.optional_positive_int(probe_chunk_size, "probe_chunk_size")
         self.seed = _checks.non_negative_int(seed, "seed")
         self.max_memory_factor = _checks.positive_float(max_memory_factor, "max_memory_factor")
         self._user_probe = probe_batch
-        self._probes: list[tuple[Any, int, int]] = []  # (batch, batch_idx, rows) on the device
-        self._probe_rows = 0
-        self._probe_complete = False
+        self._probe = ProbeBatch()  # copies on the device
         self._last_step = -1
         self._method: HVPMethod | None = None if hvp == "auto" else hvp  # type: ignore[assignment]
-        self._warm_top: Tensor | None = None
-        self._warm_bottom: Tensor | None = None
-        self._warm_precond: Tensor | None = None
+        self._warm = WarmStart()
         self._generator = torch.Generator().manual_seed(self.seed)
         self.last_estimate: SpectrumEstimate | None = None
         self.estimates = 0
@@ -274,31 +242,19 @@ class HessianEigenMonitor(Monitor):
     # ---- hooks ---------------------------------------------------------------------------------
     @override
     def on_start(self, run: Run) -> None:
+        # the interval agreement of the budget clock under DDP: the largest proposal wins
         self._clock.agree = run.max_over_ranks
         self._clock.total_steps = float(run.total_steps)
 
     @override
     def on_batch_start(self, run: Run, batch: Any, batch_idx: int) -> None:
         step = run.global_step
-        if self._user_probe is not None:
-            if not self._probes:
-                self._add_probe(self._user_probe, 0, run.model)
-        elif not self._probe_complete:
-            self._add_probe(batch, batch_idx, run.model)
-            micro_batches = run.accumulate_grad_batches
-            available = run.batches_per_epoch
-            self._probe_complete = len(self._probes) >= min(micro_batches, available)
-            if not self._probe_complete:
-                return  # the probe is the first optimizer step's whole batch: wait for the rest
+        if not self._take_probe(run, batch, batch_idx):
+            return  # the probe is the first optimizer step's whole batch: wait for the rest
         if step == self._last_step:
             return  # gradient accumulation: one estimate per optimizer step
         self._last_step = step
-        if self.budgeted:
-            due = self._clock.due(step)  # always called: it times the training steps
-            due = due or (self._early(step) and self._early_affordable(step))
-        else:
-            due = self.should_run(run)
-        if not due:
+        if not self._due(run, step):
             return
         blocker = run.replay_blocker()
         if blocker is not None:
@@ -306,46 +262,43 @@ class HessianEigenMonitor(Monitor):
             return
         self._estimate(run)
 
-    def _add_probe(self, batch: Any, batch_idx: int, model: torch.nn.Module) -> None:
-        """Keep a copy of a (micro-)batch as part of the probe, weighted by its rows (1 if unknown)."""
-        rows = batch_size(batch) or 1
-        self._probes.append((_clone(batch, _device_of(model)), batch_idx, rows))
-        self._probe_rows += rows
+    @property
+    def _probe_rows(self) -> int:
+        return self._probe.rows
 
-    def _early_affordable(self, step: int) -> bool:
-        """Step 0 always; a later log-spaced estimate when the last one cost at most ``early_budget``
-        of the planned run's training time (a big model on a short run gets its step-0 estimate and
-        then the time budget's)."""
-        clock = self._clock
-        if step == 0 or clock.last_cost is None or not math.isfinite(clock.total_steps):
+    def _take_probe(self, run: Run, batch: Any, batch_idx: int) -> bool:
+        """Copy the user's probe once, or this micro-batch while the probe is incomplete; whether
+        the probe is complete."""
+        if self._user_probe is not None:
+            if not self._probe.parts:
+                self._probe.add(_clone(self._user_probe, run.root_device), 0)
             return True
-        planned = clock.seconds_per_step * clock.total_steps
-        return clock.last_cost <= self.early_budget * planned
+        if not self._probe.complete:
+            self._probe.add(_clone(batch, run.root_device), batch_idx)
+            accumulate = run.accumulate_grad_batches
+            return self._probe.close_after(accumulate, run.batches_per_epoch)
+        return True
+
+    def _due(self, run: Run, step: int) -> bool:
+        if not self.budgeted:
+            return self.should_run(run)
+        clock = self._clock
+        due = clock.due(step)  # always called: it times the training steps
+        return due or (
+            self._early(step)
+            and early_estimate_affordable(
+                step, clock.last_cost, clock.seconds_per_step, clock.total_steps, self.early_budget
+            )
+        )
 
     # ---- the estimate ---------------------------------------------------------------------------
     def _operator(self, run: Run, method: HVPMethod) -> HessianOperator:
         # Each probe batch weighs by its share of the rows: the products are those of the mean loss
-        # over all probe samples (mean-reduced losses).
-        chunks = [
-            (chunk, idx, weight * rows / self._probe_rows)
-            for probe, idx, rows in self._probes
-            for chunk, weight in split_batch(probe, self.probe_chunk_size)
-        ]
-        host_rng = HostRandomState(run.model)  # NumPy/Python draws replayed like torch's (one function)
-
-        def closure(chunk: Any, idx: int) -> Callable[[], Tensor]:
-            def loss() -> Tensor:
-                host_rng.restore()
-                return _loss_of(run.loss_on(chunk, idx))
-
-            return loss
-
+        # over all probe samples (mean-reduced losses). NumPy/Python draws are replayed like torch's.
+        host_rng = HostRandomState(run.model)
+        losses = self._probe.losses(run.loss_on, self.probe_chunk_size, before=host_rng.restore)
         return HessianOperator(
-            run.model,
-            [(closure(c, idx), w) for c, idx, w in chunks],
-            method=method,
-            reduce=mean_over_ranks,
-            cache_graph=len(chunks) == 1,
+            run.model, losses, method=method, reduce=mean_over_ranks, cache_graph=len(losses) == 1
         )
 
     def _estimate(self, run: Run) -> None:
@@ -356,143 +309,63 @@ class HessianEigenMonitor(Monitor):
         try:
             with isolated(run.model), torch.enable_grad():
                 if self._method is None:
-                    # finite differences only where their error is well below the tolerance asked
-                    # for: an operator less accurate than that could never honestly converge
-                    self._method = choose_hvp_method(
-                        lambda m: self._operator(run, m),
-                        rtol=min(FD_AGREEMENT, 0.1 * self.tol),
-                        generator=self._generator,
+                    self._method = select_hvp_method(
+                        lambda m: self._operator(run, m), self.tol, self._generator
                     )
-                step = run.global_step
-                early = self.budgeted and step < self._early.until
-                tol = self.early_tol if early else self.tol
-                negative = self.negative_curvature and (
-                    not self.budgeted or (not early and (self.estimates + 1) % self.negative_every == 0)
+                plan = plan_estimate(
+                    run.global_step,
+                    budgeted=self.budgeted,
+                    early_until=self._early.until,
+                    estimates_done=self.estimates,
+                    tol=self.tol,
+                    early_tol=self.early_tol,
+                    negative_curvature=self.negative_curvature,
+                    negative_every=self.negative_every,
                 )
-                op = self._operator(run, self._method)  # type: ignore[arg-type]
-                memory = max(
-                    self.max_memory_factor,
-                    minimum_memory_factor(op.dtype, self.top_k) + self.top_k * vector_ratio(op.dtype),
-                )
-                est = estimate_spectrum(
+                op = self._operator(run, self._method)
+                result = estimate_curvature(
                     op,
-                    k=self.top_k,
+                    optimizer,
+                    plan,
+                    top_k=self.top_k,
                     solver=self.solver,  # type: ignore[arg-type]
-                    tol=tol,
                     max_products=self.max_products,
-                    negative=negative,
-                    negative_scale=self.negative_ratio,
+                    negative_ratio=self.negative_ratio,
                     trace_samples=self.trace_samples,
-                    warm_top=self._warm_top if self.warm_start else None,
-                    warm_bottom=self._warm_bottom if self.warm_start else None,
-                    max_memory_factor=memory,
+                    max_memory_factor=solver_memory_factor(op.dtype, self.top_k, self.max_memory_factor),
+                    preconditioned_sharpness=self.preconditioned,
+                    warm=self._warm if self.warm_start else None,
                     generator=self._generator,
                 )
-                limit = stability_limit(optimizer) if optimizer is not None else None
-                pre = None
-                if limit is not None and limit.kind == "adam" and self.preconditioned:
-                    p = adam_preconditioner(optimizer, op.params)  # type: ignore[arg-type]
-                    if p is not None:
-                        pre = lanczos(
-                            preconditioned(op, p),
-                            k=1,
-                            v0=self._warm_precond if self.warm_start else None,
-                            tol=tol,
-                            max_products=self.max_products,
-                            max_memory_factor=memory,
-                            generator=self._generator,
-                        )
                 op.release()
-        except TypeError as err:
-            self._skip(run, str(err))
-            return
-        except (FloatingPointError, torch.linalg.LinAlgError) as err:
-            # NaN/Inf weights or probe batch: NonFiniteMonitor reports the cause; no estimate here
-            self._skip(run, f"no estimate: {err}")
-            return
-        except RuntimeError as err:  # a model autograd cannot differentiate twice (custom kernels...)
-            self._skip(run, f"no estimate, the loss cannot be differentiated twice ({err})")
+        except ESTIMATE_ERRORS as err:  # NaN/Inf: NonFiniteMonitor reports the cause
+            self._skip(run, failure_reason(err))
             return
         self.estimates += 1
-        self.last_estimate = est
+        self.last_estimate = result.spectrum
         if self.budgeted:
-            self._clock.spent(run.global_step, est.seconds)
-        self._warm_top = est.top.eigenvectors.detach()
-        self._warm_bottom = None if est.bottom is None else est.bottom.eigenvectors.detach()
-        self._warm_precond = None if pre is None else pre.eigenvectors.detach()
-        products = est.num_products + (pre.num_products if pre is not None else 0)
-        self._report(run, est, limit, pre, products)
+            self._clock.spent(run.global_step, result.spectrum.seconds)
+        self._warm.keep(result.spectrum, result.pre)
+        self._report(run, result)
 
-    def _report(
-        self, run: Run, est: SpectrumEstimate, limit: Any, pre: Any, products: int
-    ) -> None:
-        hub = self.hub
-        lam = est.lambda_max
-        values: dict[str, float] = {TAG_LAMBDA_MAX: lam, TAG_PRODUCTS: products, TAG_SECONDS: est.seconds}
-        for i, v in enumerate(est.top.eigenvalues, start=1):
-            values[f"{TAG}lambda_{i}"] = v
-        values[TAG_RESIDUAL] = max(est.top.residuals)
-        values[TAG_CONVERGED] = float(est.top.all_converged)
-        low = est.lambda_min
-        if low is not None:
-            values[TAG_LAMBDA_MIN] = low
-            if est.condition is not None and math.isfinite(est.condition):
-                values[TAG_CONDITION] = est.condition
-        if est.trace is not None:
-            values[TAG_TRACE] = est.trace.trace
-        if limit is not None:
-            values[TAG_TWO_OVER_LR] = limit.two_over_lr
-            if math.isfinite(limit.limit):
-                values[TAG_PRECOND_LIMIT if limit.kind == "adam" else TAG_LIMIT] = limit.limit
-        if pre is not None:
-            values[TAG_PRECOND] = pre.eigenvalues[0]
-        hub.log(run, values, run.global_step)
-        self._judge(run, est, limit, pre)
+    def _report(self, run: Run, result: CurvatureEstimate) -> None:
+        values = spectrum_values(result.spectrum, result.limit, result.pre, result.products)
+        self.hub.log(run, {TAG + name: v for name, v in values.items()}, run.global_step)
+        self._judge(run, result)
 
-    def _judge(self, run: Run, est: SpectrumEstimate, limit: Any, pre: Any) -> None:
-        hub = self.hub
-        lam = est.lambda_max
-        if limit is None or limit.kind == "unknown":
-            self._skip(run, "sharpness: no known stability limit for this optimizer")
-        elif limit.kind == "sgd" and lam > limit.limit:
-            hub.alert(
-                run,
-                "hessian.sharpness",
-                f"The top Hessian eigenvalue lambda_max = {lam:.4g} is above the stability limit "
-                f"{limit.limit:.4g} ({limit.formula}, lr={limit.lr:.3g}, 2/lr = {limit.two_over_lr:.4g}) "
-                f"on a probe of {self._probe_rows} samples: gradient descent oscillates and diverges "
-                "along its eigenvector.",
-                hint=f"Lower the learning rate below {limit.lr * limit.limit / lam:.3g} (where the limit "
-                "meets lambda_max), or add warm-up.",
-                value=lam,
-            )
-        elif limit.kind == "adam" and pre is not None and pre.eigenvalues[0] > limit.limit:
-            ps = pre.eigenvalues[0]
-            hub.alert(
-                run,
-                "hessian.sharpness",
-                f"The preconditioned sharpness lambda_max(P^-1 H) = {ps:.4g} is above Adam's stability "
-                f"limit {limit.limit:.4g} ({limit.formula}, lr={limit.lr:.3g}).",
-                hint="Lower the learning rate, add warm-up, or raise Adam's eps.",
-                value=ps,
-            )
-        elif limit.kind == "adam" and not self.preconditioned:
-            self._skip(run, "sharpness: Adam-type optimizer and preconditioned=False")
-        low = est.lambda_min
-        if (
-            low is not None
-            and low < 0
-            and lam > 0
-            and est.top.all_converged
-            and -low >= self.negative_ratio * lam
+    def _judge(self, run: Run, result: CurvatureEstimate) -> None:
+        for found in judge_curvature(
+            result.spectrum,
+            result.limit,
+            result.pre,
+            preconditioned=self.preconditioned,
+            negative_ratio=self.negative_ratio,
+            probe_rows=self._probe.rows,
         ):
-            hub.alert(
-                run,
-                "hessian.negative_curvature",
-                f"The Hessian has a negative eigenvalue {low:.4g}, {-low / lam:.2g} of lambda_max "
-                f"{lam:.4g}: the weights are near a saddle point.",
-                value=low,
-            )
+            if found.code == SKIPPED:
+                self._skip(run, found.message)
+            else:
+                self.hub.alert(run, found.code, found.message, hint=found.hint, value=found.value)
 
     def _skip(self, run: Run, reason: str) -> None:
         self.hub.alert(
@@ -502,14 +375,9 @@ class HessianEigenMonitor(Monitor):
     # ---- checkpoints -----------------------------------------------------------------------------
     @override
     def monitor_state(self) -> dict[str, Any]:
-        def cpu(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t.detach().cpu()
-
         return {
             "hvp_method": self._method,
-            "warm_top": cpu(self._warm_top),
-            "warm_bottom": cpu(self._warm_bottom),
-            "warm_precond": cpu(self._warm_precond),
+            **self._warm.state(),
             "estimates": self.estimates,
             "generator": self._generator.get_state(),
             "clock": self._clock.state(),
@@ -519,9 +387,7 @@ class HessianEigenMonitor(Monitor):
     def load_monitor_state(self, state: dict[str, Any]) -> None:
         if self.hvp == "auto" and state.get("hvp_method") is not None:
             self._method = state["hvp_method"]
-        self._warm_top = state.get("warm_top")
-        self._warm_bottom = state.get("warm_bottom")
-        self._warm_precond = state.get("warm_precond")
+        self._warm.load(state)
         self.estimates = int(state.get("estimates", 0))
         if state.get("generator") is not None:
             self._generator.set_state(state["generator"])

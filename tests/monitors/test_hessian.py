@@ -176,7 +176,7 @@ def test_state_round_trip_keeps_warm_start(tmp_path) -> None:
     other = HessianEigenMonitor(every_n_steps=2)
     other.load_state_dict(state)
     assert other.estimates == mon.estimates == 2
-    assert torch.equal(other._warm_top, mon._warm_top.cpu())
+    assert torch.equal(other._warm.top, mon._warm.top.cpu())
     assert other._method == mon._method
 
 

@@ -1,0 +1,144 @@
+"""One curvature estimate judged: the numbers to log and the findings (sharpness, saddle, skip).
+
+Why: the sharpness test compares the estimate with the optimizer's stability limit (SGD:
+``lambda_max`` against ``2/lr`` or its momentum form; Adam: the preconditioned sharpness against
+``(2 + 2 beta1)/((1 - beta1) lr)``), and a clearly negative ``lambda_min`` next to a converged
+``lambda_max`` marks a saddle. The decisions and their wording live here (pure Python over the
+estimate's numbers); the monitor logs the values and turns the findings into alerts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from healthmon.numerics.eigensolvers import EigenResult
+from healthmon.numerics.spectrum import SpectrumEstimate
+from healthmon.numerics.stability import StabilityLimit
+
+#: The code of a finding that says why a test could not run (the monitor's ``monitor.skipped``).
+SKIPPED = "monitor.skipped"
+
+
+@dataclass(frozen=True)
+class CurvatureFinding:
+    """One verdict on an estimate.
+
+    Attributes:
+        code: ``hessian.sharpness``, ``hessian.negative_curvature`` or :data:`SKIPPED`.
+        message: one sentence (for :data:`SKIPPED`, the reason the test did not run).
+        hint: the fix, when there is one.
+        value: the eigenvalue that fired.
+    """
+
+    code: str
+    message: str
+    hint: str | None = None
+    value: float | None = None
+
+
+def spectrum_values(
+    est: SpectrumEstimate, limit: StabilityLimit | None, pre: EigenResult | None, products: int
+) -> dict[str, float]:
+    """The estimate's numbers by short name (``lambda_max``, ``lambda_1``..., ``stability_limit``...).
+
+    ``condition`` only when finite; the finite limit is ``preconditioned_limit`` for Adam-type
+    optimizers, ``stability_limit`` otherwise.
+    """
+    values: dict[str, float] = {"lambda_max": est.lambda_max, "products": products, "seconds": est.seconds}
+    for i, v in enumerate(est.top.eigenvalues, start=1):
+        values[f"lambda_{i}"] = v
+    values["residual"] = max(est.top.residuals)
+    values["converged"] = float(est.top.all_converged)
+    low = est.lambda_min
+    if low is not None:
+        values["lambda_min"] = low
+        if est.condition is not None and math.isfinite(est.condition):
+            values["condition"] = est.condition
+    if est.trace is not None:
+        values["trace"] = est.trace.trace
+    if limit is not None:
+        values["two_over_lr"] = limit.two_over_lr
+        if math.isfinite(limit.limit):
+            values["preconditioned_limit" if limit.kind == "adam" else "stability_limit"] = limit.limit
+    if pre is not None:
+        values["preconditioned_sharpness"] = pre.eigenvalues[0]
+    return values
+
+
+def judge_sharpness(
+    est: SpectrumEstimate,
+    limit: StabilityLimit | None,
+    pre: EigenResult | None,
+    *,
+    preconditioned: bool,
+    probe_rows: int,
+) -> CurvatureFinding | None:
+    """The sharpness test: above the stability limit, a skip reason, or None (stable).
+
+    A Ritz value is a lower bound on the true ``lambda_max``, so a finding is sound even when
+    the estimate has not converged.
+
+    Args:
+        est: the estimate.
+        limit: the optimizer's stability limit (None: no optimizer).
+        pre: the preconditioned sharpness solve (Adam-type), or None.
+        preconditioned: whether the preconditioned sharpness was asked for.
+        probe_rows: samples in the probe (named in the message).
+    """
+    lam = est.lambda_max
+    if limit is None or limit.kind == "unknown":
+        return CurvatureFinding(SKIPPED, "sharpness: no known stability limit for this optimizer")
+    if limit.kind == "sgd" and lam > limit.limit:
+        return CurvatureFinding(
+            "hessian.sharpness",
+            f"The top Hessian eigenvalue lambda_max = {lam:.4g} is above the stability limit "
+            f"{limit.limit:.4g} ({limit.formula}, lr={limit.lr:.3g}, 2/lr = {limit.two_over_lr:.4g}) "
+            f"on a probe of {probe_rows} samples: gradient descent oscillates and diverges "
+            "along its eigenvector.",
+            hint=f"Lower the learning rate below {limit.lr * limit.limit / lam:.3g} (where the limit "
+            "meets lambda_max), or add warm-up.",
+            value=lam,
+        )
+    if limit.kind == "adam" and pre is not None and pre.eigenvalues[0] > limit.limit:
+        ps = pre.eigenvalues[0]
+        return CurvatureFinding(
+            "hessian.sharpness",
+            f"The preconditioned sharpness lambda_max(P^-1 H) = {ps:.4g} is above Adam's stability "
+            f"limit {limit.limit:.4g} ({limit.formula}, lr={limit.lr:.3g}).",
+            hint="Lower the learning rate, add warm-up, or raise Adam's eps.",
+            value=ps,
+        )
+    if limit.kind == "adam" and not preconditioned:
+        return CurvatureFinding(SKIPPED, "sharpness: Adam-type optimizer and preconditioned=False")
+    return None
+
+
+def judge_negative_curvature(est: SpectrumEstimate, negative_ratio: float) -> CurvatureFinding | None:
+    """A saddle: ``lambda_min < 0`` with ``|lambda_min| >= negative_ratio * lambda_max`` (converged top)."""
+    lam, low = est.lambda_max, est.lambda_min
+    if low is None or not (low < 0 and lam > 0 and est.top.all_converged and -low >= negative_ratio * lam):
+        return None
+    return CurvatureFinding(
+        "hessian.negative_curvature",
+        f"The Hessian has a negative eigenvalue {low:.4g}, {-low / lam:.2g} of lambda_max "
+        f"{lam:.4g}: the weights are near a saddle point.",
+        value=low,
+    )
+
+
+def judge_curvature(
+    est: SpectrumEstimate,
+    limit: StabilityLimit | None,
+    pre: EigenResult | None,
+    *,
+    preconditioned: bool,
+    negative_ratio: float,
+    probe_rows: int,
+) -> list[CurvatureFinding]:
+    """The sharpness finding (or skip), then the negative-curvature one, each when there is one."""
+    found = [
+        judge_sharpness(est, limit, pre, preconditioned=preconditioned, probe_rows=probe_rows),
+        judge_negative_curvature(est, negative_ratio),
+    ]
+    return [f for f in found if f is not None]

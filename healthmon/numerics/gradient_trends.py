@@ -1,0 +1,88 @@
+"""The gradient-norm and loss trend rules of one optimizer, and their verdicts as findings.
+
+Why: the monitor only feeds each step's norm and loss and turns findings into alerts; which rule
+fires, and the sentence that says why, live here (pure Python over :mod:`healthmon.numerics.trends`)
+so they can be tested without a Trainer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from healthmon.numerics.trends import CollapseRule, DivergenceRule, OpposingTrendRule, SpikeRule
+
+#: The rule names, in the order they judge a step.
+RULES = ("spike", "collapse", "divergence", "opposing")
+
+
+@dataclass(frozen=True)
+class TrendFinding:
+    """One rule that fired on a step.
+
+    Attributes:
+        code: ``grad.explosion``, ``grad.vanishing``, ``loss.divergence`` or ``grad.norm_rising``.
+        message: one sentence: the measured values and why they count.
+        value: the measured number (the norm, or the loss), None for a trend.
+    """
+
+    code: str
+    message: str
+    value: float | None = None
+
+
+def trend_rules(
+    *, spike_factor: float, warmup: int, collapse_orders: float, blowup: float, window: int, rise: float
+) -> dict[str, Any]:
+    """Fresh spike, collapse, divergence and opposing-trend rules of one optimizer's series."""
+    return {
+        "spike": SpikeRule(factor=spike_factor, warmup=warmup),
+        "collapse": CollapseRule(orders=collapse_orders, warmup=warmup),
+        "divergence": DivergenceRule(blowup=blowup, window=window, rise=rise),
+        "opposing": OpposingTrendRule(),
+    }
+
+
+def judge_trends(
+    rules: Mapping[str, Any], norm: float, loss: float | None, where: str | None = None
+) -> Iterator[TrendFinding]:
+    """Feed one step's gradient norm and loss to the rules, yielding what fires.
+
+    A generator: each rule is updated only when the previous finding has been consumed, so a
+    caller that raises on a finding leaves the later rules untouched, as if judged inline.
+
+    Args:
+        rules: the rules from :func:`trend_rules`.
+        norm: the step's global gradient norm.
+        loss: the step's loss (None: the divergence and opposing rules are not fed).
+        where: the optimizer's name when there are several (named in the messages).
+    """
+    of = f" ({where})" if where else ""
+    ratio = rules["spike"].update(norm, loss)
+    if ratio is not None:
+        yield TrendFinding(
+            "grad.explosion",
+            f"Gradient norm{of} {norm:.3g} is {ratio:.3g}x its running level, and {rules['spike'].reason}.",
+            norm,
+        )
+    drop = rules["collapse"].update(norm, loss)
+    if drop is not None:
+        yield TrendFinding(
+            "grad.vanishing",
+            f"Gradient norm{of} {norm:.3g} collapsed {drop:.1f} orders of magnitude below its peak "
+            "while the loss is still high.",
+            norm,
+        )
+    if loss is None:
+        return
+    reason = rules["divergence"].update(loss, norm)
+    if reason is not None:
+        yield TrendFinding("loss.divergence", f"The loss{of} {reason}.", loss)
+    trend = rules["opposing"].update(norm, loss)
+    if trend is not None:
+        yield TrendFinding(
+            "grad.norm_rising",
+            f"Over the last {rules['opposing'].window} steps the gradient norm{of} rose "
+            f"(correlation {trend[0]:.2f}) while the loss fell ({trend[1]:.2f}).",
+        )
