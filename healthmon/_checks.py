@@ -105,6 +105,6 @@ def open_fraction(value: Any, name: str) -> float:
     return checked
 
 
-def optional_positive_int(value: Any, name: str, *, minimum: int = 1) -> int | None:
-    """None, or an integer >= ``minimum`` (see :func:`positive_int`)."""
-    return None if value is None else positive_int(value, name, minimum=minimum)
+def optional_positive_int(value: Any, name: str) -> int | None:
+    """None, or an integer >= 1 (see :func:`positive_int`)."""
+    return None if value is None else positive_int(value, name)
