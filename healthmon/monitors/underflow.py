@@ -38,11 +38,17 @@ optimizer steps), with one host synchronisation per monitored step:
 All statistics are measured in ``on_before_optimizer_step``: after gradient accumulation and AMP
 unscaling (Lightning unscales before this hook), before clipping. A step the ``GradScaler`` skips
 (its gradients overflowed) is not judged; the scaler itself is watched by ``NonFiniteMonitor``.
+The device counts of a monitored step (and the stale counts, read right after ``optimizer.step``)
+are fetched with the hub's next host synchronisation (``Hub.defer``); the alerts carry the step
+they were measured at. The decisions live in :mod:`healthmon.numerics` (``zero_gradients``,
+``underflow``, ``dead_units``, ``depth_decay``, ``stale_updates``), which return findings that
+this monitor raises as alerts.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import pytorch_lightning as pl
@@ -54,25 +60,22 @@ from healthmon import _checks
 from healthmon._checks import Cadence
 from healthmon.alerts import OnAlert, Severity
 from healthmon.monitors.base import Monitor
-from healthmon.monitors.hub import GradStep, Hub, optimizer_params_with_grad
-from healthmon.numerics.precision import dtype_name, stale_counts
-from healthmon.numerics.trends import EMA
+from healthmon.monitors.hub import GradStep, Hub, ParamIndex, optimizer_params_with_grad
+from healthmon.numerics.dead_units import UnitRecorder, dead_unit_findings, relu_modules
+from healthmon.numerics.depth_decay import DepthProfile, LossLevel, layer_rms, vanishing_finding
+from healthmon.numerics.findings import Finding
+from healthmon.numerics.precision import dtype_name
+from healthmon.numerics.stale_updates import StaleSample, StaleSampler, learning_rate, stale_summary
 from healthmon.numerics.underflow import (
-    RELU_FAMILY,
-    TOTAL,
-    ZEROS,
-    active_units,
-    at_stationary_point,
-    dead_fraction,
-    depth_decay_orders,
-    depth_profile_judged,
-    fractions,
+    Shares,
+    from_float32_exact,
     gradient_counts,
-    grouped_counts,
-    layer_rms,
+    group_shares,
     log10_magnitudes,
-    sample_indices,
+    to_float32_exact,
+    underflow_finding,
 )
+from healthmon.numerics.zero_gradients import StationaryWatch, ZeroStreaks, zero_finding, zero_hits
 
 PREFIX = "healthmon/grad/"
 TAG_ZERO_DTYPE = "healthmon/grad/zero_fraction/dtype/"
@@ -89,9 +92,6 @@ TAG_STALE_LAYER = "healthmon/update/stale_fraction/layer/"
 TAG_HIST = "healthmon/grad/log10_abs/"
 
 _EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
-_SCHEDULE_FLOOR = 0.01  # update.stale: a scheduled lr below 1% of its base asks for no update
-_MAX_NAMES = 5
-_LOSS_START_STEPS = 10  # losses averaged into the start level the depth profile is judged against
 
 
 def _flag(value: Any, name: str) -> bool:
@@ -100,32 +100,24 @@ def _flag(value: Any, name: str) -> bool:
     return value
 
 
-def _learning_rate(group: dict[str, Any], *, exact: bool = True) -> float:
-    """A parameter group's learning rate (groups of optimizers without one count as moving).
+@dataclass
+class _Measured:
+    """What a monitored step measured on the host, kept until its device counts are fetched."""
 
-    A learning rate held in a device tensor (capturable optimizers) is read only when ``exact``:
-    reading it is a host synchronisation, which the every-step bookkeeping does not pay.
-    """
-    lr = group.get("lr", 1.0)
-    if isinstance(lr, Tensor):
-        return float(lr) if exact or lr.device.type == "cpu" else 1.0
-    return float(lr) if isinstance(lr, (int, float)) else 1.0
-
-
-def _asks_for_updates(group: dict[str, Any]) -> bool:
-    """Whether the optimizer asks this group's weights to move by more than a schedule's rounding.
-
-    A learning rate of 0 asks for nothing (the first step of a warm-up from 0, the end of a cosine
-    schedule). Below ``_SCHEDULE_FLOOR`` of the scheduler's base learning rate (``initial_lr``,
-    set by every ``torch.optim.lr_scheduler``), the schedule itself asks for vanishing updates:
-    float32 rounds away updates of 1e-9, which is the last steps of an annealing to 0 doing what
-    they were designed to, not a precision bug.
-    """
-    lr = _learning_rate(group)
-    base = group.get("initial_lr")
-    if isinstance(base, (int, float, Tensor)) and float(base) > 0.0:
-        return lr >= _SCHEDULE_FLOOR * float(base)
-    return lr > 0.0
+    step: int
+    log: bool
+    index: ParamIndex
+    params: list[Tensor]
+    judged: list[bool]  # zeros judged: neither an embedding's structural zeros nor a sparse gradient
+    layer_index: list[int]
+    dtypes: list[str]  # per tensor
+    profile: DepthProfile
+    loss: float
+    judge_zero: bool
+    judge_depth: bool
+    updates: int
+    dead_names: list[str]
+    stale: tuple[StaleSample, Tensor] | None
 
 
 class GradientUnderflowMonitor(Monitor):
@@ -216,25 +208,21 @@ class GradientUnderflowMonitor(Monitor):
             raise ValueError(f"`seed`: expected an integer, got {seed!r}.")
         self.seed = seed
         # run state
-        self._generator = torch.Generator().manual_seed(seed)
-        self._indices: dict[int, Tensor] = {}
+        self._sampler = StaleSampler(stale_samples, seed)
         self._samplings = 0
-        self._step_hooks: list[Any] = []
-        self._fwd_hooks: list[Any] = []
-        self._relus: list[tuple[str, nn.Module]] = []
+        self._units = UnitRecorder()
+        self._streaks = ZeroStreaks(self.zero_steps)
+        self._stationary = StationaryWatch()
+        self._loss = LossLevel()
         self._structural: set[int] = set()
-        self._zero_streaks: dict[int, tuple[int, int]] = {}  # id(param) -> (zero steps, updates seen)
-        self._peak_norms: dict[int, float] = {}  # optimizer index -> largest global gradient norm
-        self._loss_start: float | None = None  # mean of the first _LOSS_START_STEPS losses
-        self._loss_count = 0
-        self._loss_level = EMA(0.1)  # the loss, smoothed over every optimizer step
+        self._step_hooks: list[Any] = []
         self._updates = 0  # optimizer steps taken with a nonzero learning rate
-        self._alive: dict[str, Tensor] = {}
         self._alive_step = -1
-        self._armed_step = -1
         self._last_log = -1
-        self._stale_before: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
-        self._pending_stale: tuple[int, list[int], list[str], Tensor] | None = None
+        self._stale: tuple[StaleSample, Tensor] | None = None  # fetched, judged at the next monitored step
+        self._stale_in_flight = False
+        self._ended = False
+        self._trainer: pl.Trainer | None = None
 
     @override
     def config(self) -> dict[str, Any]:
@@ -273,8 +261,9 @@ class GradientUnderflowMonitor(Monitor):
     # ---- lifecycle ---------------------------------------------------------------------------
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._relus = [(n or "(root)", m) for n, m in pl_module.named_modules() if isinstance(m, RELU_FAMILY)]
+        self._units = UnitRecorder(relu_modules(pl_module))
         self._structural = {id(m.weight) for m in pl_module.modules() if isinstance(m, _EMBEDDINGS)}
+        self._trainer, self._ended = trainer, False
         # Lightning runs the closure (forward, backward, on_before_optimizer_step) *inside*
         # optimizer.step, so a step pre-hook fires before the gradients exist: the weights are
         # sampled in on_before_optimizer_step and again in the post-hook, right after the update.
@@ -285,35 +274,19 @@ class GradientUnderflowMonitor(Monitor):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        step = int(trainer.global_step)
-        if self._alive_step != step:  # a new optimizer step (not the next micro-batch of this one)
-            self._alive, self._alive_step = {}, step
-        if self.dead_units and self._relus and not self._fwd_hooks and self.should_run(trainer):
-            self._fwd_hooks = [m.register_forward_hook(self._record_units(name)) for name, m in self._relus]
-
-    def _record_units(self, name: str) -> Any:
-        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-            if isinstance(output, Tensor) and module.training:
-                live = active_units(module, output)
-                seen = self._alive.get(name)
-                self._alive[name] = live if seen is None or seen.shape != live.shape else seen | live
-
-        return hook
-
-    def _remove_forward_hooks(self) -> None:
-        for handle in self._fwd_hooks:
-            handle.remove()
-        self._fwd_hooks = []
+        self._watch_units(trainer, int(trainer.global_step))
 
     @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         if self.should_run(trainer):
-            self._remove_forward_hooks()
+            self._units.detach()
             self._check(trainer, optimizer)
             if self.stale_updates:
-                self._sample_before(optimizer, int(trainer.global_step))
+                self._samplings += 1
+                resample = self._samplings % self.resample_every == 0
+                self._sampler.before(optimizer, int(trainer.global_step), resample=resample)
         else:
             self._whole_zero_from_shared_norms(trainer, optimizer)
         every = self.histogram_every_n_steps
@@ -325,42 +298,41 @@ class GradientUnderflowMonitor(Monitor):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._remove_forward_hooks()
-        self._stale_before = []  # a step the GradScaler skipped never reached the post-hook
+        self._units.detach()
+        self._sampler.disarm()  # a step the GradScaler skipped never reached the post-hook
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._pending_stale is not None and self._hub is not None:
-            self._judge_stale(trainer, self._pending_stale, self._pending_stale[3].cpu(), log=True)
-            self._pending_stale = None
+        self._ended = True
+        self._judge_last_stale(trainer)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         for handle in self._step_hooks:
             handle.remove()
         self._step_hooks.clear()
-        self._remove_forward_hooks()
+        self._units.detach()
         super().teardown(trainer, pl_module, stage)
 
-    # ---- the monitored step ------------------------------------------------------------------
+    # ---- dead units: forward hooks on the batches of a monitored step ------------------------------
+    def _watch_units(self, trainer: pl.Trainer, step: int) -> None:
+        if self._alive_step != step:  # a new optimizer step (not the next micro-batch of this one)
+            self._units.clear()
+            self._alive_step = step
+        if self.dead_units and self._units.modules and not self._units.attached and self.should_run(trainer):
+            self._units.attach()
+
+    # ---- the monitored step: count on the device, fetch with the next sync, judge ------------------
     def _check(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> None:
-        hub = self.hub
-        index = hub.params
+        hub, index = self.hub, self.hub.params
         params, _ = optimizer_params_with_grad(optimizer)
         params = [p for p in params if p.grad is not None and p.grad.is_floating_point()]
         if index is None or not params:
             return
-        step = int(trainer.global_step)
         grads = [p.grad for p in params]
         structural = [id(p) in self._structural for p in params]
-        layer_idx = [index.layer_of.get(id(p), 0) for p in params]
-        dtypes = sorted({g.dtype for g in grads}, key=str)
-        dtype_idx = [dtypes.index(g.dtype) for g in grads]
-        n_layers = len(index.layers)
-
-        counts = gradient_counts(grads, structural_zeros=structural)
-        profile = [i for i, s in enumerate(structural) if not s and not grads[i].is_sparse]
+        counts = gradient_counts(grads, structural_zeros=structural)  # type: ignore[arg-type]
         # per-tensor norms and the loss come from the hub's shared per-step statistics
         stats = hub.grad_step(trainer, optimizer)
         if stats.skipped:  # overflow the GradScaler handles: these gradients are never applied
@@ -368,119 +340,116 @@ class GradientUnderflowMonitor(Monitor):
         if not math.isfinite(stats.norm):
             return  # NaN/Inf gradients: NonFiniteMonitor names the cause; zero/dead counts mean nothing
         stationary = self._at_stationary_point(stats)
-        self._track_loss(stats)
+        self._loss.update(stats.loss)
+        measured = self._measure(trainer, index, params, structural, stats, stationary)
+        dead = self._units.take()
+        measured.dead_names = list(dead)
+        values = [to_float32_exact(counts).reshape(-1)]
+        values += [d.to(device=counts.device, dtype=torch.float64).reshape(1) for d in dead.values()]
+        hub.defer(torch.cat(values), lambda v: self._judge(trainer, measured, v))
+
+    def _measure(
+        self,
+        trainer: pl.Trainer,
+        index: ParamIndex,
+        params: list[Tensor],
+        structural: list[bool],
+        stats: GradStep,
+        stationary: bool,
+    ) -> _Measured:
+        """The host side of a monitored step: layers, the depth profile, what is judged."""
+        grads = [p.grad for p in params]
+        judged = [not s and not g.is_sparse for s, g in zip(structural, grads, strict=True)]  # type: ignore[union-attr]
+        layer_index = [index.layer_of.get(id(p), 0) for p in params]
         shared = {id(p): i for i, p in enumerate(stats.params)}
-        rows = torch.tensor([shared[id(params[i])] for i in profile], dtype=torch.long)
-        norms = stats.per_tensor[rows.to(stats.per_tensor.device)] if profile else torch.zeros(0)
-        rms = layer_rms(norms, [grads[i].numel() for i in profile], [layer_idx[i] for i in profile], n_layers)
-        dead_names = list(self._alive)
-        device = counts.device
-        parts = [counts.reshape(-1), rms.to(device)]
-        parts += [
-            dead_fraction(self._alive[n]).to(device=device, dtype=torch.float64).reshape(1)
-            for n in dead_names
-        ]
-        pending = self._pending_stale
-        if pending is not None:
-            parts.append(pending[3].to(device=device, dtype=torch.float64).reshape(-1))
-        host = torch.cat(parts).cpu()  # the one host synchronisation of this monitored step
-        self._alive = {}
+        profile = [i for i, ok in enumerate(judged) if ok]
+        rms = layer_rms(
+            [stats.per_tensor_host[shared[id(params[i])]] for i in profile],
+            [grads[i].numel() for i in profile],  # type: ignore[union-attr]
+            [layer_index[i] for i in profile],
+            len(index.layers),
+        )
+        loss = math.nan if stats.loss is None else stats.loss
+        loss_nonzero = math.isnan(loss) or abs(loss) > self.loss_tolerance
+        stale, self._stale = self._stale, None
+        step = int(trainer.global_step)
+        return _Measured(
+            step=step,
+            log=self._log_due(trainer, step),
+            index=index,
+            params=params,
+            judged=judged,
+            layer_index=layer_index,
+            dtypes=[dtype_name(g.dtype) for g in grads],  # type: ignore[union-attr]
+            profile=DepthProfile.of(rms, index.layers),
+            loss=loss,
+            judge_zero=loss_nonzero and not stationary,
+            judge_depth=loss_nonzero and self._loss.judged(),
+            updates=self._updates,
+            dead_names=[],
+            stale=stale,
+        )
 
-        pos = counts.numel()
-        counts_h = host[:pos].reshape(-1, 4)
-        rms_h = host[pos : pos + n_layers].tolist()
-        pos += n_layers
-        dead_h = host[pos : pos + len(dead_names)].tolist()
-        pos += len(dead_names)
-        stale_h = None
-        if pending is not None:
-            size = pending[3].numel()
-            stale_h = host[pos : pos + size].reshape(-1, 2)
-            pos += size
-            self._pending_stale = None
-        loss_h = math.nan if stats.loss is None else stats.loss
+    def _judge(self, trainer: pl.Trainer, m: _Measured, values: list[float]) -> None:
+        """The fetched counts of a monitored step: log its scalars, raise its findings."""
+        size = 8 * len(m.params)
+        counts = from_float32_exact(values[:size])
+        dead = values[size:]
+        layers = m.index.layers
+        dtype_names = sorted(set(m.dtypes), key=lambda n: str(getattr(torch, n)))
+        by_dtype = group_shares(counts, [dtype_names.index(d) for d in m.dtypes], dtype_names)
+        by_layer = group_shares(counts, m.layer_index, layers)
+        if m.log:
+            self.hub.log(
+                trainer,
+                self._scalars(by_dtype, by_layer, dict(zip(m.dead_names, dead, strict=True)), m.profile),
+                m.step,
+            )
+        if m.judge_zero:
+            totals, zeros = counts[:, 0].tolist(), counts[:, 1].tolist()
+            self._judge_zero(trainer, m.params, m.judged, zeros, totals, m.loss, m.updates, m.step)
+        layer_dtypes: dict[str, list[str]] = {}
+        for li, d in zip(m.layer_index, m.dtypes, strict=True):
+            layer_dtypes.setdefault(layers[li], []).append(d)
+        findings = [underflow_finding(by_layer, layer_dtypes, self.underflow_fraction)]
+        kinds = [self._units.kind(n) for n in m.dead_names]
+        findings += dead_unit_findings(m.dead_names, kinds, dead, self.dead_fraction)
+        if m.judge_depth:
+            findings.append(vanishing_finding(m.profile, self.depth_orders, self.min_depth))
+        for finding in findings:
+            self._raise(trainer, finding, m.step)
+        if m.stale is not None:
+            self._judge_stale(trainer, *m.stale, log=m.log, step=m.step)
 
-        loss_nonzero = math.isnan(loss_h) or abs(loss_h) > self.loss_tolerance
+    @staticmethod
+    def _scalars(
+        by_dtype: dict[str, Shares],
+        by_layer: dict[str, Shares],
+        dead: dict[str, float],
+        profile: DepthProfile,
+    ) -> dict[str, float]:
         values: dict[str, float] = {}
-        layers = index.layers
-        by_dtype = fractions(grouped_counts(counts_h, dtype_idx, len(dtypes))).tolist()
-        for dt, (zero, sub, flushed) in zip(dtypes, by_dtype, strict=True):
-            name = dtype_name(dt)
-            values[TAG_ZERO_DTYPE + name] = zero
-            values[TAG_SUB_DTYPE + name] = sub
-            values[TAG_FLUSH_DTYPE + name] = flushed
-        layer_counts = grouped_counts(counts_h, layer_idx, n_layers)
-        by_layer = fractions(layer_counts).tolist()
-        present = sorted(set(layer_idx))
-        for li in present:
-            zero, sub, flushed = by_layer[li]
-            values[TAG_ZERO_LAYER + layers[li]] = zero
-            values[TAG_SUB_LAYER + layers[li]] = sub
-            values[TAG_FLUSH_LAYER + layers[li]] = flushed
-        for name, frac in zip(dead_names, dead_h, strict=True):
-            values[TAG_DEAD + name] = frac
-        profile_layers = [li for li in range(n_layers) if not math.isnan(rms_h[li])]
-        decay = depth_decay_orders([rms_h[li] for li in profile_layers])
-        for li in profile_layers:
-            values[TAG_RMS + layers[li]] = rms_h[li]
-        if decay is not None and math.isfinite(decay):
-            values[TAG_DEPTH] = decay
-        log = self._log_due(trainer, step)
-        if log:
-            hub.log(trainer, values, step)
-
-        # ---- alerts --------------------------------------------------------------------------
-        if loss_nonzero and not stationary:
-            self._judge_zero(trainer, params, grads, structural, counts_h, loss_h)
-        # The decision uses the exact share of nonzero entries in the subnormal range; the
-        # flushed-to-zero figure is an upper-bound estimate (structural zeros such as ReLU-masked
-        # columns count too), so it is reported but never decides on its own. A gradient flushed
-        # entirely to zero is the whole-tensor ``grad.zero`` case.
-        subnormal_share = {li: by_layer[li][1] for li in present if not math.isnan(by_layer[li][1])}
-        flagged = [li for li, sub in subnormal_share.items() if sub >= self.underflow_fraction]
-        if flagged:
-            worst = max(flagged, key=lambda li: subnormal_share[li])
-            kinds = sorted({dtype_name(grads[i].dtype) for i, li in enumerate(layer_idx) if li == worst})
-            zero, sub, flushed = by_layer[worst]
-            hub.alert(
-                trainer,
-                "grad.underflow",
-                f"{sub:.0%} of the nonzero {'/'.join(kinds)} gradient entries of {layers[worst]} are "
-                f"subnormal (an estimated {flushed:.0%} of its entries flushed to zero); "
-                f"{len(flagged)} layer(s) affected.",
-                where=layers[worst],
-                value=sub,
-            )
-        for name, frac in zip(dead_names, dead_h, strict=True):
-            if frac >= self.dead_fraction:
-                module = dict(self._relus).get(name)
-                hub.alert(
-                    trainer,
-                    "grad.dead_units",
-                    f"{frac:.0%} of the units of {name} ({type(module).__name__}) passed no gradient for "
-                    "the whole batch.",
-                    where=name,
-                    value=frac,
-                )
-        if (
-            loss_nonzero
-            and depth_profile_judged(self._loss_level.value or math.nan, self._loss_start)
-            and decay is not None
-            and len(profile_layers) >= self.min_depth
-            and decay >= self.depth_orders
+        for tags, shares in (
+            ((TAG_ZERO_DTYPE, TAG_SUB_DTYPE, TAG_FLUSH_DTYPE), by_dtype),
+            ((TAG_ZERO_LAYER, TAG_SUB_LAYER, TAG_FLUSH_LAYER), by_layer),
         ):
-            first, last = layers[profile_layers[0]], layers[profile_layers[-1]]
-            hub.alert(
-                trainer,
-                "grad.vanishing",
-                f"The gradient decays {decay:.1f} orders of magnitude from the last layer ({last}, "
-                f"rms {rms_h[profile_layers[-1]]:.2g}) back to the first ({first}, "
-                f"rms {rms_h[profile_layers[0]]:.2g}) over {len(profile_layers)} layers.",
-                where=first,
-                value=decay,
+            for name, s in shares.items():
+                values[tags[0] + name], values[tags[1] + name], values[tags[2] + name] = (
+                    s.zero,
+                    s.subnormal,
+                    s.flushed,
+                )
+        values.update({TAG_DEAD + name: frac for name, frac in dead.items()})
+        values.update({TAG_RMS + name: rms for name, rms in zip(profile.layers, profile.rms, strict=True)})
+        if profile.decay is not None and math.isfinite(profile.decay):
+            values[TAG_DEPTH] = profile.decay
+        return values
+
+    def _raise(self, trainer: pl.Trainer, finding: Finding | None, step: int | None = None) -> None:
+        if finding is not None:
+            self.hub.alert(
+                trainer, finding.code, finding.message, where=finding.where, value=finding.value, step=step
             )
-        if pending is not None and stale_h is not None:
-            self._judge_stale(trainer, pending, stale_h, log=log)
 
     def _log_due(self, trainer: pl.Trainer, step: int) -> bool:
         """Write scalars about every ``log_every_n_steps`` (the hub's, else the Trainer's) steps.
@@ -494,6 +463,7 @@ class GradientUnderflowMonitor(Monitor):
             return True
         return False
 
+    # ---- exact zeros -------------------------------------------------------------------------------
     def _whole_zero_from_shared_norms(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> None:
         """Between counting steps: a gradient whose norm is exactly 0 is entirely zero.
 
@@ -504,195 +474,92 @@ class GradientUnderflowMonitor(Monitor):
         stats = hub.grad_step(trainer, optimizer)
         if stats.skipped:
             return
-        self._track_loss(stats)
+        self._loss.update(stats.loss)
         if self._at_stationary_point(stats):
             return
         if hub.params is None or stats.loss is None or not abs(stats.loss) > self.loss_tolerance:
             return
+        norms, params = stats.per_tensor_host, stats.params
         hits = [
-            i
-            for i, norm in enumerate(stats.per_tensor_host)
-            if norm == 0.0
-            and id(stats.params[i]) not in self._structural
-            and not stats.params[i].grad.is_sparse  # type: ignore[union-attr]
-            and stats.params[i].numel() > 0
+            p
+            for p, norm in zip(params, norms, strict=True)
+            if norm == 0.0 and id(p) not in self._structural and not p.grad.is_sparse and p.numel() > 0  # type: ignore[union-attr]
         ]
         if self.zero_fraction >= 1.0:  # a nonzero norm ends a streak (partial zeros are counted elsewhere)
-            for i, norm in enumerate(stats.per_tensor_host):
-                if norm != 0.0:
-                    self._zero_streaks.pop(id(stats.params[i]), None)
+            self._streaks.end(id(p) for p, norm in zip(params, norms, strict=True) if norm != 0.0)
         if hits:
-            params = [stats.params[i] for i in hits]
-            rows = torch.tensor([[float(p.numel()), float(p.numel()), 0.0, 0.0] for p in params])
-            self._judge_zero(
-                trainer, params, [p.grad for p in params], [False] * len(params), rows, stats.loss
-            )  # type: ignore[misc]
-
-    def _track_loss(self, stats: GradStep) -> None:
-        """The loss's start level and smoothed level (host floats the hub already fetched)."""
-        loss = stats.loss
-        if loss is None or not math.isfinite(loss):
-            return
-        self._loss_level.update(loss)
-        if self._loss_count < _LOSS_START_STEPS:
-            self._loss_count += 1
-            start = self._loss_start or 0.0
-            self._loss_start = start + (loss - start) / self._loss_count
+            sizes = [float(p.numel()) for p in hits]
+            self._judge_zero(trainer, hits, [True] * len(hits), sizes, sizes, stats.loss, self._updates, None)
 
     def _at_stationary_point(self, stats: GradStep) -> bool:
         """Track the run's peak gradient norm (per optimizer); True when this step is at a stationary point.
 
-        Then no tensor's zero gradient is a cut path (see
-        :func:`~healthmon.numerics.underflow.at_stationary_point`), and zero streaks restart.
+        Then no tensor's zero gradient is a cut path, and zero streaks restart.
         """
-        peak = self._peak_norms.get(stats.optimizer_index, 0.0)
-        if math.isfinite(stats.norm) and stats.norm > peak:
-            peak = self._peak_norms[stats.optimizer_index] = stats.norm
-        if not at_stationary_point(stats.norm, peak):
+        if not self._stationary.update(stats.optimizer_index, stats.norm):
             return False
-        for p in stats.params:
-            self._zero_streaks.pop(id(p), None)
+        self._streaks.end(id(p) for p in stats.params)
         return True
 
     def _judge_zero(
         self,
         trainer: pl.Trainer,
         params: list[Tensor],
-        grads: list[Tensor],
-        structural: list[bool],
-        counts: Tensor,
+        judged: list[bool],
+        zeros: list[float],
+        totals: list[float],
         loss: float,
+        updates: int,
+        step: int | None,
     ) -> None:
-        hub = self.hub
-        assert hub.params is not None
-        rows = counts.tolist()
-        hits = [
-            i
-            for i, row in enumerate(rows)
-            if not structural[i]
-            and not grads[i].is_sparse
-            and row[TOTAL] > 0
-            and row[ZEROS] / row[TOTAL] >= self.zero_fraction
-        ]
-        hit_ids = {id(params[i]) for i in hits}
-        for p in params:
-            if id(p) not in hit_ids:
-                self._zero_streaks.pop(id(p), None)
-        hits = [i for i in hits if self._zero_streak(params[i]) >= self.zero_steps]
-        if not hits:
+        hits = zero_hits(zeros, totals, judged, self.zero_fraction)
+        hits = self._streaks.judge([id(p) for p in params], hits, updates)
+        if hits:
+            names = [self.hub.params.name(params[i]) for i in hits]  # type: ignore[union-attr]
+            value = zeros[hits[0]] / totals[hits[0]]
+            self._raise(trainer, zero_finding(names, value, self.zero_fraction, self.zero_steps, loss), step)
+
+    # ---- stale updates: sampled around optimizer.step, fetched with the next sync ----------------
+    def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if any(learning_rate(group, exact=False) > 0.0 for group in optimizer.param_groups):
+            self._updates += 1
+        hub = self._hub
+        if hub is None or hub.params is None:
             return
-        names = [hub.params.name(params[i]) for i in hits]
-        shown = ", ".join(names[:_MAX_NAMES]) + (
-            f" and {len(names) - _MAX_NAMES} more" if len(names) > _MAX_NAMES else ""
-        )
-        what = "entirely zero" if self.zero_fraction >= 1.0 else f"at least {self.zero_fraction:.0%} zeros"
-        loss_text = "unknown" if math.isnan(loss) else f"{loss:.3g}"
-        hub.alert(
-            trainer,
-            "grad.zero",
-            f"The gradient of {len(names)} parameter tensor(s) is {what} while the loss is {loss_text}, "
-            f"and stayed so over {self.zero_steps} checked steps with optimizer updates between them: "
-            f"{shown}.",
-            where=names[0],
-            value=rows[hits[0]][ZEROS] / rows[hits[0]][TOTAL],
-        )
+        sample = self._sampler.after(hub.params.layer_of)
+        if sample is not None and sample.counts is not None:
+            self._stale_in_flight = True
+            hub.defer(sample.counts, lambda v: self._on_stale_counts(sample, v))
 
-    def _zero_streak(self, p: Tensor) -> int:
-        """Count one more zero step for ``p`` if the optimizer updated the model since the last one.
+    def _on_stale_counts(self, sample: StaleSample, values: list[float]) -> None:
+        self._stale_in_flight = False
+        self._stale = (sample, torch.tensor(values, dtype=torch.float64))
+        if self._ended and self._trainer is not None:
+            self._judge_last_stale(self._trainer)
 
-        A zero seen again before any update (a skipped step, a learning rate of 0) is no new
-        evidence: the gradient could not have changed.
-        """
-        count, updates = self._zero_streaks.get(id(p), (0, -1))
-        if updates != self._updates:
-            count += 1
-        self._zero_streaks[id(p)] = (count, self._updates)
-        return count
+    def _judge_last_stale(self, trainer: pl.Trainer) -> None:
+        """End of training: judge the last sampled step (once its counts are fetched)."""
+        if self._stale is not None and not self._stale_in_flight and self._hub is not None:
+            stale, self._stale = self._stale, None
+            self._judge_stale(trainer, *stale, log=True)
 
     def _judge_stale(
-        self,
-        trainer: pl.Trainer,
-        pending: tuple[int, list[int], list[str], Tensor],
-        stale: Tensor,
-        *,
-        log: bool,
+        self, trainer: pl.Trainer, sample: StaleSample, counts: Tensor, *, log: bool, step: int | None = None
     ) -> None:
         hub = self.hub
         assert hub.params is not None
-        step, layer_idx, kinds, _ = pending
-        layers = hub.params.layers
-        names = sorted(set(kinds))
-        by_layer = grouped_counts(stale.to(torch.float64), layer_idx, len(layers)).tolist()
-        by_dtype = grouped_counts(
-            stale.to(torch.float64), [names.index(k) for k in kinds], len(names)
-        ).tolist()
-        values: dict[str, float] = {}
-        for name, (s, e) in zip(names, by_dtype, strict=True):
-            if e > 0:
-                values[TAG_STALE_DTYPE + name] = s / e
-        worst, worst_frac, n_bad = -1, -1.0, 0
-        for li in sorted(set(layer_idx)):
-            s, e = by_layer[li]
-            if e <= 0:
-                continue
-            values[TAG_STALE_LAYER + layers[li]] = s / e
-            if e >= self.stale_min_samples and s / e >= self.stale_fraction:
-                n_bad += 1
-                if s / e > worst_frac:
-                    worst, worst_frac = li, s / e
+        summary = stale_summary(
+            sample,
+            counts,
+            hub.params.layers,
+            min_samples=self.stale_min_samples,
+            fraction=self.stale_fraction,
+        )
         if log:
-            hub.log(trainer, values, step)
-        if worst >= 0:
-            kinds_worst = sorted({k for k, li in zip(kinds, layer_idx, strict=True) if li == worst})
-            hub.alert(
-                trainer,
-                "update.stale",
-                f"The optimizer step left {worst_frac:.0%} of the sampled {'/'.join(kinds_worst)} weights of "
-                f"{layers[worst]} bit-identical although their gradient was nonzero (step {step}); "
-                f"{n_bad} layer(s) affected.",
-                where=layers[worst],
-                value=worst_frac,
-            )
-
-    # ---- sampled weights before and after the optimizer's update ---------------------
-    def _sample_index(self, p: Tensor) -> Tensor:
-        idx = self._indices.get(id(p))
-        if idx is None or idx.device != p.device:
-            idx = sample_indices(p.numel(), self.stale_samples, self._generator).to(p.device)
-            self._indices[id(p)] = idx
-        return idx
-
-    def _sample_before(self, optimizer: torch.optim.Optimizer, step: int) -> None:
-        """Sampled weights and gradients once the gradients are final, before the update."""
-        self._armed_step = step
-        self._samplings += 1
-        if self._samplings % self.resample_every == 0:
-            self._indices.clear()
-        self._stale_before = []
-        for group in optimizer.param_groups:
-            if not _asks_for_updates(group):
-                continue
-            for p in group["params"]:
-                g = p.grad
-                if g is None or g.is_sparse or g.layout != torch.strided or not p.is_floating_point():
-                    continue
-                idx = self._sample_index(p)
-                self._stale_before.append((p, idx, torch.take(p.detach(), idx), torch.take(g, idx)))
-
-    def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        self._awaiting_step = False
-        if any(_learning_rate(group, exact=False) > 0.0 for group in optimizer.param_groups):
-            self._updates += 1
-        if not self._stale_before or self._hub is None or self._hub.params is None:
-            return
-        index = self._hub.params
-        rows, layer_idx, kinds = [], [], []
-        for p, idx, before, grad in self._stale_before:
-            rows.append(stale_counts(before, torch.take(p.detach(), idx), grad))
-            layer_idx.append(index.layer_of.get(id(p), 0))
-            kinds.append(dtype_name(p.dtype))
-        self._stale_before = []
-        self._pending_stale = (self._armed_step, layer_idx, kinds, torch.stack(rows))
+            values = {TAG_STALE_DTYPE + name: v for name, v in summary.by_dtype.items()}
+            values.update({TAG_STALE_LAYER + name: v for name, v in summary.by_layer.items()})
+            hub.log(trainer, values, sample.step)
+        self._raise(trainer, summary.finding, step)
 
     # ---- histograms ------------------------------------------------------------------------------
     def _histograms(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> None:
@@ -713,16 +580,16 @@ class GradientUnderflowMonitor(Monitor):
     def monitor_state(self) -> dict[str, Any]:
         return {
             "samplings": self._samplings,
-            "peak_norms": {str(k): v for k, v in self._peak_norms.items()},
-            "loss_start": self._loss_start,
-            "loss_count": self._loss_count,
-            "loss_level": self._loss_level.value,
+            "peak_norms": {str(k): v for k, v in self._stationary.peaks.items()},
+            "loss_start": self._loss.start,
+            "loss_count": self._loss.count,
+            "loss_level": self._loss.level.value,
         }
 
     @override
     def load_monitor_state(self, state: dict[str, Any]) -> None:
         self._samplings = int(state.get("samplings", 0))
-        self._peak_norms = {int(k): float(v) for k, v in state.get("peak_norms", {}).items()}
-        self._loss_start = state.get("loss_start")
-        self._loss_count = int(state.get("loss_count", 0))
-        self._loss_level.value = state.get("loss_level")
+        self._stationary.peaks = {int(k): float(v) for k, v in state.get("peak_norms", {}).items()}
+        self._loss.start = state.get("loss_start")
+        self._loss.count = int(state.get("loss_count", 0))
+        self._loss.level.value = state.get("loss_level")
