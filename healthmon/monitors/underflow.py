@@ -2,53 +2,37 @@
 
 The seed's debugging advice: "if your model is stuck, you are probably rounding your gradient to
 zero somewhere". This monitor looks for the places that happens, on a cadence (default every 100
-optimizer steps), with one host synchronisation per monitored step:
+optimizer steps), without a host synchronisation of its own:
 
 * ``grad.zero``: a parameter's whole gradient is exactly zero while the loss is not ~0, on
-  ``zero_steps`` (3) consecutive checked steps with an optimizer update between each two. A zero
-  that the first updates end is structural and transient: LoRA's ``B = 0`` zeroes A's gradient
-  until B has moved once, as do zero-initialised residual branches and zero convolutions; steps
-  the optimizer skipped (GradScaler overflow) or took with a learning rate of 0 (warm-up from 0)
-  move nothing, so they do not count. Frozen parameters and parameters unused this step
-  (``grad is None``) are not looked at; the absent rows of ``nn.Embedding`` gradients (dense or
-  ``sparse=True``) are legitimate zeros and never counted. A zero at a stationary point of the
-  whole model (the global gradient norm 3 orders of magnitude below the run's peak: full-batch
-  least squares at its float32 optimum, where the bias gradient is exactly 0) is the optimum,
-  not a cut gradient path: only a zero while the rest of the model still learns is reported.
-* ``grad.underflow``: in some layer, a large share of the nonzero gradient entries sits in the
-  subnormal range of its dtype (the flushed-to-zero estimate, see
-  :mod:`healthmon.numerics.underflow`, is logged beside it). Typical cause: float16 training
-  without loss scaling.
-* ``grad.dead_units``: most units of a ReLU-family layer passed no gradient for the whole batch.
-  Forward hooks are installed only for the batches of a monitored step.
+  ``zero_steps`` (3) consecutive checked steps with an optimizer update between each two; between
+  counting steps a per-tensor norm of exactly 0 is checked on every step, for free. Structural,
+  transient zeros (LoRA's ``B = 0``, warm-up from 0), frozen and unused parameters, embedding rows
+  not in the batch and a stationary point of the whole model are not reported.
+* ``grad.underflow``: in some layer, a large share of the nonzero gradient entries is subnormal
+  (float16 without loss scaling); the flushed-to-zero estimate is logged beside it.
+* ``grad.dead_units``: most units of a ReLU-family layer passed no gradient for the whole batch
+  (forward hooks only for the batches of a monitored step).
 * ``update.stale``: most sampled weights of a layer were left bit-identical by the optimizer step
-  although their gradient was nonzero (``w + update == w``: bfloat16/float16 weights with a small
-  learning rate). Only updates the optimizer asked for count: parameters whose group's learning
-  rate is 0 (warm-up from 0), or below 1% of its scheduler's base rate (the ends of a warm-up or
-  an annealing schedule), are not sampled. Works with any optimizer: a fixed random sample of
-  elements per tensor is read
-  right before and after ``optimizer.step`` (step hooks); the model is never copied.
-* ``grad.vanishing``: the root-mean-square gradient entry decays by ``depth_orders`` orders of
-  magnitude from the last layer back to the first (deep sigmoid/tanh stacks), while the loss
-  (smoothed) is above half its start (the mean of its first 10 values): such a stack cannot
-  learn and is reported from its first checked step; a run whose loss fell below half its start
-  learned through its first layers, and a profile decayed at a near-zero loss (a post-LN BERT
-  under AdamW) is not a vanishing gradient.
+  although their gradient was nonzero (bfloat16 weights, small learning rate); groups whose
+  learning rate is 0 or below 1% of its scheduled base are not sampled, and the model is never
+  copied (a fixed sample of elements is read right before and after ``optimizer.step``).
+* ``grad.vanishing``: the rms gradient entry decays by ``depth_orders`` orders of magnitude from
+  the last layer back to the first while the smoothed loss is above half its start.
 
 All statistics are measured in ``on_before_optimizer_step``: after gradient accumulation and AMP
 unscaling (Lightning unscales before this hook), before clipping. A step the ``GradScaler`` skips
-(its gradients overflowed) is not judged; the scaler itself is watched by ``NonFiniteMonitor``.
-The device counts of a monitored step (and the stale counts, read right after ``optimizer.step``)
-are fetched with the hub's next host synchronisation (``Hub.defer``); the alerts carry the step
-they were measured at. The decisions live in :mod:`healthmon.numerics` (``zero_gradients``,
-``underflow``, ``dead_units``, ``depth_decay``, ``stale_updates``), which return findings that
-this monitor raises as alerts.
+is not judged (``NonFiniteMonitor`` watches the scaler). The device counts of a monitored step, and
+the stale counts read right after ``optimizer.step``, are fetched with the hub's next host
+synchronisation (``Hub.defer``); alerts and scalars carry the step they were measured at. The
+decisions, and the details above, are in :mod:`healthmon.numerics` (``zero_gradients``,
+``underflow``, ``dead_units``, ``stale_updates``, ``depth_decay``), whose findings this monitor
+raises as alerts.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import pytorch_lightning as pl
@@ -60,14 +44,25 @@ from healthmon import _checks
 from healthmon._checks import Cadence
 from healthmon.alerts import OnAlert, Severity
 from healthmon.monitors.base import Monitor
-from healthmon.monitors.hub import GradStep, Hub, ParamIndex, optimizer_params_with_grad
+from healthmon.monitors.counted_step import (  # noqa: F401  (the tags are this monitor's: re-exported)
+    TAG_DEAD,
+    TAG_DEPTH,
+    TAG_FLUSH_DTYPE,
+    TAG_FLUSH_LAYER,
+    TAG_RMS,
+    TAG_SUB_DTYPE,
+    TAG_SUB_LAYER,
+    TAG_ZERO_DTYPE,
+    TAG_ZERO_LAYER,
+    CountedStep,
+)
+from healthmon.monitors.hub import GradStep, Hub, optimizer_params_with_grad
+from healthmon.monitors.stale_watch import TAG_STALE_DTYPE, TAG_STALE_LAYER, Fetched, StaleWatch
 from healthmon.numerics.dead_units import UnitRecorder, dead_unit_findings, relu_modules
-from healthmon.numerics.depth_decay import DepthProfile, LossLevel, layer_rms, vanishing_finding
+from healthmon.numerics.depth_decay import LossLevel, vanishing_finding
 from healthmon.numerics.findings import Finding
-from healthmon.numerics.precision import dtype_name
-from healthmon.numerics.stale_updates import StaleSample, StaleSampler, learning_rate, stale_summary
+from healthmon.numerics.stale_updates import learning_rate
 from healthmon.numerics.underflow import (
-    Shares,
     from_float32_exact,
     gradient_counts,
     group_shares,
@@ -75,20 +70,9 @@ from healthmon.numerics.underflow import (
     to_float32_exact,
     underflow_finding,
 )
-from healthmon.numerics.zero_gradients import StationaryWatch, ZeroStreaks, zero_finding, zero_hits
+from healthmon.numerics.zero_gradients import ZeroGradientRule
 
 PREFIX = "healthmon/grad/"
-TAG_ZERO_DTYPE = "healthmon/grad/zero_fraction/dtype/"
-TAG_ZERO_LAYER = "healthmon/grad/zero_fraction/layer/"
-TAG_SUB_DTYPE = "healthmon/grad/subnormal_fraction/dtype/"
-TAG_SUB_LAYER = "healthmon/grad/subnormal_fraction/layer/"
-TAG_FLUSH_DTYPE = "healthmon/grad/flushed_fraction/dtype/"
-TAG_FLUSH_LAYER = "healthmon/grad/flushed_fraction/layer/"
-TAG_DEAD = "healthmon/grad/dead_units/"
-TAG_DEPTH = "healthmon/grad/depth_decay_orders"
-TAG_RMS = "healthmon/grad/rms/"
-TAG_STALE_DTYPE = "healthmon/update/stale_fraction/dtype/"
-TAG_STALE_LAYER = "healthmon/update/stale_fraction/layer/"
 TAG_HIST = "healthmon/grad/log10_abs/"
 
 _EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
@@ -98,26 +82,6 @@ def _flag(value: Any, name: str) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"`{name}`: expected True or False, got {value!r}.")
     return value
-
-
-@dataclass
-class _Measured:
-    """What a monitored step measured on the host, kept until its device counts are fetched."""
-
-    step: int
-    log: bool
-    index: ParamIndex
-    params: list[Tensor]
-    judged: list[bool]  # zeros judged: neither an embedding's structural zeros nor a sparse gradient
-    layer_index: list[int]
-    dtypes: list[str]  # per tensor
-    profile: DepthProfile
-    loss: float
-    judge_zero: bool
-    judge_depth: bool
-    updates: int
-    dead_names: list[str]
-    stale: tuple[StaleSample, Tensor] | None
 
 
 class GradientUnderflowMonitor(Monitor):
@@ -208,21 +172,18 @@ class GradientUnderflowMonitor(Monitor):
             raise ValueError(f"`seed`: expected an integer, got {seed!r}.")
         self.seed = seed
         # run state
-        self._sampler = StaleSampler(stale_samples, seed)
-        self._samplings = 0
-        self._units = UnitRecorder()
-        self._streaks = ZeroStreaks(self.zero_steps)
-        self._stationary = StationaryWatch()
+        self._zero = ZeroGradientRule(self.zero_fraction, self.zero_steps)
         self._loss = LossLevel()
+        self._units = UnitRecorder()
+        self._stale = StaleWatch(
+            stale_samples, seed, min_samples=self.stale_min_samples, fraction=self.stale_fraction
+        )
+        self._samplings = 0
         self._structural: set[int] = set()
         self._step_hooks: list[Any] = []
         self._updates = 0  # optimizer steps taken with a nonzero learning rate
         self._alive_step = -1
         self._last_log = -1
-        self._stale: tuple[StaleSample, Tensor] | None = None  # fetched, judged at the next monitored step
-        self._stale_in_flight = False
-        self._ended = False
-        self._trainer: pl.Trainer | None = None
 
     @override
     def config(self) -> dict[str, Any]:
@@ -263,7 +224,7 @@ class GradientUnderflowMonitor(Monitor):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._units = UnitRecorder(relu_modules(pl_module))
         self._structural = {id(m.weight) for m in pl_module.modules() if isinstance(m, _EMBEDDINGS)}
-        self._trainer, self._ended = trainer, False
+        self._stale.start()
         # Lightning runs the closure (forward, backward, on_before_optimizer_step) *inside*
         # optimizer.step, so a step pre-hook fires before the gradients exist: the weights are
         # sampled in on_before_optimizer_step and again in the post-hook, right after the update.
@@ -284,9 +245,7 @@ class GradientUnderflowMonitor(Monitor):
             self._units.detach()
             self._check(trainer, optimizer)
             if self.stale_updates:
-                self._samplings += 1
-                resample = self._samplings % self.resample_every == 0
-                self._sampler.before(optimizer, int(trainer.global_step), resample=resample)
+                self._sample_before(optimizer, int(trainer.global_step))
         else:
             self._whole_zero_from_shared_norms(trainer, optimizer)
         every = self.histogram_every_n_steps
@@ -299,13 +258,12 @@ class GradientUnderflowMonitor(Monitor):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._units.detach()
-        self._sampler.disarm()  # a step the GradScaler skipped never reached the post-hook
+        self._stale.sampler.disarm()  # a step the GradScaler skipped never reached the post-hook
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._ended = True
-        self._judge_last_stale(trainer)
+        self._stale.end(lambda: self._judge_stale(trainer, self._stale.take(), log=True))
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -315,24 +273,23 @@ class GradientUnderflowMonitor(Monitor):
         self._units.detach()
         super().teardown(trainer, pl_module, stage)
 
-    # ---- dead units: forward hooks on the batches of a monitored step ------------------------------
+    # ---- the monitored step: count on the device, fetch with the hub's next sync, judge ------------
     def _watch_units(self, trainer: pl.Trainer, step: int) -> None:
+        """Dead units: forward hooks only for the batches of a monitored step."""
         if self._alive_step != step:  # a new optimizer step (not the next micro-batch of this one)
             self._units.clear()
             self._alive_step = step
         if self.dead_units and self._units.modules and not self._units.attached and self.should_run(trainer):
             self._units.attach()
 
-    # ---- the monitored step: count on the device, fetch with the next sync, judge ------------------
     def _check(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> None:
         hub, index = self.hub, self.hub.params
         params, _ = optimizer_params_with_grad(optimizer)
         params = [p for p in params if p.grad is not None and p.grad.is_floating_point()]
         if index is None or not params:
             return
-        grads = [p.grad for p in params]
         structural = [id(p) in self._structural for p in params]
-        counts = gradient_counts(grads, structural_zeros=structural)  # type: ignore[arg-type]
+        counts = gradient_counts([p.grad for p in params], structural_zeros=structural)  # type: ignore[misc]
         # per-tensor norms and the loss come from the hub's shared per-step statistics
         stats = hub.grad_step(trainer, optimizer)
         if stats.skipped:  # overflow the GradScaler handles: these gradients are never applied
@@ -341,114 +298,49 @@ class GradientUnderflowMonitor(Monitor):
             return  # NaN/Inf gradients: NonFiniteMonitor names the cause; zero/dead counts mean nothing
         stationary = self._at_stationary_point(stats)
         self._loss.update(stats.loss)
-        measured = self._measure(trainer, index, params, structural, stats, stationary)
+        step = int(trainer.global_step)
+        m = CountedStep.measure(step, self._log_due(trainer, step), params, structural, stats, index)
+        loss_nonzero = math.isnan(m.loss) or abs(m.loss) > self.loss_tolerance
+        m.judge_zero, m.judge_depth = loss_nonzero and not stationary, loss_nonzero and self._loss.judged()
+        m.updates, m.stale = self._updates, self._stale.take()
         dead = self._units.take()
-        measured.dead_names = list(dead)
+        m.dead_names = list(dead)
         values = [to_float32_exact(counts).reshape(-1)]
         values += [d.to(device=counts.device, dtype=torch.float64).reshape(1) for d in dead.values()]
-        hub.defer(torch.cat(values), lambda v: self._judge(trainer, measured, v))
+        hub.defer(torch.cat(values), lambda v: self._judge(trainer, m, v))
 
-    def _measure(
-        self,
-        trainer: pl.Trainer,
-        index: ParamIndex,
-        params: list[Tensor],
-        structural: list[bool],
-        stats: GradStep,
-        stationary: bool,
-    ) -> _Measured:
-        """The host side of a monitored step: layers, the depth profile, what is judged."""
-        grads = [p.grad for p in params]
-        judged = [not s and not g.is_sparse for s, g in zip(structural, grads, strict=True)]  # type: ignore[union-attr]
-        layer_index = [index.layer_of.get(id(p), 0) for p in params]
-        shared = {id(p): i for i, p in enumerate(stats.params)}
-        profile = [i for i, ok in enumerate(judged) if ok]
-        rms = layer_rms(
-            [stats.per_tensor_host[shared[id(params[i])]] for i in profile],
-            [grads[i].numel() for i in profile],  # type: ignore[union-attr]
-            [layer_index[i] for i in profile],
-            len(index.layers),
-        )
-        loss = math.nan if stats.loss is None else stats.loss
-        loss_nonzero = math.isnan(loss) or abs(loss) > self.loss_tolerance
-        stale, self._stale = self._stale, None
-        step = int(trainer.global_step)
-        return _Measured(
-            step=step,
-            log=self._log_due(trainer, step),
-            index=index,
-            params=params,
-            judged=judged,
-            layer_index=layer_index,
-            dtypes=[dtype_name(g.dtype) for g in grads],  # type: ignore[union-attr]
-            profile=DepthProfile.of(rms, index.layers),
-            loss=loss,
-            judge_zero=loss_nonzero and not stationary,
-            judge_depth=loss_nonzero and self._loss.judged(),
-            updates=self._updates,
-            dead_names=[],
-            stale=stale,
-        )
-
-    def _judge(self, trainer: pl.Trainer, m: _Measured, values: list[float]) -> None:
-        """The fetched counts of a monitored step: log its scalars, raise its findings."""
+    def _judge(self, trainer: pl.Trainer, m: CountedStep, values: list[float]) -> None:
+        """The fetched counts of a monitored step: write its scalars, raise its findings."""
+        layers, name = self.hub.params.layers, self.hub.params.name  # type: ignore[union-attr]
         size = 8 * len(m.params)
-        counts = from_float32_exact(values[:size])
-        dead = values[size:]
-        layers = m.index.layers
-        dtype_names = sorted(set(m.dtypes), key=lambda n: str(getattr(torch, n)))
+        counts, dead = from_float32_exact(values[:size]), values[size:]
+        dtype_names = sorted(set(m.dtypes))  # = sorted by str(torch dtype)
         by_dtype = group_shares(counts, [dtype_names.index(d) for d in m.dtypes], dtype_names)
         by_layer = group_shares(counts, m.layer_index, layers)
         if m.log:
-            self.hub.log(
-                trainer,
-                self._scalars(by_dtype, by_layer, dict(zip(m.dead_names, dead, strict=True)), m.profile),
-                m.step,
-            )
+            self.hub.log(trainer, m.scalars(by_dtype, by_layer, dead), m.step)
         if m.judge_zero:
             totals, zeros = counts[:, 0].tolist(), counts[:, 1].tolist()
-            self._judge_zero(trainer, m.params, m.judged, zeros, totals, m.loss, m.updates, m.step)
-        layer_dtypes: dict[str, list[str]] = {}
-        for li, d in zip(m.layer_index, m.dtypes, strict=True):
-            layer_dtypes.setdefault(layers[li], []).append(d)
-        findings = [underflow_finding(by_layer, layer_dtypes, self.underflow_fraction)]
-        kinds = [self._units.kind(n) for n in m.dead_names]
-        findings += dead_unit_findings(m.dead_names, kinds, dead, self.dead_fraction)
+            found = self._zero.judge(
+                m.params, zeros, totals, m.judged, updates=m.updates, loss=m.loss, name_of=name
+            )
+            self._raise(trainer, found, m.step)
+        tensor_layers = [layers[li] for li in m.layer_index]
+        self._raise(
+            trainer, underflow_finding(by_layer, tensor_layers, m.dtypes, self.underflow_fraction), m.step
+        )
+        kinds = [self._units.kind(name) for name in m.dead_names]
+        for found in dead_unit_findings(m.dead_names, kinds, dead, self.dead_fraction):
+            self._raise(trainer, found, m.step)
         if m.judge_depth:
-            findings.append(vanishing_finding(m.profile, self.depth_orders, self.min_depth))
-        for finding in findings:
-            self._raise(trainer, finding, m.step)
+            self._raise(trainer, vanishing_finding(m.profile, self.depth_orders, self.min_depth), m.step)
         if m.stale is not None:
-            self._judge_stale(trainer, *m.stale, log=m.log, step=m.step)
+            self._judge_stale(trainer, m.stale, log=m.log, step=m.step)
 
-    @staticmethod
-    def _scalars(
-        by_dtype: dict[str, Shares],
-        by_layer: dict[str, Shares],
-        dead: dict[str, float],
-        profile: DepthProfile,
-    ) -> dict[str, float]:
-        values: dict[str, float] = {}
-        for tags, shares in (
-            ((TAG_ZERO_DTYPE, TAG_SUB_DTYPE, TAG_FLUSH_DTYPE), by_dtype),
-            ((TAG_ZERO_LAYER, TAG_SUB_LAYER, TAG_FLUSH_LAYER), by_layer),
-        ):
-            for name, s in shares.items():
-                values[tags[0] + name], values[tags[1] + name], values[tags[2] + name] = (
-                    s.zero,
-                    s.subnormal,
-                    s.flushed,
-                )
-        values.update({TAG_DEAD + name: frac for name, frac in dead.items()})
-        values.update({TAG_RMS + name: rms for name, rms in zip(profile.layers, profile.rms, strict=True)})
-        if profile.decay is not None and math.isfinite(profile.decay):
-            values[TAG_DEPTH] = profile.decay
-        return values
-
-    def _raise(self, trainer: pl.Trainer, finding: Finding | None, step: int | None = None) -> None:
-        if finding is not None:
+    def _raise(self, trainer: pl.Trainer, found: Finding | None, step: int | None = None) -> None:
+        if found is not None:
             self.hub.alert(
-                trainer, finding.code, finding.message, where=finding.where, value=finding.value, step=step
+                trainer, found.code, found.message, where=found.where, value=found.value, step=step
             )
 
     def _log_due(self, trainer: pl.Trainer, step: int) -> bool:
@@ -463,13 +355,10 @@ class GradientUnderflowMonitor(Monitor):
             return True
         return False
 
-    # ---- exact zeros -------------------------------------------------------------------------------
+    # ---- exact zeros between counting steps, from the hub's shared norms -------------------------
     def _whole_zero_from_shared_norms(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> None:
-        """Between counting steps: a gradient whose norm is exactly 0 is entirely zero.
-
-        Free: the per-tensor norms are the hub's shared per-step statistics (already fetched for
-        the NaN check), so a layer killed mid-run (dead ReLUs after a blow-up) is reported at once.
-        """
+        """A gradient whose norm is exactly 0 is entirely zero: free, as the per-tensor norms were
+        already fetched for the NaN check, so a layer killed mid-run is reported at once."""
         hub = self.hub
         stats = hub.grad_step(trainer, optimizer)
         if stats.skipped:
@@ -479,87 +368,42 @@ class GradientUnderflowMonitor(Monitor):
             return
         if hub.params is None or stats.loss is None or not abs(stats.loss) > self.loss_tolerance:
             return
-        norms, params = stats.per_tensor_host, stats.params
-        hits = [
-            p
-            for p, norm in zip(params, norms, strict=True)
-            if norm == 0.0 and id(p) not in self._structural and not p.grad.is_sparse and p.numel() > 0  # type: ignore[union-attr]
-        ]
-        if self.zero_fraction >= 1.0:  # a nonzero norm ends a streak (partial zeros are counted elsewhere)
-            self._streaks.end(id(p) for p, norm in zip(params, norms, strict=True) if norm != 0.0)
-        if hits:
-            sizes = [float(p.numel()) for p in hits]
-            self._judge_zero(trainer, hits, [True] * len(hits), sizes, sizes, stats.loss, self._updates, None)
+        eligible = [id(p) not in self._structural and not p.grad.is_sparse for p in stats.params]  # type: ignore[union-attr]
+        found = self._zero.judge_norms(
+            stats.params,
+            stats.per_tensor_host,
+            eligible,
+            updates=self._updates,
+            loss=stats.loss,
+            name_of=hub.params.name,
+        )
+        self._raise(trainer, found)
 
     def _at_stationary_point(self, stats: GradStep) -> bool:
-        """Track the run's peak gradient norm (per optimizer); True when this step is at a stationary point.
+        """Track the peak gradient norm; at a stationary point of the whole model zero streaks restart."""
+        return self._zero.at_stationary_point(
+            stats.optimizer_index, stats.norm, (id(p) for p in stats.params)
+        )
 
-        Then no tensor's zero gradient is a cut path, and zero streaks restart.
-        """
-        if not self._stationary.update(stats.optimizer_index, stats.norm):
-            return False
-        self._streaks.end(id(p) for p in stats.params)
-        return True
+    # ---- stale updates: sampled around optimizer.step, fetched with the hub's next sync ----------
+    def _sample_before(self, optimizer: torch.optim.Optimizer, step: int) -> None:
+        self._samplings += 1
+        self._stale.sampler.before(optimizer, step, resample=self._samplings % self.resample_every == 0)
 
-    def _judge_zero(
-        self,
-        trainer: pl.Trainer,
-        params: list[Tensor],
-        judged: list[bool],
-        zeros: list[float],
-        totals: list[float],
-        loss: float,
-        updates: int,
-        step: int | None,
-    ) -> None:
-        hits = zero_hits(zeros, totals, judged, self.zero_fraction)
-        hits = self._streaks.judge([id(p) for p in params], hits, updates)
-        if hits:
-            names = [self.hub.params.name(params[i]) for i in hits]  # type: ignore[union-attr]
-            value = zeros[hits[0]] / totals[hits[0]]
-            self._raise(trainer, zero_finding(names, value, self.zero_fraction, self.zero_steps, loss), step)
-
-    # ---- stale updates: sampled around optimizer.step, fetched with the next sync ----------------
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if any(learning_rate(group, exact=False) > 0.0 for group in optimizer.param_groups):
             self._updates += 1
-        hub = self._hub
-        if hub is None or hub.params is None:
-            return
-        sample = self._sampler.after(hub.params.layer_of)
-        if sample is not None and sample.counts is not None:
-            self._stale_in_flight = True
-            hub.defer(sample.counts, lambda v: self._on_stale_counts(sample, v))
-
-    def _on_stale_counts(self, sample: StaleSample, values: list[float]) -> None:
-        self._stale_in_flight = False
-        self._stale = (sample, torch.tensor(values, dtype=torch.float64))
-        if self._ended and self._trainer is not None:
-            self._judge_last_stale(self._trainer)
-
-    def _judge_last_stale(self, trainer: pl.Trainer) -> None:
-        """End of training: judge the last sampled step (once its counts are fetched)."""
-        if self._stale is not None and not self._stale_in_flight and self._hub is not None:
-            stale, self._stale = self._stale, None
-            self._judge_stale(trainer, *stale, log=True)
+        self._stale.after_step(self._hub)
 
     def _judge_stale(
-        self, trainer: pl.Trainer, sample: StaleSample, counts: Tensor, *, log: bool, step: int | None = None
+        self, trainer: pl.Trainer, fetched: Fetched | None, *, log: bool, step: int | None = None
     ) -> None:
-        hub = self.hub
-        assert hub.params is not None
-        summary = stale_summary(
-            sample,
-            counts,
-            hub.params.layers,
-            min_samples=self.stale_min_samples,
-            fraction=self.stale_fraction,
-        )
+        if fetched is None or self._hub is None or self._hub.params is None:
+            return
+        values, found = self._stale.judge(fetched, self._hub.params.layers)
         if log:
-            values = {TAG_STALE_DTYPE + name: v for name, v in summary.by_dtype.items()}
-            values.update({TAG_STALE_LAYER + name: v for name, v in summary.by_layer.items()})
-            hub.log(trainer, values, sample.step)
-        self._raise(trainer, summary.finding, step)
+            self._hub.log(trainer, values, fetched[0].step)
+        self._raise(trainer, found, step)
 
     # ---- histograms ------------------------------------------------------------------------------
     def _histograms(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> None:
@@ -580,7 +424,7 @@ class GradientUnderflowMonitor(Monitor):
     def monitor_state(self) -> dict[str, Any]:
         return {
             "samplings": self._samplings,
-            "peak_norms": {str(k): v for k, v in self._stationary.peaks.items()},
+            "peak_norms": {str(k): v for k, v in self._zero.stationary.peaks.items()},
             "loss_start": self._loss.start,
             "loss_count": self._loss.count,
             "loss_level": self._loss.level.value,
@@ -589,7 +433,7 @@ class GradientUnderflowMonitor(Monitor):
     @override
     def load_monitor_state(self, state: dict[str, Any]) -> None:
         self._samplings = int(state.get("samplings", 0))
-        self._stationary.peaks = {int(k): float(v) for k, v in state.get("peak_norms", {}).items()}
+        self._zero.stationary.peaks = {int(k): float(v) for k, v in state.get("peak_norms", {}).items()}
         self._loss.start = state.get("loss_start")
         self._loss.count = int(state.get("loss_count", 0))
         self._loss.level.value = state.get("loss_level")

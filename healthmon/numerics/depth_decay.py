@@ -111,6 +111,17 @@ class DepthProfile:
         rms = [rms_by_layer[i] for i in present]
         return cls([names[i] for i in present], rms, depth_decay_orders(rms))
 
+    @classmethod
+    def measure(
+        cls,
+        per_tensor_norms: Sequence[float],
+        numel: Sequence[int],
+        layer_index: Sequence[int],
+        names: Sequence[str],
+    ) -> DepthProfile:
+        """From per-tensor gradient norms, sizes and layers (see :func:`layer_rms`)."""
+        return cls.of(layer_rms(per_tensor_norms, numel, layer_index, len(names)), names)
+
 
 def vanishing_finding(profile: DepthProfile, orders: float, min_depth: int) -> Finding | None:
     """``grad.vanishing`` when the profile spans ``min_depth`` layers and decays ``orders`` or more.

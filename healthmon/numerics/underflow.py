@@ -209,7 +209,7 @@ def group_shares(counts: Tensor, group_index: Sequence[int], names: Sequence[str
 
 
 def underflow_finding(
-    layers: Mapping[str, Shares], dtypes: Mapping[str, Sequence[str]], fraction: float
+    layers: Mapping[str, Shares], tensor_layers: Sequence[str], tensor_dtypes: Sequence[str], fraction: float
 ) -> Finding | None:
     """``grad.underflow`` when some layer's share of subnormal nonzero entries reaches ``fraction``.
 
@@ -220,7 +220,8 @@ def underflow_finding(
 
     Args:
         layers: shares per layer (see :func:`group_shares`), measured on a monitored step.
-        dtypes: per layer, the dtype names of its gradients.
+        tensor_layers: the layer of each gradient tensor.
+        tensor_dtypes: the dtype name of each gradient tensor.
         fraction: the subnormal share that is reported (the worst layer is named).
     """
     subnormal = {name: s.subnormal for name, s in layers.items() if not math.isnan(s.subnormal)}
@@ -229,7 +230,9 @@ def underflow_finding(
         return None
     worst = max(flagged, key=lambda name: subnormal[name])
     sub, flushed = layers[worst].subnormal, layers[worst].flushed
-    kinds = "/".join(sorted(set(dtypes[worst])))
+    kinds = "/".join(
+        sorted({d for layer, d in zip(tensor_layers, tensor_dtypes, strict=True) if layer == worst})
+    )
     return Finding(
         "grad.underflow",
         f"{sub:.0%} of the nonzero {kinds} gradient entries of {worst} are "

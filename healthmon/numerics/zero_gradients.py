@@ -13,13 +13,15 @@ norm of exactly 0 is a whole-zero tensor) on every other step. The rules here on
   below the run's peak) from a cut gradient path.
 * :func:`zero_finding` words the alert.
 
-This module is pure Python: no Lightning, no logging.
+This module is pure torch: no Lightning, no logging.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
+
+from torch import Tensor
 
 from healthmon.numerics.findings import Finding
 
@@ -132,3 +134,70 @@ def zero_finding(
         where=names[0],
         value=first_value,
     )
+
+
+class ZeroGradientRule:
+    """``grad.zero`` over a run: the stationary-point watch, the streaks and the decision together.
+
+    Args:
+        fraction: the share of exactly-zero entries that counts as a zero gradient.
+        steps: zero steps, with optimizer updates between them, before a tensor is reported.
+    """
+
+    def __init__(self, fraction: float, steps: int) -> None:
+        self.fraction = fraction
+        self.streaks = ZeroStreaks(steps)
+        self.stationary = StationaryWatch()
+
+    def at_stationary_point(self, optimizer_index: int, norm: float, keys: Iterable[Hashable]) -> bool:
+        """Record the step's global norm; at a stationary point the streaks of ``keys`` restart."""
+        if not self.stationary.update(optimizer_index, norm):
+            return False
+        self.streaks.end(keys)
+        return True
+
+    def judge(
+        self,
+        params: Sequence[Tensor],
+        zeros: Sequence[float],
+        totals: Sequence[float],
+        judged: Sequence[bool],
+        *,
+        updates: int,
+        loss: float,
+        name_of: Callable[[Tensor], str],
+    ) -> Finding | None:
+        """The tensors ``params`` checked this step (their zero and total entry counts; ``judged``
+        False where zeros are legitimate): ``grad.zero`` if some stayed zero long enough."""
+        hits = self.streaks.judge(
+            [id(p) for p in params], zero_hits(zeros, totals, judged, self.fraction), updates
+        )
+        if not hits:
+            return None
+        names = [name_of(params[i]) for i in hits]
+        return zero_finding(names, zeros[hits[0]] / totals[hits[0]], self.fraction, self.streaks.steps, loss)
+
+    def judge_norms(
+        self,
+        params: Sequence[Tensor],
+        norms: Sequence[float],
+        eligible: Sequence[bool],
+        *,
+        updates: int,
+        loss: float,
+        name_of: Callable[[Tensor], str],
+    ) -> Finding | None:
+        """Between counting steps, from per-tensor norms: a norm of exactly 0 is a whole-zero tensor.
+
+        With :attr:`fraction` 1.0 a nonzero norm ends a streak (partial zeros are counted on the
+        counting steps only). ``eligible`` is False for tensors whose zeros are never judged.
+        """
+        hits = [
+            p for p, n, ok in zip(params, norms, eligible, strict=True) if n == 0.0 and ok and p.numel() > 0
+        ]
+        if self.fraction >= 1.0:
+            self.streaks.end(id(p) for p, n in zip(params, norms, strict=True) if n != 0.0)
+        if not hits:
+            return None
+        sizes = [float(p.numel()) for p in hits]
+        return self.judge(hits, sizes, sizes, [True] * len(hits), updates=updates, loss=loss, name_of=name_of)
