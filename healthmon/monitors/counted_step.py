@@ -5,22 +5,26 @@ before clipping) the monitor counts zeros and subnormals of every gradient on th
 the counts to ``Hub.defer``. Everything known on the host at that moment -- the step, which tensors
 are judged, their layers and dtypes, the depth profile from the hub's per-tensor norms, the loss
 -- is kept in a :class:`CountedStep`, which also names the scalars written once the counts arrive
-with the hub's next host synchronisation.
+with the hub's next host synchronisation, and turns them into scalars and findings
+(:meth:`CountedStep.judge`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from torch import Tensor
 
 from healthmon.monitors.hub import GradStep, ParamIndex
 from healthmon.monitors.stale_watch import Fetched
-from healthmon.numerics.depth_decay import DepthProfile
+from healthmon.numerics.dead_units import dead_unit_findings
+from healthmon.numerics.depth_decay import DepthProfile, vanishing_finding
+from healthmon.numerics.findings import Finding
 from healthmon.numerics.precision import dtype_name
-from healthmon.numerics.underflow import Shares
+from healthmon.numerics.underflow import Shares, from_float32_exact, group_shares, underflow_finding
+from healthmon.numerics.zero_gradients import ZeroGradientRule
 
 TAG_ZERO_DTYPE = "healthmon/grad/zero_fraction/dtype/"
 TAG_ZERO_LAYER = "healthmon/grad/zero_fraction/layer/"
@@ -31,6 +35,16 @@ TAG_FLUSH_LAYER = "healthmon/grad/flushed_fraction/layer/"
 TAG_DEAD = "healthmon/grad/dead_units/"
 TAG_DEPTH = "healthmon/grad/depth_decay_orders"
 TAG_RMS = "healthmon/grad/rms/"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The monitor's thresholds for a counted step (see ``GradientUnderflowMonitor``)."""
+
+    underflow_fraction: float
+    dead_fraction: float
+    depth_orders: float
+    min_depth: int
 
 
 @dataclass
@@ -116,3 +130,34 @@ class CountedStep:
         if self.profile.decay is not None and math.isfinite(self.profile.decay):
             values[TAG_DEPTH] = self.profile.decay
         return values
+
+    def judge(
+        self,
+        values: list[float],
+        index: ParamIndex,
+        zero: ZeroGradientRule,
+        kinds: Callable[[str], str],
+        limits: Limits,
+    ) -> tuple[dict[str, float], list[Finding]]:
+        """The fetched ``values`` (split counts, then dead fractions): scalars and findings, in order.
+
+        ``zero`` keeps the zero streaks (updated here when the step's zeros are judged); ``kinds``
+        names the class of a watched ReLU-family module.
+        """
+        size = 8 * len(self.params)
+        counts, dead = from_float32_exact(values[:size]), values[size:]
+        dtype_names = sorted(set(self.dtypes))  # = sorted by str(torch dtype)
+        by_dtype = group_shares(counts, [dtype_names.index(d) for d in self.dtypes], dtype_names)
+        by_layer = group_shares(counts, self.layer_index, index.layers)
+        found: list[Finding | None] = []
+        if self.judge_zero:
+            totals, zeros = counts[:, 0].tolist(), counts[:, 1].tolist()
+            kw = {"updates": self.updates, "loss": self.loss, "name_of": index.name}
+            found.append(zero.judge(self.params, zeros, totals, self.judged, **kw))  # type: ignore[arg-type]
+        tensor_layers = [index.layers[li] for li in self.layer_index]
+        found.append(underflow_finding(by_layer, tensor_layers, self.dtypes, limits.underflow_fraction))
+        names = self.dead_names
+        found += dead_unit_findings(names, [kinds(n) for n in names], dead, limits.dead_fraction)
+        if self.judge_depth:
+            found.append(vanishing_finding(self.profile, limits.depth_orders, limits.min_depth))
+        return self.scalars(by_dtype, by_layer, dead), [f for f in found if f is not None]

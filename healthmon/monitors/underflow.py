@@ -55,21 +55,15 @@ from healthmon.monitors.counted_step import (  # noqa: F401  (the tags are this 
     TAG_ZERO_DTYPE,
     TAG_ZERO_LAYER,
     CountedStep,
+    Limits,
 )
 from healthmon.monitors.hub import GradStep, Hub, optimizer_params_with_grad
 from healthmon.monitors.stale_watch import TAG_STALE_DTYPE, TAG_STALE_LAYER, Fetched, StaleWatch
-from healthmon.numerics.dead_units import UnitRecorder, dead_unit_findings, relu_modules
-from healthmon.numerics.depth_decay import LossLevel, vanishing_finding
+from healthmon.numerics.dead_units import UnitRecorder, relu_modules
+from healthmon.numerics.depth_decay import LossLevel
 from healthmon.numerics.findings import Finding
 from healthmon.numerics.stale_updates import learning_rate
-from healthmon.numerics.underflow import (
-    from_float32_exact,
-    gradient_counts,
-    group_shares,
-    log10_magnitudes,
-    to_float32_exact,
-    underflow_finding,
-)
+from healthmon.numerics.underflow import gradient_counts, log10_magnitudes, to_float32_exact
 from healthmon.numerics.zero_gradients import ZeroGradientRule
 
 PREFIX = "healthmon/grad/"
@@ -178,6 +172,7 @@ class GradientUnderflowMonitor(Monitor):
         self._stale = StaleWatch(
             stale_samples, seed, min_samples=self.stale_min_samples, fraction=self.stale_fraction
         )
+        self._limits = Limits(self.underflow_fraction, self.dead_fraction, self.depth_orders, self.min_depth)
         self._samplings = 0
         self._structural: set[int] = set()
         self._step_hooks: list[Any] = []
@@ -311,29 +306,13 @@ class GradientUnderflowMonitor(Monitor):
 
     def _judge(self, trainer: pl.Trainer, m: CountedStep, values: list[float]) -> None:
         """The fetched counts of a monitored step: write its scalars, raise its findings."""
-        layers, name = self.hub.params.layers, self.hub.params.name  # type: ignore[union-attr]
-        size = 8 * len(m.params)
-        counts, dead = from_float32_exact(values[:size]), values[size:]
-        dtype_names = sorted(set(m.dtypes))  # = sorted by str(torch dtype)
-        by_dtype = group_shares(counts, [dtype_names.index(d) for d in m.dtypes], dtype_names)
-        by_layer = group_shares(counts, m.layer_index, layers)
+        hub = self.hub
+        assert hub.params is not None
+        scalars, findings = m.judge(values, hub.params, self._zero, self._units.kind, self._limits)
         if m.log:
-            self.hub.log(trainer, m.scalars(by_dtype, by_layer, dead), m.step)
-        if m.judge_zero:
-            totals, zeros = counts[:, 0].tolist(), counts[:, 1].tolist()
-            found = self._zero.judge(
-                m.params, zeros, totals, m.judged, updates=m.updates, loss=m.loss, name_of=name
-            )
+            hub.log(trainer, scalars, m.step)
+        for found in findings:
             self._raise(trainer, found, m.step)
-        tensor_layers = [layers[li] for li in m.layer_index]
-        self._raise(
-            trainer, underflow_finding(by_layer, tensor_layers, m.dtypes, self.underflow_fraction), m.step
-        )
-        kinds = [self._units.kind(name) for name in m.dead_names]
-        for found in dead_unit_findings(m.dead_names, kinds, dead, self.dead_fraction):
-            self._raise(trainer, found, m.step)
-        if m.judge_depth:
-            self._raise(trainer, vanishing_finding(m.profile, self.depth_orders, self.min_depth), m.step)
         if m.stale is not None:
             self._judge_stale(trainer, m.stale, log=m.log, step=m.step)
 
