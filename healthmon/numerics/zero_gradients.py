@@ -11,7 +11,9 @@ norm of exactly 0 is a whole-zero tensor) on every other step. The rules here on
   updates end (LoRA's ``B = 0``, zero-initialised residual branches) never reach the limit.
 * :class:`StationaryWatch` tells a stationary point of the whole model (every gradient collapsed
   below the run's peak) from a cut gradient path.
-* :func:`zero_finding` words the alert.
+* :func:`zero_finding` words the alert; :class:`ZeroGradientRule` puts the three together for
+  the counting steps (:meth:`~ZeroGradientRule.judge`) and the steps between
+  (:meth:`~ZeroGradientRule.judge_norms`).
 
 This module is pure torch: no Lightning, no logging.
 """
