@@ -1,4 +1,4 @@
-"""Gradients rounded to zero: exact zeros, subnormals, flushed values, dead units, lost updates, depth.
+"""Gradients rounded to zero: exact zeros, subnormals and flushed values, counted and judged.
 
 Counting is fused: per (device, dtype) group of gradients a handful of ``torch._foreach_*``
 kernels give, per tensor, the number of nonzero and of normal elements; everything else (zeros,
@@ -19,39 +19,30 @@ Columns of the count matrix (see :data:`TOTAL`, :data:`ZEROS`, :data:`SUBNORMAL`
   whole tensor flushed at once, which the whole-tensor ``grad.zero`` check reports). The estimate
   is an upper bound for such a tensor (structural zeros in it are counted too) and costs nothing
   beyond the counts already made.
+
+When: the counts are made on a monitored optimizer step, in ``on_before_optimizer_step`` (after
+gradient accumulation and AMP unscaling, before clipping), and fetched with the hub's next host
+synchronisation (split by :func:`to_float32_exact` so that float32 carries them exactly); then
+:func:`group_shares` and :func:`underflow_finding` decide on the host. This module is pure torch:
+no Lightning, no logging.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from healthmon.numerics.findings import Finding
+from healthmon.numerics.gradients import dense_values
 from healthmon.numerics.precision import dtype_facts
 
 TOTAL, ZEROS, SUBNORMAL, FLUSHED = 0, 1, 2, 3
 
-#: Activations whose derivative is exactly zero on part of their domain (dying-unit candidates).
-#: ``nn.ReLU6`` is a subclass of ``nn.Hardtanh``.
-RELU_FAMILY: tuple[type[nn.Module], ...] = (nn.ReLU, nn.Hardtanh)
-
 _NATIVE_FOREACH = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def dense_values(grad: Tensor) -> Tensor:
-    """The stored values of a gradient: coalesced values of a sparse one, real view of a complex one.
-
-    Rows absent from a sparse gradient (embedding rows not in the batch) are never counted.
-    """
-    if grad.is_sparse:
-        grad = grad.coalesce().values()
-    elif grad.layout != torch.strided:
-        grad = grad.values()
-    if grad.is_complex():
-        grad = torch.view_as_real(grad)
-    return grad
 
 
 def _count(indicators: list[Tensor], acc: torch.dtype | None) -> Tensor:
@@ -162,42 +153,84 @@ def fractions(counts: Tensor) -> Tensor:
     return torch.stack([zero, sub, flushed], dim=1)
 
 
-# ---- dead units -------------------------------------------------------------------------------
-def unit_axis(output: Tensor) -> int:
-    """The axis that indexes units: features for ``(N, F)`` and ``(N, T, F)``, channels for conv maps.
+# ---- fetching counts exactly through a float32 channel --------------------------------------------
+_SPLIT = float(2**24)
 
-    Outputs of rank 4 or more (``(N, C, H, W)``...) are treated as convolution feature maps;
-    rank 1, 2 and 3 outputs as feature vectors along the last axis.
+
+def to_float32_exact(counts: Tensor) -> Tensor:
+    """Integer counts (float64, below 2**48) as ``[high, low]`` pairs that float32 holds exactly.
+
+    Deferred values are fetched as float32, which rounds counts above 2**24 (a large embedding
+    table); ``count == high * 2**24 + low`` with both parts below 2**24. NaN stays NaN.
     """
-    return 1 if output.dim() >= 4 else output.dim() - 1
+    high = torch.floor(counts / _SPLIT)
+    return torch.stack([high, counts - high * _SPLIT], dim=-1)
 
 
-def active_units(module: nn.Module, output: Tensor) -> Tensor:
-    """Per unit, True when the activation's derivative was nonzero for at least one input of the batch.
+def from_float32_exact(values: Sequence[float], columns: int = 4) -> Tensor:
+    """The float64 ``(n, columns)`` counts that :func:`to_float32_exact` split into ``values``."""
+    pairs = torch.tensor(values, dtype=torch.float64).reshape(-1, columns, 2)
+    return pairs[..., 0] * _SPLIT + pairs[..., 1]
 
-    A unit whose derivative is zero for every sample and position passes no gradient back: for
-    ``nn.ReLU`` the output was ``<= 0`` everywhere (a dying ReLU); for ``nn.Hardtanh`` / ``nn.ReLU6``
-    the input sat on a flat side. Measured from the forward output only (no backward hook), so it
-    works with ``inplace=True`` activations.
+
+# ---- shares per group, and the decision ----------------------------------------------------------
+@dataclass(frozen=True)
+class Shares:
+    """Zero, subnormal and flushed shares of a group of gradients (see :func:`fractions`)."""
+
+    zero: float
+    subnormal: float
+    flushed: float
+
+
+def group_shares(counts: Tensor, group_index: Sequence[int], names: Sequence[str]) -> dict[str, Shares]:
+    """:class:`Shares` of each group that holds a tensor, by name, in group order.
+
+    Args:
+        counts: fetched ``(n, 4)`` per-tensor counts (host).
+        group_index: the group (layer, dtype) of each tensor, indexing ``names``.
+        names: group names.
     """
-    out = output.detach()
-    if isinstance(module, nn.Hardtanh):
-        live = (out > module.min_val) & (out < module.max_val)
-    elif isinstance(module, nn.ReLU):
-        live = out > 0
-    else:
-        raise TypeError(f"`module`: expected one of {[c.__name__ for c in RELU_FAMILY]}, got {module!r}.")
-    axis = unit_axis(out)
-    units = live.shape[axis] if live.dim() else 1
-    return live.movedim(axis, -1).reshape(-1, units).any(dim=0)
+    rows = fractions(grouped_counts(counts, group_index, len(names))).tolist()
+    return {names[g]: Shares(*rows[g]) for g in sorted(set(group_index))}
 
 
-def dead_fraction(active: Tensor) -> Tensor:
-    """Fraction of units that were not active (device scalar, float32)."""
-    return (~active).float().mean() if active.numel() else torch.zeros((), device=active.device)
+def underflow_finding(
+    layers: Mapping[str, Shares], tensor_layers: Sequence[str], tensor_dtypes: Sequence[str], fraction: float
+) -> Finding | None:
+    """``grad.underflow`` when some layer's share of subnormal nonzero entries reaches ``fraction``.
+
+    The decision uses the exact share of nonzero entries in the subnormal range; the flushed-to-zero
+    figure is an upper-bound estimate (structural zeros such as ReLU-masked columns count too), so
+    it is reported but never decides on its own. A gradient flushed entirely to zero is the
+    whole-tensor ``grad.zero`` case.
+
+    Args:
+        layers: shares per layer (see :func:`group_shares`), measured on a monitored step.
+        tensor_layers: the layer of each gradient tensor.
+        tensor_dtypes: the dtype name of each gradient tensor.
+        fraction: the subnormal share that is reported (the worst layer is named).
+    """
+    subnormal = {name: s.subnormal for name, s in layers.items() if not math.isnan(s.subnormal)}
+    flagged = [name for name, share in subnormal.items() if share >= fraction]
+    if not flagged:
+        return None
+    worst = max(flagged, key=lambda name: subnormal[name])
+    sub, flushed = layers[worst].subnormal, layers[worst].flushed
+    kinds = "/".join(
+        sorted({d for layer, d in zip(tensor_layers, tensor_dtypes, strict=True) if layer == worst})
+    )
+    return Finding(
+        "grad.underflow",
+        f"{sub:.0%} of the nonzero {kinds} gradient entries of {worst} are "
+        f"subnormal (an estimated {flushed:.0%} of its entries flushed to zero); "
+        f"{len(flagged)} layer(s) affected.",
+        where=worst,
+        value=sub,
+    )
 
 
-# ---- stale updates ----------------------------------------------------------------------------
+# ---- sampling ----------------------------------------------------------------------------------
 def sample_indices(numel: int, k: int, generator: torch.Generator) -> Tensor:
     """Fixed sample of flat element indices of a tensor: all of them when ``numel <= k``.
 
@@ -207,74 +240,6 @@ def sample_indices(numel: int, k: int, generator: torch.Generator) -> Tensor:
         return torch.arange(numel)
     # O(k) draws (a randperm of a large tensor would cost O(numel)); duplicates are dropped.
     return torch.randint(numel, (k,), generator=generator).unique()
-
-
-# ---- depth profile ----------------------------------------------------------------------------
-def layer_rms(per_tensor_norms: Tensor, numel: Sequence[int], layer_index: Sequence[int], n: int) -> Tensor:
-    """Root-mean-square gradient entry per layer from per-tensor L2 norms (size-independent).
-
-    RMS rather than the norm, so that a wide layer is not "larger" than a narrow one just by size.
-    Layers with no tensor get NaN.
-    """
-    device = per_tensor_norms.device
-    index = torch.as_tensor(layer_index, dtype=torch.long).to(device)
-    sq = torch.zeros(n, dtype=torch.float64, device=device).index_add_(
-        0, index, per_tensor_norms.to(torch.float64).square()
-    )
-    cnt = torch.zeros(n, dtype=torch.float64, device=device).index_add_(
-        0, index, torch.tensor([float(c) for c in numel], dtype=torch.float64).to(device)
-    )
-    return torch.where(cnt > 0, (sq / cnt.clamp_min(1)).sqrt(), torch.full_like(sq, math.nan))
-
-
-def depth_decay_orders(rms_by_depth: Sequence[float]) -> float | None:
-    """Orders of magnitude the gradient loses from the last layer back to the first: log10(last/first).
-
-    ``rms_by_depth`` is ordered input -> output; layers without a gradient (NaN) are skipped.
-    Returns None with fewer than two layers, or when the last layer's gradient is zero (nothing
-    to compare against); ``inf`` when the first layer's gradient is exactly zero.
-    """
-    values = [v for v in rms_by_depth if not math.isnan(v)]
-    if len(values) < 2 or values[-1] <= 0 or math.isinf(values[-1]):
-        return None
-    first, last = values[0], values[-1]
-    if first <= 0:
-        return math.inf
-    return math.log10(last / first)
-
-
-def depth_profile_judged(loss_level: float, start_loss: float | None, fraction: float = 0.5) -> bool:
-    """Whether a decay along depth still says something: the loss is above ``fraction`` of its start.
-
-    A stack whose first layers get no gradient cannot learn: its loss stays near where it started,
-    and the profile is judged from the first checked step on (step 0 with the default cadence).
-    Once the loss has fallen below ``fraction`` of its start, the run has learned through those
-    layers; a profile that decays then (a post-LN BERT at 4% of its initial loss: the classifier's
-    gradient rms 0.03, the embeddings' LayerNorm 1e-5, under AdamW, whose update does not scale
-    with the gradient) is the head's leftover error, not a vanishing gradient. ``start_loss`` is
-    None (not known yet) or not positive: judged.
-    """
-    if start_loss is None or start_loss <= 0.0 or not math.isfinite(loss_level):
-        return True
-    return loss_level > fraction * start_loss
-
-
-# ---- zero gradients at a stationary point ---------------------------------------------------------
-STATIONARY_ORDERS = 3.0
-
-
-def at_stationary_point(norm: float, peak: float, orders: float = STATIONARY_ORDERS) -> bool:
-    """Whether the whole model's gradient has collapsed: ``norm`` is ``orders`` decades below ``peak``.
-
-    ``norm`` is the global gradient norm of this step, ``peak`` the largest the run has had. At a
-    stationary point of the whole model (full-batch least squares at its float32 optimum: the
-    bias gradient, the mean residual, is exactly 0 while the weights' is roundoff) an exactly zero
-    tensor is the optimum, not a cut gradient path; whether that point is a good one is for the
-    loss to say (``grad.vanishing``). A run that never had a gradient (``peak`` 0) is not at one.
-    """
-    if not (math.isfinite(norm) and math.isfinite(peak)) or peak <= 0.0:
-        return False
-    return norm <= peak * 10.0 ** (-orders)
 
 
 def log10_magnitudes(grad: Tensor) -> Tensor:

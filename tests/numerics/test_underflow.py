@@ -1,4 +1,4 @@
-"""Fused zero / subnormal / flushed counts, dead units and depth profile against brute force."""
+"""Fused zero / subnormal / flushed counts against brute force, their exact transport, grad.underflow."""
 
 from __future__ import annotations
 
@@ -14,17 +14,16 @@ from healthmon.numerics.underflow import (
     SUBNORMAL,
     TOTAL,
     ZEROS,
-    active_units,
-    at_stationary_point,
-    dead_fraction,
-    depth_decay_orders,
-    depth_profile_judged,
+    Shares,
     fractions,
+    from_float32_exact,
     gradient_counts,
+    group_shares,
     grouped_counts,
-    layer_rms,
     log10_magnitudes,
     sample_indices,
+    to_float32_exact,
+    underflow_finding,
 )
 
 
@@ -156,33 +155,6 @@ def test_float16_cast_of_tiny_float32_gradient_flushes_and_is_estimated():
     )
 
 
-@pytest.mark.parametrize(
-    ("module", "x", "dead"),
-    [
-        (nn.ReLU(), torch.tensor([[1.0, -1.0, 0.0], [2.0, -3.0, 0.0]]), [False, True, True]),
-        (nn.ReLU6(), torch.tensor([[7.0, 3.0, -1.0], [8.0, -2.0, -1.0]]), [True, False, True]),
-        (nn.Hardtanh(), torch.tensor([[0.5, 2.0], [-2.0, 3.0]]), [False, True]),
-    ],
-)
-def test_active_units_brute_force(module, x, dead):
-    out = module(x)
-    act = active_units(module, out)
-    assert (~act).tolist() == dead
-    assert dead_fraction(act).item() == pytest.approx(sum(dead) / len(dead))
-
-
-def test_active_units_conv_channels_and_sequences():
-    relu = nn.ReLU()
-    x = torch.randn(2, 3, 4, 4)
-    x[:, 1] = -1.0
-    assert (~active_units(relu, relu(x))).tolist() == [False, True, False]
-    seq = torch.randn(2, 5, 6)
-    seq[..., 4] = -1.0
-    assert (~active_units(relu, relu(seq))).tolist() == [False] * 4 + [True, False]
-    with pytest.raises(TypeError, match="`module`"):
-        active_units(nn.Sigmoid(), x)
-
-
 def test_sample_indices_private_generator_and_rng_untouched():
     state = torch.get_rng_state()
     a = sample_indices(1000, 16, torch.Generator().manual_seed(3))
@@ -192,50 +164,59 @@ def test_sample_indices_private_generator_and_rng_untouched():
     assert torch.equal(torch.get_rng_state(), state)
 
 
-def test_layer_rms_and_depth_decay_brute_force():
-    grads = [
-        torch.full((4, 4), 1e-6),
-        torch.full((4,), 1e-6),
-        torch.full((2, 8), 1e-2),
-        torch.full((3,), 1.0),
-    ]
-    norms = torch.stack([g.norm() for g in grads])
-    rms = layer_rms(norms, [g.numel() for g in grads], [0, 0, 1, 3], 4).tolist()
-    assert rms[0] == pytest.approx(1e-6) and rms[1] == pytest.approx(1e-2) and rms[3] == pytest.approx(1.0)
-    assert math.isnan(rms[2])
-    assert depth_decay_orders(rms) == pytest.approx(6.0)
-    assert depth_decay_orders([1.0]) is None
-    assert depth_decay_orders([0.0, 1.0]) == math.inf
-    assert depth_decay_orders([1.0, 0.0]) is None
-
-
-def test_depth_profile_is_judged_while_the_loss_is_above_half_its_start():
-    assert depth_profile_judged(2.3, 2.3)  # the first checked step: a stack that cannot learn
-    assert depth_profile_judged(1.5, 2.3)
-    assert not depth_profile_judged(0.03, 0.69)  # BERT at near-perfect separation
-    assert not depth_profile_judged(1.15, 2.3) and depth_profile_judged(1.16, 2.3)
-    assert depth_profile_judged(0.01, None)  # no start known yet
-    assert depth_profile_judged(-5.0, -1.0)  # a loss that is not positive: no scale to judge by
-
-
-def test_stationary_point_is_the_whole_gradient_collapsed_below_its_peak():
-    # full-batch least squares at its float32 optimum: the bias gradient (the mean residual) is
-    # exactly 0 and the weights' is roundoff, 7 orders of magnitude below the first step's
-    x = torch.randn(512, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    y = x @ torch.full((16, 1), 0.25, dtype=torch.float64) + 1.0
-    xb = torch.cat([x, torch.ones(512, 1, dtype=torch.float64)], 1)
-    w = torch.linalg.lstsq(xb, y).solution.float().requires_grad_()
-    torch.nn.functional.mse_loss(xb.float() @ w, y.float()).backward()
-    peak = 2.0 * float((y * x).mean(0).norm())  # the gradient at w = 0, about
-    assert w.grad is not None and at_stationary_point(float(w.grad.norm()), peak)
-    # a cut path while the rest of the model learns: the global norm is still at its scale
-    assert not at_stationary_point(0.3, 1.0)
-    assert at_stationary_point(1e-3, 1.0) and not at_stationary_point(1.01e-3, 1.0)
-    # a model that never had a gradient (every path cut from the start) is at no optimum
-    assert not at_stationary_point(0.0, 0.0)
-    assert not at_stationary_point(math.nan, 1.0) and not at_stationary_point(0.0, math.inf)
-
-
 def test_log10_magnitudes_skips_zeros():
     v = log10_magnitudes(torch.tensor([0.0, 10.0, -0.01]))
     assert v.tolist() == pytest.approx([1.0, -2.0])
+
+
+def test_counts_travel_exactly_through_float32():
+    """Deferred values are fetched as float32: a count above 2**24 would be rounded, its parts are not."""
+    counts = torch.tensor(
+        [[2.0**40 + 3, 2.0**24 + 1, 5.0, 0.0], [7.0, 0.0, math.nan, 1.0]], dtype=torch.float64
+    )
+    parts = to_float32_exact(counts)
+    assert parts.shape == (2, 4, 2)
+    carried = parts.reshape(-1).float().tolist()  # what Hub.defer hands back
+    back = from_float32_exact(carried)
+    assert back[0].tolist() == counts[0].tolist()
+    assert back[1, :2].tolist() == [7.0, 0.0] and math.isnan(back[1, 2]) and back[1, 3] == 1.0
+    assert float(torch.tensor(2.0**24 + 1).float()) != 2.0**24 + 1  # the rounding the split avoids
+    assert from_float32_exact([]).shape == (0, 4)
+
+
+def test_group_shares_per_present_group_in_order():
+    f = dtype_facts(torch.float16)
+    a = torch.tensor([0.0, f.smallest_subnormal, f.smallest_normal, 1.0], dtype=torch.float16)
+    b = torch.tensor([1.0, 2.0], dtype=torch.float16)
+    counts = gradient_counts([a, b, b])
+    shares = group_shares(counts, [2, 0, 2], ["l0", "l1", "l2"])
+    assert list(shares) == ["l0", "l2"]  # l1 holds no tensor
+    assert shares["l0"] == Shares(0.0, 0.0, 0.0)
+    assert shares["l2"] == Shares(1 / 6, 1 / 5, 1 / 6)  # a's zero is counted as flushed (a holds a subnormal)
+
+
+def test_underflow_finding_names_the_worst_layer_exactly():
+    f = dtype_facts(torch.float16)
+    tiny, normal = f.smallest_subnormal, f.smallest_normal
+    grads = [
+        torch.tensor([tiny, tiny, normal, 1.0, 0.0], dtype=torch.float16),  # l0: 2 of 4 nonzero subnormal
+        torch.tensor([tiny, 1.0, 1.0, 1.0], dtype=torch.float16),  # l1: 1 of 4
+        torch.tensor([1.0, 1.0], dtype=torch.bfloat16),  # l1 too
+    ]
+    shares = group_shares(gradient_counts(grads), [0, 1, 1], ["net.0", "net.2"])
+    found = underflow_finding(shares, ["net.0", "net.2", "net.2"], ["float16", "float16", "bfloat16"], 0.1)
+    assert found is not None and (found.code, found.where, found.value) == ("grad.underflow", "net.0", 0.5)
+    assert found.message == (
+        "50% of the nonzero float16 gradient entries of net.0 are subnormal (an estimated 20% of its "
+        "entries flushed to zero); 2 layer(s) affected."
+    )
+    worst_mixed = underflow_finding(
+        shares, ["net.0", "net.2", "net.2"], ["float16", "float16", "bfloat16"], 0.6
+    )
+    assert worst_mixed is None
+    only_second = group_shares(gradient_counts(grads[1:]), [0, 0], ["net.2"])
+    found = underflow_finding(only_second, ["net.2", "net.2"], ["float16", "bfloat16"], 1 / 6)
+    assert found is not None and "bfloat16/float16 gradient entries of net.2" in found.message
+    assert found.value == pytest.approx(1 / 6)
+    nan_only = {"empty": Shares(math.nan, math.nan, math.nan)}
+    assert underflow_finding(nan_only, [], [], 0.0) is None
