@@ -3,6 +3,7 @@ healthmon.tags never import torch, Lightning, TensorBoard or matplotlib; the top
 
 from __future__ import annotations
 
+import importlib.util
 import pkgutil
 import subprocess
 import sys
@@ -49,3 +50,29 @@ def test_public_names() -> None:
 
     for name in ("HealthMonitor", "Alert", "NumericalHealthError", "GradientNormMonitor", "NonFiniteMonitor"):
         assert getattr(healthmon, name).__name__ == name
+
+
+def test_only_the_hf_integration_imports_transformers() -> None:
+    """``transformers`` is an optional extra: no healthmon module but the HF callback imports it.
+
+    Lightning itself loads parts of ``transformers`` when it is installed; healthmon's modules
+    must load nothing of it (nor of ``accelerate``) beyond what Lightning does.
+    """
+    import healthmon
+
+    names = [
+        m.name
+        for m in pkgutil.walk_packages(healthmon.__path__, "healthmon.")
+        if m.name != "healthmon.integrations.hf"
+    ]
+    assert "healthmon.cli" in names and "healthmon.monitors.health" in names
+    loaded = _loaded_after(f"import importlib; [importlib.import_module(n) for n in {names!r}]")
+    assert "healthmon.monitors.health" in loaded
+    baseline = _loaded_after("import pytorch_lightning, torch.utils.tensorboard")
+    extra = [m for m in loaded - baseline if m.split(".")[0] in ("transformers", "accelerate")]
+    assert not extra, f"healthmon imports {extra[:5]}"
+    for name in names:  # and no module names them in an import
+        source = open(importlib.util.find_spec(name).origin or "").read()
+        assert "import transformers" not in source and "from transformers" not in source, name
+    top = _loaded_after("import healthmon; healthmon.Alert")
+    assert not [m for m in top if m.split(".")[0] == "transformers"]

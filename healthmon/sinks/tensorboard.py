@@ -44,6 +44,18 @@ class TensorBoardSink:
             self.owns_writer = True
         os.makedirs(self.log_dir, exist_ok=True)
 
+    @classmethod
+    def for_dir(cls, log_dir: str, writer: Any = None) -> TensorBoardSink:
+        """A sink that writes into ``log_dir`` through ``writer`` (a ``SummaryWriter`` the caller
+        keeps), or through its own ``SummaryWriter`` there: loops without a Lightning Trainer."""
+        sink = cls.__new__(cls)
+        sink.other_loggers = []
+        sink.owns_writer = writer is None
+        sink.writer = TorchSummaryWriter(log_dir=log_dir) if writer is None else writer
+        sink.log_dir = str(getattr(sink.writer, "log_dir", None) or log_dir)
+        os.makedirs(sink.log_dir, exist_ok=True)
+        return sink
+
     def scalars(self, values: Mapping[str, float], step: int) -> None:
         """All values as one event (one protobuf, one queue put): ~10x cheaper than add_scalar per tag."""
         file_writer = self._file_writer()
