@@ -14,7 +14,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet $(TORCH)
-	$(BIN)/python -m pip install --quiet -e ".[dev,recipes]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,recipes,hf]"
 	touch $@
 
 demo: setup
