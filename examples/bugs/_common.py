@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from healthmon import Alert, HealthMonitor
-from healthmon.monitors.health import default_monitors
+from healthmon.monitors.bundle import default_monitors
 
 
 def parse(doc: str | None, argv: Sequence[str] | None, *, steps: int) -> argparse.Namespace:

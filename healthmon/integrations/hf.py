@@ -52,6 +52,7 @@ from healthmon.engine.run import Run, loss_of
 from healthmon.engine.step_stats import scale_tensor
 from healthmon.engine.writer import Writer
 from healthmon.monitors.base import Monitor
+from healthmon.monitors.bundle import bundle_config, bundle_driver
 
 #: The Trainer's pre-clip gradient norm (from its logs), when the monitors see clipped gradients.
 TAG_NORM_PRECLIP = "healthmon/grad/norm_preclip"
@@ -196,10 +197,7 @@ class HFHealthCallback(TrainerCallback):
         summary: bool = True,
         log_dir: str | None = None,
     ) -> None:
-        from healthmon.monitors.health import HealthMonitor
-
-        # HealthMonitor validates the arguments and builds the bundle's driver; only its driver is used
-        self.bundle = HealthMonitor(
+        self.driver: Driver = bundle_driver(
             on_alert=on_alert,
             fail_on=fail_on,
             monitors=monitors,
@@ -207,7 +205,6 @@ class HFHealthCallback(TrainerCallback):
             report=report,
             summary=summary,
         )
-        self.driver: Driver = self.bundle.driver
         self.log_dir_arg = log_dir
         self.run: HFRun | None = None
         self._handles: list[Any] = []
@@ -239,7 +236,7 @@ class HFHealthCallback(TrainerCallback):
 
     @property
     def monitors(self) -> list[Monitor]:
-        return self.bundle.monitors
+        return self.driver.monitors
 
     # ---- driver calls -------------------------------------------------------------------------
     def _call(self, point: Callable[..., None], *args: Any) -> None:
@@ -284,7 +281,7 @@ class HFHealthCallback(TrainerCallback):
             model.register_forward_hook(self._after_forward, with_kwargs=True),
         ]
         self._epoch_batch, self._in_step, self._micro_open, self._awaiting_loss = 0, False, False, False
-        self.driver.config.update(self.bundle.config())
+        self.driver.config.update(bundle_config(self.driver))
         self._call(self.driver.setup, run)
         self._call(self.driver.start, run)
         return control

@@ -8,27 +8,11 @@ from typing import Any
 import pytorch_lightning as pl
 from typing_extensions import override
 
-from healthmon import _checks
-from healthmon.alerts import Alert, AlertPolicy, OnAlert, Severity
+from healthmon.alerts import Alert, OnAlert, Severity
 from healthmon.engine.driver import Driver
 from healthmon.integrations.lightning import LightningHooks
 from healthmon.monitors.base import Monitor
-from healthmon.monitors.gradient_norm import GradientNormMonitor
-from healthmon.monitors.hessian import HessianEigenMonitor
-from healthmon.monitors.logits import LogitsCheck
-from healthmon.monitors.nonfinite import NonFiniteMonitor
-from healthmon.monitors.underflow import GradientUnderflowMonitor
-
-
-def default_monitors() -> list[Monitor]:
-    """The monitors ``HealthMonitor()`` runs, each with its default (cheap) cadence."""
-    return [
-        NonFiniteMonitor(),
-        GradientNormMonitor(),
-        GradientUnderflowMonitor(),
-        HessianEigenMonitor(),
-        LogitsCheck(),
-    ]
+from healthmon.monitors.bundle import bundle_config, bundle_driver
 
 
 class HealthMonitor(LightningHooks):
@@ -56,34 +40,16 @@ class HealthMonitor(LightningHooks):
         report: bool = True,
         summary: bool = True,
     ) -> None:
-        self.policy = AlertPolicy(on_alert, fail_on)
-        if log_every_n_steps is not None:
-            _checks.positive_int(log_every_n_steps, "log_every_n_steps")
-        _checks.boolean(report, "report")
-        _checks.boolean(summary, "summary")
-        if monitors is None:
-            monitors = default_monitors()
-        else:
-            monitors = list(monitors)
-            for i, m in enumerate(monitors):
-                if not isinstance(m, Monitor):
-                    raise TypeError(f"`monitors[{i}]`: expected a healthmon monitor instance, got {m!r}.")
-            kinds = [type(m).__name__ for m in monitors]
-            duplicates = sorted({k for k in kinds if kinds.count(k) > 1})
-            if duplicates:
-                raise ValueError(
-                    f"`monitors`: expected at most one monitor of each kind, got two of {duplicates}."
-                )
-        self.monitors: list[Monitor] = list(monitors)
-        for m in self.monitors:
-            m._bundled = True
-        self.driver = Driver(
-            self.monitors,
-            self.policy,
+        self.driver = bundle_driver(
+            on_alert=on_alert,
+            fail_on=fail_on,
+            monitors=monitors,
             log_every_n_steps=log_every_n_steps,
-            write_report=report,
-            print_summary=summary,
+            report=report,
+            summary=summary,
         )
+        self.policy = self.driver.policy
+        self.monitors: list[Monitor] = list(self.driver.monitors)
 
     # ---- public --------------------------------------------------------------------------
     @property
@@ -110,11 +76,7 @@ class HealthMonitor(LightningHooks):
         return next((m for m in self.monitors if isinstance(m, kind)), None)
 
     def config(self) -> dict[str, Any]:
-        return {
-            "on_alert": self.policy.on_alert,
-            "fail_on": self.policy.fail_on,
-            "monitors": {type(m).__name__: m.config() for m in self.monitors},
-        }
+        return bundle_config(self.driver)
 
     # ---- as a Lightning callback ------------------------------------------------------------
     @override

@@ -17,7 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 
 from healthmon import GradientUnderflowMonitor, HealthMonitor
-from healthmon.monitors.health import default_monitors
+from healthmon.monitors.bundle import default_monitors
 from healthmon.monitors.underflow import TAG_STALE_DTYPE
 from tests.models import DigitsClassifier, digits_loader, trainer
 
