@@ -38,7 +38,7 @@ from healthmon.integrations.loop_checks import (
     check_scaler,
     check_writer,
 )
-from healthmon.integrations.loop_run import LoopRun, StepFn
+from healthmon.integrations.loop_run import LoopRun, StepFn, unwrap_optimizer
 from healthmon.monitors.base import Monitor
 
 #: Torch optimizers under an open watch (a second watch would check every step twice).
@@ -179,6 +179,9 @@ class Watch:
     def step(self, fn: Any, batch: Any = _NO_BATCH) -> Any:
         """One micro-batch: ``fn(batch)``, watched. Returns what ``fn`` returned (the loss).
 
+        ``fn`` returns the micro-batch's own loss (not divided by ``accumulate_grad_batches``, not
+        scaled by a ``GradScaler``): ``healthmon/loss`` is then the step's mean loss.
+
         ``hm.step(batch)`` uses the ``loss_fn`` given to :func:`watch`. ``fn`` must compute the loss
         without stepping an optimizer: healthmon calls it again on saved batches (the NaN origin,
         Hessian products), with every state it could change restored afterwards.
@@ -203,7 +206,10 @@ class Watch:
         output = fn(batch)
         loss = loss_of(output)
         if isinstance(loss, Tensor):
-            self.driver.before_backward(run, loss, scaled=False)  # the user's loss, before any scaling
+            # Lightning hands backward the loss divided by the micro-batches of a step (their sum
+            # is then the step's mean loss) and scaled by the GradScaler: here the user's own loss
+            k = run.accumulate_grad_batches
+            self.driver.before_backward(run, loss / k if k > 1 else loss, scaled=False)
         return output
 
     def gradients_ready(self, optimizer: Any = None) -> None:
@@ -222,6 +228,7 @@ class Watch:
                     "`hm.gradients_ready`: the GradScaler has not unscaled this optimizer's gradients "
                     "yet; call scaler.unscale_(optimizer) first (healthmon then checks there)."
                 )
+            run.clipping = "before clipping"
             self._check(opt)
 
     @property
@@ -322,7 +329,7 @@ class Watch:
 
         def call_then_check(optimizer: Any, *args: Any, **kwargs: Any) -> Any:
             result = original(optimizer, *args, **kwargs)
-            inner = loop_fabric.unwrap_optimizer(optimizer)
+            inner = unwrap_optimizer(optimizer)
             if not self._closed and any(inner is opt for opt in self.run.optimizers):
                 self.run.clipping = "before clipping"
                 self._check(inner)
@@ -350,7 +357,7 @@ class Watch:
             raise RuntimeError("This healthmon watch is closed; create a new one with healthmon.watch(...).")
 
     def _ours(self, optimizer: Any, name: str) -> Any:
-        inner = loop_fabric.unwrap_optimizer(optimizer)
+        inner = unwrap_optimizer(optimizer)
         for opt in self.run.optimizers:
             if opt is inner:
                 return opt

@@ -17,14 +17,18 @@ def check_model(model: Any, name: str) -> None:
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"`{name}`: expected the torch.nn.Module the loop trains, got {model!r}.")
     if not any(True for _ in model.parameters()):
-        raise ValueError(f"`{name}`: expected a module with parameters, got {type(model).__name__} with none.")
+        raise ValueError(
+            f"`{name}`: expected a module with parameters, got {type(model).__name__} with none."
+        )
 
 
 def check_optimizers(optimizer_or_list: Any) -> list[Any]:
     """The torch optimizers (inside Fabric's wrappers), one or a list of them, without repeats."""
     items = list(optimizer_or_list) if isinstance(optimizer_or_list, (list, tuple)) else [optimizer_or_list]
     if not items:
-        raise ValueError("`optimizer_or_list`: expected a torch optimizer or a non-empty list of them, got [].")
+        raise ValueError(
+            "`optimizer_or_list`: expected a torch optimizer or a non-empty list of them, got []."
+        )
     optimizers = []
     for i, item in enumerate(items):
         opt = unwrap_optimizer(item)
@@ -44,7 +48,8 @@ def check_scaler(scaler: Any) -> Any:
     missing = [m for m in _SCALER_METHODS if not callable(getattr(scaler, m, None))]
     if missing:
         raise TypeError(
-            f"`scaler`: expected a torch.amp.GradScaler (methods {', '.join(_SCALER_METHODS)}), got {scaler!r}."
+            f"`scaler`: expected a torch.amp.GradScaler (methods {', '.join(_SCALER_METHODS)}), "
+            f"got {scaler!r}."
         )
     return scaler if getattr(scaler, "is_enabled", lambda: True)() else None
 
@@ -55,7 +60,9 @@ def check_writer(writer: Any, log_dir: Any) -> None:
             f"`log_dir`: expected None when `writer` is given (healthmon writes beside the writer's "
             f"event files), got {log_dir!r}."
         )
-    if writer is not None and not (callable(getattr(writer, "add_scalar", None)) and hasattr(writer, "add_text")):
+    if writer is not None and not (
+        callable(getattr(writer, "add_scalar", None)) and hasattr(writer, "add_text")
+    ):
         raise TypeError(f"`writer`: expected a SummaryWriter (torch.utils.tensorboard), got {writer!r}.")
     if log_dir is not None and not isinstance(log_dir, (str, os.PathLike)):
         raise TypeError(f"`log_dir`: expected a folder path (str or os.PathLike), got {log_dir!r}.")
