@@ -11,7 +11,6 @@ nothing here imports Fabric.
 from __future__ import annotations
 
 import contextlib
-import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -68,6 +67,10 @@ def tensorboard_experiment(fabric: Any) -> Any:
     return None
 
 
+def _no_hook(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
 @contextlib.contextmanager
 def direct_forward(fabric_module: Any) -> Iterator[None]:
     """Replays through the ``_FabricModule`` but not through the strategy's wrapper, and without
@@ -76,20 +79,20 @@ def direct_forward(fabric_module: Any) -> Iterator[None]:
     The ``_FabricModule`` still converts inputs and runs the forward under the precision's autocast,
     as in the loop. The strategy's wrapper (``DistributedDataParallel``) is bypassed: a replay
     on one rank must not start DDP's collectives or prepare a gradient reduction that never comes.
-    Hessian products differentiate with ``torch.autograd.grad``, which Fabric's backward hook
-    would otherwise refuse under mixed precision.
+    Outputs get no Fabric backward hook: Hessian products differentiate with
+    ``torch.autograd.grad``, which that hook refuses under mixed precision and DDP. Reentrant.
     """
     modules = fabric_module._modules
     wrapped = modules.get("_forward_module")
-    owner = next(cls for cls in type(fabric_module).__mro__ if cls.__name__ == "_FabricModule")
-    wrappers = sys.modules.get(owner.__module__)
-    in_backward = getattr(wrappers, "_in_fabric_backward", None)
+    own = vars(fabric_module)
+    hook = own.get("_register_backward_hook")
     modules["_forward_module"] = original_module(fabric_module)
-    if in_backward is not None:
-        wrappers._in_fabric_backward = True  # type: ignore[union-attr]
+    own["_register_backward_hook"] = _no_hook
     try:
         yield
     finally:
         modules["_forward_module"] = wrapped
-        if in_backward is not None:
-            wrappers._in_fabric_backward = in_backward  # type: ignore[union-attr]
+        if hook is None:
+            own.pop("_register_backward_hook", None)
+        else:
+            own["_register_backward_hook"] = hook

@@ -124,9 +124,13 @@ class LoopRun(Run):
     # ---- replays -------------------------------------------------------------------------------
     @override
     def loss_on(self, batch: Any, batch_idx: int) -> Tensor | None:
+        """The step function's loss on ``batch``, under the loop's autocast and, under Fabric,
+        around the strategy's wrapper (every replay calls this, with or without
+        :meth:`replay_context`)."""
         if self.step_fn is None:
             return super().loss_on(batch, batch_idx)
-        return loss_of(self.step_fn(batch))  # type: ignore[no-any-return]
+        with self._as_in_the_loop():
+            return loss_of(self.step_fn(batch))  # type: ignore[no-any-return]
 
     @override
     def replay_blocker(self) -> str | None:
@@ -138,8 +142,12 @@ class LoopRun(Run):
     @override
     def replay_context(self) -> Iterator[None]:
         """Every state restored; the loop's autocast; under Fabric, around the strategy's wrapper."""
+        with isolated(self.model), self._as_in_the_loop():
+            yield
+
+    @contextlib.contextmanager
+    def _as_in_the_loop(self) -> Iterator[None]:
         with contextlib.ExitStack() as stack:
-            stack.enter_context(isolated(self.model))
             if self.wrapper is not None:
                 stack.enter_context(loop_fabric.direct_forward(self.wrapper))
             if self.autocast is not None:
