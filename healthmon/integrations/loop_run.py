@@ -42,6 +42,22 @@ def unwrap_module(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+@contextlib.contextmanager
+def direct_ddp(ddp: torch.nn.Module) -> Iterator[None]:
+    """Calls of a ``DistributedDataParallel`` wrapper go straight to its module (a replay on one
+    rank must not broadcast buffers or prepare a gradient reduction that never comes)."""
+    own = vars(ddp)
+    before = own.get("forward")
+    own["forward"] = ddp.module
+    try:
+        yield
+    finally:
+        if before is None:
+            own.pop("forward", None)
+        else:
+            own["forward"] = before
+
+
 def unwrap_optimizer(optimizer: Any) -> Any:
     """The torch optimizer inside Fabric's ``_FabricOptimizer`` (hooks go on the inner one)."""
     return optimizer.optimizer if loop_fabric.is_fabric_optimizer(optimizer) else optimizer
@@ -83,6 +99,7 @@ class LoopRun(Run):
     ) -> None:
         super().__init__(unwrap_module(model), optimizers)
         self.wrapper = model if loop_fabric.is_fabric_module(model) else None
+        self.ddp = model if isinstance(model, torch.nn.parallel.DistributedDataParallel) else None
         self.step_fn = step_fn
         self.scaler = scaler
         self.writer = writer
@@ -124,9 +141,9 @@ class LoopRun(Run):
     # ---- replays -------------------------------------------------------------------------------
     @override
     def loss_on(self, batch: Any, batch_idx: int) -> Tensor | None:
-        """The step function's loss on ``batch``, under the loop's autocast and, under Fabric,
-        around the strategy's wrapper (every replay calls this, with or without
-        :meth:`replay_context`)."""
+        """The step function's loss on ``batch``, under the loop's autocast and around
+        ``DistributedDataParallel`` or Fabric's strategy wrapper (every replay calls this, with or
+        without :meth:`replay_context`)."""
         if self.step_fn is None:
             return super().loss_on(batch, batch_idx)
         with self._as_in_the_loop():
@@ -150,6 +167,8 @@ class LoopRun(Run):
         with contextlib.ExitStack() as stack:
             if self.wrapper is not None:
                 stack.enter_context(loop_fabric.direct_forward(self.wrapper))
+            if self.ddp is not None:
+                stack.enter_context(direct_ddp(self.ddp))
             if self.autocast is not None:
                 device, enabled, dtype = self.autocast
                 stack.enter_context(torch.autocast(device, dtype=dtype, enabled=enabled))

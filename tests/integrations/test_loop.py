@@ -351,3 +351,38 @@ def test_bad_model_and_optimizer_name_the_argument() -> None:
         healthmon.watch(model, "sgd")
     with pytest.raises(ValueError, match="`optimizer_or_list`"):
         healthmon.watch(model, [])
+
+
+def test_a_ddp_wrapped_model_keeps_the_users_names_and_replays_bypass_ddp(
+    tmp_path: Any, monkeypatch: Any
+) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    calls = {"n": 0}
+    forward = DDP.forward
+
+    def counted(self: Any, *args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(DDP, "forward", counted)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/group", rank=0, world_size=1)
+    try:
+        model = DDP(mlp())
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+        def loss_fn(batch: Any) -> torch.Tensor:
+            x, y = batch
+            p = F.softmax(model(x) * 100, dim=1)
+            return F.nll_loss(torch.log(p), y)  # BUG: ddp log
+
+        with healthmon.watch(model, opt, log_dir=tmp_path, on_alert="stop", summary=False) as hm:
+            losses = train(hm, opt, loss_fn, 3)
+    finally:
+        dist.destroy_process_group()
+    assert sorted(hm.driver.params.names.values()) == ["0.bias", "0.weight", "2.bias", "2.weight"]
+    assert hm.run.strategy == "DistributedDataParallel"
+    found = next(a for a in hm.alerts if a.code == "activation.nonfinite")
+    assert found.where == line_of(__file__, "ddp log")  # found by a replay (and the step-0 Hessian tried)
+    assert calls["n"] == len(losses)  # the loop's forwards only: replays went around DDP
