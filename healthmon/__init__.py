@@ -22,7 +22,7 @@ _LAZY = {
     "LogitsCheck": "healthmon.monitors.logits",
     "HessianEigenMonitor": "healthmon.monitors.hessian",
     "watch": "healthmon.integrations.loop",
-    "Watch": "healthmon.integrations.loop",
+    "Watch": "healthmon.integrations.loop_watch",
 }
 
 __all__ = ["CODES", "Alert", "NumericalHealthError", "__version__", *_LAZY]

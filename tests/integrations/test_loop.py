@@ -69,6 +69,8 @@ def test_healthy_run_has_no_alert_and_writes_report_tags_and_check(tmp_path: Any
         assert tags["healthmon/loss"][step] == pytest.approx(losses[step], rel=1e-6)
         assert tags["healthmon/grad/norm"][step] == pytest.approx(norms[step], rel=1e-5)
     assert cli(["check", str(tmp_path / "run")]) == 0
+    assert cli(["report", str(tmp_path / "run"), "--out", str(tmp_path / "report.html")]) == 0
+    assert os.path.getsize(tmp_path / "report.html") > 0
 
 
 def test_a_users_summary_writer_gets_the_charts_and_stays_open(tmp_path: Any) -> None:
