@@ -388,3 +388,30 @@ def test_a_ddp_wrapped_model_keeps_the_users_names_and_replays_bypass_ddp(
     found = next(a for a in hm.alerts if a.code == "activation.nonfinite")
     assert found.where == line_of(__file__, "ddp log")  # found by a replay (and the step-0 Hessian tried)
     assert calls["n"] == len(losses)  # the loop's forwards only: replays went around DDP
+
+
+def test_amp_with_a_grad_scaler_is_bit_identical_with_and_without_the_watch(tmp_path: Any) -> None:
+    states = []
+    for watched in (False, True):
+        torch.manual_seed(7)
+        model = BatchNormDropout()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**30)  # skips a few steps first
+
+        def loss_fn(batch: Any, model: nn.Module = model) -> torch.Tensor:
+            x, y = batch
+            with torch.autocast("cpu", dtype=torch.float16):
+                return F.cross_entropy(model(x), y)
+
+        def clip(model: nn.Module = model) -> None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+
+        kw = dict(log_dir=tmp_path / str(watched), monitors=every_check_every_step(), summary=False)
+        hm = healthmon.watch(model, opt, scaler=scaler, **kw) if watched else None
+        train(hm, opt, loss_fn, 12, data=batches(seed=3), scaler=scaler, clip=clip)
+        if hm is not None:
+            hm.close()
+            assert hm.driver.amp_skipped_steps >= 1 and hm.global_step == 12
+        states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    for name in states[0]:
+        assert torch.equal(states[0][name], states[1][name]), name
