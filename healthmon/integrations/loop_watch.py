@@ -62,6 +62,7 @@ class Watch:
                 self._call_after(loop_fabric.precision_plugin(run.fabric), "unscale_gradients")
         except BaseException:
             self._release()
+            self.driver.teardown(run)  # close the writer the setup opened
             raise
 
     # ---- the loop's side -----------------------------------------------------------------------
