@@ -1,7 +1,8 @@
-"""healthmon: PyTorch Lightning callbacks that watch the numerical health of a training run.
+"""healthmon: watch the numerical health of a training run (Lightning, Fabric, plain PyTorch).
 
-``Alert`` and ``NumericalHealthError`` load eagerly (pure Python). The callbacks load lazily on
-first access (PEP 562), so ``import healthmon.numerics`` or the CLI never import Lightning.
+``Alert`` and ``NumericalHealthError`` load eagerly (pure Python). The callbacks and
+:func:`watch` (plain PyTorch and Fabric loops) load lazily on first access (PEP 562), so
+``import healthmon.numerics`` or the CLI never import Lightning.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ _LAZY = {
     "GradientUnderflowMonitor": "healthmon.monitors.underflow",
     "LogitsCheck": "healthmon.monitors.logits",
     "HessianEigenMonitor": "healthmon.monitors.hessian",
+    "watch": "healthmon.integrations.loop",
+    "Watch": "healthmon.integrations.loop_watch",
 }
 
 __all__ = ["CODES", "Alert", "NumericalHealthError", "__version__", *_LAZY]

@@ -189,9 +189,13 @@ class Driver:
         for m in self._per_step["on_batch_start"]:
             m.on_batch_start(run, batch, batch_idx)
 
-    def before_backward(self, run: Run, loss: Tensor) -> None:
-        """The loss of one micro-batch, as handed to backward (scaled under fp16 AMP)."""
-        self.stats.add_loss(loss)
+    def before_backward(self, run: Run, loss: Tensor, *, scaled: bool = True) -> None:
+        """The loss of one micro-batch, as handed to backward (scaled under fp16 AMP).
+
+        ``scaled=False``: ``loss`` is the user's loss before the ``GradScaler`` multiplies it (a
+        plain loop hands healthmon the loss its step function returned).
+        """
+        self.stats.add_loss(loss, scaled=scaled)
         for m in self._per_step["on_loss"]:
             m.on_loss(run, loss)
 

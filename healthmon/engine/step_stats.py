@@ -147,15 +147,16 @@ class StepStatistics:
             return True
         return False
 
-    def add_loss(self, loss: Tensor) -> None:
+    def add_loss(self, loss: Tensor, *, scaled: bool = True) -> None:
         """Accumulate the (accumulation-normalised) loss handed to backward; no host sync.
 
         Under fp16 mixed precision the loss reaching backward is multiplied by the
         ``GradScaler``'s scale; dividing by the scale tensor on the device gives back the user's
-        loss (exactly: the scale is a power of two).
+        loss (exactly: the scale is a power of two). ``scaled=False``: the loss is the user's
+        already (the loop hands it over before scaling), nothing is divided.
         """
         loss = loss.detach().float()
-        scale = scale_tensor(self.scaler)
+        scale = scale_tensor(self.scaler) if scaled else None
         if scale is not None:
             loss = loss / scale.to(loss.device)
         self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss

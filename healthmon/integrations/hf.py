@@ -164,7 +164,7 @@ class HFRun(Run):
     def open_writer(self) -> Writer | None:
         from healthmon.sinks.tensorboard import TensorBoardSink
 
-        return TensorBoardSink.for_dir(self.log_dir)
+        return TensorBoardSink.standalone(self.log_dir)
 
 
 class HFHealthCallback(TrainerCallback):

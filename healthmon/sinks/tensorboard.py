@@ -3,7 +3,8 @@
 healthmon writes into the Trainer's own event files when it has a ``TensorBoardLogger`` (so its
 charts sit beside the user's metrics), else into its own ``SummaryWriter`` under
 ``default_root_dir/healthmon``. Other loggers (CSV, W&B, MLflow...) receive the scalars through
-their ``log_metrics``. Only global rank zero writes.
+their ``log_metrics``. Outside Lightning (:func:`healthmon.watch`), :meth:`TensorBoardSink.standalone`
+writes through the user's ``SummaryWriter`` or into a folder. Only global rank zero writes.
 """
 
 from __future__ import annotations
@@ -22,6 +23,15 @@ OWN_DIR = "healthmon"
 def is_tensorboard_logger(logger: Any) -> bool:
     """True for Lightning's TensorBoardLogger from either `pytorch_lightning` or `lightning`."""
     return any(cls.__name__ == "TensorBoardLogger" for cls in type(logger).__mro__)
+
+
+def writer_log_dir(writer: Any) -> str:
+    """The folder a ``SummaryWriter`` (torch's or tensorboardX's) writes its event files into."""
+    get = getattr(writer, "get_logdir", None)
+    folder = get() if callable(get) else getattr(writer, "log_dir", None) or getattr(writer, "logdir", None)
+    if not folder:
+        raise ValueError(f"`writer`: expected a SummaryWriter with a log directory, got {writer!r}.")
+    return os.fspath(folder)
 
 
 class TensorBoardSink:
@@ -45,14 +55,20 @@ class TensorBoardSink:
         os.makedirs(self.log_dir, exist_ok=True)
 
     @classmethod
-    def for_dir(cls, log_dir: str, writer: Any = None) -> TensorBoardSink:
-        """A sink that writes into ``log_dir`` through ``writer`` (a ``SummaryWriter`` the caller
-        keeps), or through its own ``SummaryWriter`` there: loops without a Lightning Trainer."""
+    def standalone(cls, target: Any) -> TensorBoardSink:
+        """A sink without a Trainer: through ``target``, a ``SummaryWriter`` the user holds (flushed,
+        never closed, by healthmon), or into a new ``SummaryWriter`` writing to the folder ``target``.
+        """
         sink = cls.__new__(cls)
         sink.other_loggers = []
-        sink.owns_writer = writer is None
-        sink.writer = TorchSummaryWriter(log_dir=log_dir) if writer is None else writer
-        sink.log_dir = str(getattr(sink.writer, "log_dir", None) or log_dir)
+        if isinstance(target, (str, os.PathLike)):
+            sink.log_dir = os.fspath(target)
+            sink.writer = TorchSummaryWriter(log_dir=sink.log_dir)
+            sink.owns_writer = True
+        else:
+            sink.writer = target
+            sink.owns_writer = False
+            sink.log_dir = writer_log_dir(target)
         os.makedirs(sink.log_dir, exist_ok=True)
         return sink
 

@@ -32,7 +32,7 @@ class FolderRun(Run):
         self.log_every_n_steps = 1
 
     def open_writer(self) -> Any:
-        return TensorBoardSink.for_dir(self.folder) if hasattr(TensorBoardSink, "for_dir") else None
+        return TensorBoardSink.standalone(self.folder)
 
 
 class Recorder(Monitor):
@@ -118,8 +118,6 @@ def test_the_points_of_a_step_in_order(tmp_path: Any) -> None:
 
 
 def test_the_report_and_event_files(tmp_path: Any) -> None:
-    if not hasattr(TensorBoardSink, "for_dir"):
-        pytest.skip("TensorBoardSink.for_dir arrives with the plain-loop integration")
     driver = Driver([Recorder()], AlertPolicy("warn"), print_summary=False)
     loop(driver, _run(tmp_path), steps=3)
     report = json.load(open(os.path.join(str(tmp_path), "healthmon_report.json")))
