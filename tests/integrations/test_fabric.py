@@ -23,7 +23,7 @@ from loop_models import batches, line_of, mlp, scalars
 import healthmon
 from healthmon.cli import main as cli
 from healthmon.monitors import GradientUnderflowMonitor, HessianEigenMonitor
-from healthmon.monitors.health import default_monitors
+from healthmon.monitors.bundle import default_monitors
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "fabric_ddp_script.py")
 

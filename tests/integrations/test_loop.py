@@ -25,7 +25,7 @@ from healthmon.monitors import (
     LogitsCheck,
     NonFiniteMonitor,
 )
-from healthmon.monitors.health import default_monitors
+from healthmon.monitors.bundle import default_monitors
 
 
 def classify(model: nn.Module) -> Any:
