@@ -110,7 +110,7 @@ HESSIAN_TRACE = HESSIAN("trace")  # Hutchinson estimate of tr(H) (trace_samples 
 HESSIAN_PRECONDITIONED = HESSIAN("preconditioned_sharpness")  # Adam-type: lambda_max of P^-1 H
 HESSIAN_PRECONDITIONED_LIMIT = HESSIAN("preconditioned_limit")  # Adam-type: its stability limit
 
-# ---- the hub: text tags ---------------------------------------------------------------------------
+# ---- the driver: text tags ---------------------------------------------------------------------------
 ALERTS_TEXT = "healthmon/alerts"  # one markdown line per alert, when it first fires (TEXT tab)
 CONFIG_TEXT = "healthmon/config"  # the monitors' configuration, at step 0
 ALERT_RECORDS = "healthmon/alert_records"  # one JSON alert per text event, when it first fires

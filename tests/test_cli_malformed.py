@@ -247,7 +247,7 @@ def test_the_console_script_on_run_null_prints_one_line(sick: dict[str, Any], tm
 
 
 def _event_file(folder: Any, texts: list[str]) -> str:
-    """An event folder holding healthmon alert records, written the way the hub writes them."""
+    """An event folder holding healthmon alert records, written the way the driver writes them."""
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(str(folder))

@@ -64,7 +64,7 @@ class Driver:
             self._per_step[hook] = [
                 m for m in self.monitors if getattr(type(m), hook) is not getattr(Monitor, hook)
             ]
-        monitor.driver = self
+        monitor.bind(self)
         if self.run is not None:  # joined after setup (a standalone monitor after the bundle)
             monitor.on_setup(self.run)
 

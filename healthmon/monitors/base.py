@@ -67,27 +67,31 @@ class Monitor(LightningHooks):
         if log_every_n_steps is not None:
             _checks.positive_int(log_every_n_steps, "log_every_n_steps")
         self.log_every_n_steps = log_every_n_steps
-        self.driver: Driver | None = None  # set by the driver that runs this monitor
+        self._driver: Driver | None = None  # set by the driver that runs this monitor (bind)
         self._bundled = False  # constructed into a HealthMonitor's bundle
         self._pending_state: dict[str, Any] | None = None  # driver state loaded before setup
 
     # ---- public --------------------------------------------------------------------------
     @property
-    def hub(self) -> Driver:
+    def driver(self) -> Driver:
         """The driver this monitor writes through (raises before it is attached)."""
-        if self.driver is None:
+        if self._driver is None:
             raise RuntimeError(f"{type(self).__name__} is not attached to a training loop yet.")
-        return self.driver
+        return self._driver
+
+    def bind(self, driver: Driver) -> None:
+        """Write through ``driver`` from now on (called by :meth:`Driver.add`)."""
+        self._driver = driver
 
     @property
     def alerts(self) -> list[Alert]:
         """Alerts in the order detected (de-duplicated; see ``Alert.count``), of every monitor
         sharing this monitor's driver (the run's report)."""
-        return [] if self.driver is None else self.driver.alerts
+        return [] if self._driver is None else self._driver.alerts
 
     @property
     def report_path(self) -> str | None:
-        return None if self.driver is None else self.driver.report_path
+        return None if self._driver is None else self._driver.report_path
 
     def config(self) -> dict[str, Any]:
         """The settings recorded in the report and TensorBoard's configuration text."""
@@ -108,8 +112,8 @@ class Monitor(LightningHooks):
     # ---- the points of a step (override what the monitor needs) ----------------------------
     def on_setup(self, run: Run) -> None:
         """A fit begins (parameters are indexed, the writer is open): declare charts."""
-        if self.driver is not None:
-            self.declare_layout(self.driver)
+        if self._driver is not None:
+            self.declare_layout(self._driver)
 
     def on_start(self, run: Run) -> None:
         """The first step is next: read the loop's settings (clipping, planned steps)."""

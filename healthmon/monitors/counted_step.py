@@ -3,9 +3,9 @@
 On a monitored step (``on_before_optimizer_step``: after gradient accumulation and AMP unscaling,
 before clipping) the monitor counts zeros and subnormals of every gradient on the device and hands
 the counts to ``Driver.defer``. Everything known on the host at that moment -- the step, which tensors
-are judged, their layers and dtypes, the depth profile from the hub's per-tensor norms, the loss
+are judged, their layers and dtypes, the depth profile from the driver's per-tensor norms, the loss
 -- is kept in a :class:`CountedStep`, which also names the scalars written once the counts arrive
-with the hub's next host synchronisation, and turns them into scalars and findings
+with the driver's next host synchronisation, and turns them into scalars and findings
 (:meth:`CountedStep.judge`).
 """
 
@@ -57,7 +57,7 @@ class CountedStep:
         params: the parameters counted (floating-point gradients), in the optimizer's order.
         judged: per parameter, whether its zeros are judged (not an embedding's structural zeros,
             not a sparse gradient).
-        layer_index: per parameter, its layer in the hub's ``ParamIndex``.
+        layer_index: per parameter, its layer in the driver's ``ParamIndex``.
         dtypes: per parameter, its gradient's dtype name.
         profile: the gradient rms along depth.
         loss: the step's loss (NaN when unknown).
@@ -92,7 +92,7 @@ class CountedStep:
         stats: GradStep,
         index: ParamIndex,
     ) -> CountedStep:
-        """Layers, dtypes and the depth profile of ``params`` (the hub's per-tensor norms ``stats``)."""
+        """Layers, dtypes and the depth profile of ``params`` (the driver's per-tensor norms ``stats``)."""
         grads: list[Tensor] = [p.grad for p in params]  # type: ignore[misc]
         judged = [not s and not g.is_sparse for s, g in zip(structural, grads, strict=True)]
         layer_index = [index.layer_of.get(id(p), 0) for p in params]

@@ -190,8 +190,8 @@ class GradientNormMonitor(Monitor):
         }
 
     @override
-    def declare_layout(self, hub: Driver) -> None:
-        hub.declare_layout(
+    def declare_layout(self, driver: Driver) -> None:
+        driver.declare_layout(
             "healthmon: gradients",
             {
                 "gradient norm vs loss": [TAG_NORM, TAG_LOSS],
@@ -216,8 +216,8 @@ class GradientNormMonitor(Monitor):
             self._check(run, optimizer)
 
     def _check(self, run: Run, optimizer: torch.optim.Optimizer) -> None:
-        hub = self.hub
-        stats = hub.grad_step(run, optimizer)
+        driver = self.driver
+        stats = driver.grad_step(run, optimizer)
         step, index = stats.step, stats.optimizer_index
         values: dict[str, float] = {}
         if stats.logged and stats.loss is not None:
@@ -234,7 +234,7 @@ class GradientNormMonitor(Monitor):
                 self._snapshot_step = step
                 self._snapshot_params = stats.params
         self._arm_update_measure(stats, logged=stats.layer_norms is not None)
-        hub.log(run, values, step)
+        driver.log(run, values, step)
         if not stats.skipped:  # a step the GradScaler skips says nothing about the trends
             self._judge(run, stats.norm, stats.loss, index)
 
@@ -242,7 +242,7 @@ class GradientNormMonitor(Monitor):
         # several optimizers: say which one, and keep their alerts apart (de-duplication key)
         where = f"optimizer {optimizer_index}" if len(run.optimizers) > 1 else None
         for found in judge_trends(self.rules(optimizer_index), norm, loss, where):
-            self.hub.alert(run, found.code, found.message, where=where, value=found.value)
+            self.driver.alert(run, found.code, found.message, where=where, value=found.value)
 
     # ---- the update across optimizer.step: ratios on logged steps, first-step explosions -------
     def _arm_update_measure(self, stats: Any, *, logged: bool) -> None:
@@ -253,7 +253,7 @@ class GradientNormMonitor(Monitor):
         """
         log_ratios = logged and self.update_ratios
         judge = in_first_steps(self.rules(stats.optimizer_index)["spike"], stats.skipped)
-        index = self.hub.params
+        index = self.driver.params
         if not (log_ratios or judge) or not stats.params or index is None:
             return
         self._sampler.before(stats.params)
@@ -272,28 +272,28 @@ class GradientNormMonitor(Monitor):
         params = self._snapshot_params
         self._snapshot_params = []
         measured, self._measured = self._measured, None
-        if self.driver is None or self.driver.params is None:
+        if self._driver is None or self.driver.params is None:
             self._sampler.disarm()
             return
-        hub, step = self.driver, self._snapshot_step
+        driver, step = self.driver, self._snapshot_step
         norm = clipped_norm(params) if self._clip_on else None
         if norm is not None:
-            hub.defer(norm, lambda v: hub.log(self._current_run, {TAG_NORM_CLIPPED: v[0]}, step))
+            driver.defer(norm, lambda v: driver.log(self._current_run, {TAG_NORM_CLIPPED: v[0]}, step))
         weight_norms = self._sampler.weight_norms
         update_norms = self._sampler.update_norms()
         if measured is None or update_norms is None or weight_norms is None:
             return
-        num_layers = len(hub.params.layers)
+        num_layers = len(driver.params.layers)
         table = layer_update_table(update_norms, weight_norms, torch.tensor(measured.layer_index), num_layers)
-        hub.defer(table, lambda v: self._on_update_sizes(measured, v[:num_layers], v[num_layers:]))
+        driver.defer(table, lambda v: self._on_update_sizes(measured, v[:num_layers], v[num_layers:]))
 
     def _on_update_sizes(self, measured: MeasuredStep, updates: list[float], weights: list[float]) -> None:
-        hub = self.hub
-        assert hub.params is not None
-        layers = hub.params.layers
+        driver = self.driver
+        assert driver.params is not None
+        layers = driver.params.layers
         if measured.log_ratios:
             ratios = update_ratios(measured, layers, updates, weights)
-            hub.log(self._current_run, {TAG_UPDATE_RATIO + k: v for k, v in ratios.items()}, measured.step)
+            driver.log(self._current_run, {TAG_UPDATE_RATIO + k: v for k, v in ratios.items()}, measured.step)
         if not measured.judge:
             return
         found = judge_measured_step(
@@ -315,7 +315,7 @@ class GradientNormMonitor(Monitor):
             sensitivity_limit=self.sensitivity_limit,
             recurrent=is_recurrent(self._layer_module(found[0].layer)),
         )
-        self.hub.alert(
+        self.driver.alert(
             self._current_run,
             "grad.explosion",
             finding.message,

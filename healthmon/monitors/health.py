@@ -66,11 +66,6 @@ class HealthMonitor(LightningHooks):
     def log_dir(self) -> str | None:
         return self.driver.log_dir
 
-    @property
-    def hub(self) -> Driver:
-        """The driver of this bundle (kept under its old name)."""
-        return self.driver
-
     def monitor(self, kind: type[Monitor]) -> Monitor | None:
         """The bundled monitor of a given class, if any."""
         return next((m for m in self.monitors if isinstance(m, kind)), None)

@@ -229,8 +229,8 @@ class HessianEigenMonitor(Monitor):
         }
 
     @override
-    def declare_layout(self, hub: Driver) -> None:
-        hub.declare_layout(
+    def declare_layout(self, driver: Driver) -> None:
+        driver.declare_layout(
             "healthmon: curvature",
             {
                 "sharpness vs stability limit": [TAG_LAMBDA_MAX, TAG_LIMIT, TAG_TWO_OVER_LR],
@@ -350,7 +350,7 @@ class HessianEigenMonitor(Monitor):
 
     def _report(self, run: Run, result: CurvatureEstimate) -> None:
         values = spectrum_values(result.spectrum, result.limit, result.pre, result.products)
-        self.hub.log(run, {TAG + name: v for name, v in values.items()}, run.global_step)
+        self.driver.log(run, {TAG + name: v for name, v in values.items()}, run.global_step)
         self._judge(run, result)
 
     def _judge(self, run: Run, result: CurvatureEstimate) -> None:
@@ -365,10 +365,10 @@ class HessianEigenMonitor(Monitor):
             if found.code == SKIPPED:
                 self._skip(run, found.message)
             else:
-                self.hub.alert(run, found.code, found.message, hint=found.hint, value=found.value)
+                self.driver.alert(run, found.code, found.message, hint=found.hint, value=found.value)
 
     def _skip(self, run: Run, reason: str) -> None:
-        self.hub.alert(
+        self.driver.alert(
             run, "monitor.skipped", f"HessianEigenMonitor: {reason}.", where="HessianEigenMonitor"
         )
 

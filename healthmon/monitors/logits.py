@@ -4,7 +4,7 @@ A thin adapter over :class:`healthmon.numerics.logits.LogitsInterceptor`. On sam
 interceptor (a ``TorchFunctionMode``) is entered in ``on_train_batch_start`` and left in
 ``on_before_backward``: it sees the forward pass only, not backward or the optimizer. Outside
 sampled steps nothing is active, so the cost is zero. Findings become alerts at the user's source
-line; the hub de-duplicates them by (code, where), so each call site is reported once, then
+line; the driver de-duplicates them by (code, where), so each call site is reported once, then
 counted.
 """
 
@@ -95,8 +95,8 @@ class LogitsCheck(Monitor):
         return {**super().config(), "first_steps": self.first_steps}
 
     @override
-    def declare_layout(self, hub: Driver) -> None:
-        hub.declare_layout("healthmon: logits", {"logits checks and findings": [TAG_CHECKS, TAG_FINDINGS]})
+    def declare_layout(self, driver: Driver) -> None:
+        driver.declare_layout("healthmon: logits", {"logits checks and findings": [TAG_CHECKS, TAG_FINDINGS]})
 
     def should_sample(self, run: Run) -> bool:
         """Whether this step's forward pass is intercepted (the first steps, then the cadence)."""
@@ -160,10 +160,10 @@ class LogitsCheck(Monitor):
         if mode.errors:
             rank_zero_warn(f"healthmon: LogitsCheck skipped a rule after an internal error: {mode.errors[0]}")
         step = run.global_step
-        self.hub.log(run, {TAG_CHECKS: float(mode.checks), TAG_FINDINGS: float(len(findings))}, step)
+        self.driver.log(run, {TAG_CHECKS: float(mode.checks), TAG_FINDINGS: float(len(findings))}, step)
         for f in findings:
             times = f" ({f.count} calls this step)" if f.count > 1 else ""
-            self.hub.alert(run, f.code, f.message + times, where=f.where, hint=f.hint, value=f.value)
+            self.driver.alert(run, f.code, f.message + times, where=f.where, hint=f.hint, value=f.value)
 
     @override
     def monitor_state(self) -> dict[str, Any]:

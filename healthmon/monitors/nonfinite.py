@@ -135,8 +135,8 @@ class NonFiniteMonitor(Monitor):
         }
 
     @override
-    def declare_layout(self, hub: Driver) -> None:
-        hub.declare_layout(
+    def declare_layout(self, driver: Driver) -> None:
+        driver.declare_layout(
             "healthmon: precision", {"AMP loss scale and skipped steps": [TAG_LOSS_SCALE, TAG_SKIPPED]}
         )
 
@@ -162,12 +162,12 @@ class NonFiniteMonitor(Monitor):
         self._window = []  # this step's micro-batches are consumed
 
     def _check(self, run: Run, optimizer: Any) -> None:
-        hub = self.hub
-        stats = hub.grad_step(run, optimizer)
+        driver = self.driver
+        stats = driver.grad_step(run, optimizer)
         loss_bad = stats.loss is not None and not math.isfinite(stats.loss)
         grads_bad = not math.isfinite(stats.norm)
         step = run.global_step
-        if hub.scaler is not None:
+        if driver.scaler is not None:
             self._watch_scaler(run, stats)
             if stats.skipped and not loss_bad:
                 return  # overflow: the scaler skips this step and lowers its scale
@@ -175,13 +175,13 @@ class NonFiniteMonitor(Monitor):
             self._clean_step = step
             return
         names: list[str] = []
-        if grads_bad and hub.params is not None:
+        if grads_bad and driver.params is not None:
             bad = nonfinite_indices(stats.per_tensor_host)
-            names = [hub.params.name(stats.params[i]) for i in bad]
+            names = [driver.params.name(stats.params[i]) for i in bad]
         weights = [p for p in run.model.parameters() if p.is_floating_point() or p.is_complex()]
         weight_norms = tensor_norms([p.detach() for p in weights]).tolist() if weights else []
         corrupted_params = [weights[i] for i in nonfinite_indices(weight_norms)]
-        corrupted = [hub.params.name(p) for p in corrupted_params] if hub.params else []
+        corrupted = [driver.params.name(p) for p in corrupted_params] if driver.params else []
         origin: Origin | None = None
         unreproduced = ""
         signature = (loss_bad, tuple(names), tuple(corrupted))
@@ -189,7 +189,7 @@ class NonFiniteMonitor(Monitor):
         grads_explained = False
         if known is not None:
             for code, message, where, hint in known:  # the same failure again: count it, no replay
-                hub.alert(run, code, message, where=where, hint=hint)
+                driver.alert(run, code, message, where=where, hint=hint)
                 grads_explained = grads_explained or code == "grad.nonfinite"
         elif corrupted_params and self._clean_step == step - 1:
             self._alert_update(run, corrupted_params, signature, step)
@@ -209,9 +209,9 @@ class NonFiniteMonitor(Monitor):
                 grads_explained = origin.phase == "backward"
         self._write_crash_record(run, stats.loss, names, origin)
         if loss_bad:
-            hub.alert(run, "loss.nonfinite", f"The loss is {stats.loss}.{unreproduced}", value=stats.loss)
+            driver.alert(run, "loss.nonfinite", f"The loss is {stats.loss}.{unreproduced}", value=stats.loss)
         if grads_bad and not grads_explained:
-            hub.alert(
+            driver.alert(
                 run,
                 "grad.nonfinite",
                 f"{len(names)} parameter gradient(s) hold NaN/Inf: {_shown(names)}."
@@ -226,22 +226,22 @@ class NonFiniteMonitor(Monitor):
 
     def _watch_scaler(self, run: Run, stats: GradStep) -> None:
         """Log the loss scale and the skipped steps; alert when the scaler is in trouble."""
-        hub = self.hub
+        driver = self.driver
         if stats.logged:
-            values = {TAG_SKIPPED: float(hub.amp_skipped_steps)}
+            values = {TAG_SKIPPED: float(driver.amp_skipped_steps)}
             if stats.loss_scale is not None:
                 values[TAG_LOSS_SCALE] = stats.loss_scale
-            hub.log(run, values, stats.step)
+            driver.log(run, values, stats.step)
         reason = self.scaler_rule.update(stats.skipped, stats.loss_scale)
         if reason is None:
             return
-        bad = nonfinite_indices(stats.per_tensor_host) if hub.params is not None else []
-        where = hub.params.name(stats.params[bad[0]]) if bad and hub.params is not None else None
+        bad = nonfinite_indices(stats.per_tensor_host) if driver.params is not None else []
+        where = driver.params.name(stats.params[bad[0]]) if bad and driver.params is not None else None
         first = f" The first parameter with a non-finite gradient is {where}." if where else ""
-        hub.alert(
+        driver.alert(
             run,
             "amp.scaler_unstable",
-            f"The GradScaler {reason} ({hub.amp_skipped_steps} step(s) skipped so far).{first}",
+            f"The GradScaler {reason} ({driver.amp_skipped_steps} step(s) skipped so far).{first}",
             where=where,
             value=stats.loss_scale,
         )
@@ -263,21 +263,21 @@ class NonFiniteMonitor(Monitor):
             message += f" {len(names)} parameter gradient(s) hold NaN/Inf: {_shown(names)}."
         else:
             code, where = "activation.nonfinite", origin.where or origin.module
-        self.hub.alert(run, code, message, where=where, hint=origin.hint)
+        self.driver.alert(run, code, message, where=where, hint=origin.hint)
         self._remember(signature, code, message, where, origin.hint)
 
     def _alert_update(
         self, run: Run, corrupted: list[torch.Tensor], signature: tuple[Any, ...], step: int
     ) -> None:
         """The weights are non-finite: name the optimizer step and parameter group that wrote them."""
-        hub = self.hub
+        driver = self.driver
         ids = {id(p) for p in corrupted}
         for opt in run.optimizers:
             for gi, group in enumerate(opt.param_groups):
                 params = [p for p in group["params"] if id(p) in ids]
                 if not params:
                     continue
-                names = [hub.params.name(p) for p in params] if hub.params else []
+                names = [driver.params.name(p) for p in params] if driver.params else []
                 cause = explain_update(opt, group, params)
                 when = (
                     f"The optimizer step of step {step - 1} wrote NaN/Inf into the weights although its "
@@ -289,7 +289,7 @@ class NonFiniteMonitor(Monitor):
                     f"tensor(s) non-finite ({_shown(names)}). Cause: {cause.cause}"
                 )
                 where = f"{opt_name} param group {gi}"
-                hub.alert(run, "update.nonfinite", message, where=where, hint=cause.hint)
+                driver.alert(run, "update.nonfinite", message, where=where, hint=cause.hint)
                 self._remember(signature, "update.nonfinite", message, where, cause.hint)
 
     def _replay(self, run: Run) -> OriginTrace | None:
@@ -302,7 +302,7 @@ class NonFiniteMonitor(Monitor):
             return None
         blocker = run.replay_blocker()
         if blocker is not None:
-            self.hub.alert(
+            self.driver.alert(
                 run,
                 "monitor.skipped",
                 "NonFiniteMonitor: the step is not replayed to find where the NaN/Inf came from "
@@ -344,7 +344,7 @@ class NonFiniteMonitor(Monitor):
         if self._crash_written:
             return
         self._crash_written = True
-        self.hub.write_crash_record(
+        self.driver.write_crash_record(
             {
                 "schema": "healthmon.crash",
                 "version": 1,
@@ -366,7 +366,7 @@ class NonFiniteMonitor(Monitor):
                     "samples": origin.samples,
                     "cause": origin.cause,
                 },
-                "on_alert": self.hub.policy.on_alert,
+                "on_alert": self.driver.policy.on_alert,
             },
         )
 

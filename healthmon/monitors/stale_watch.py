@@ -3,7 +3,7 @@
 :class:`~healthmon.numerics.stale_updates.StaleSampler` reads the sampled weights right before
 ``optimizer.step`` (in ``on_before_optimizer_step`` of a monitored step) and right after it (the
 optimizer's step post-hook). The ``[stale, eligible]`` counts are handed to ``Driver.defer`` there
-and fetched with the hub's next host synchronisation; they are judged at the next monitored step
+and fetched with the driver's next host synchronisation; they are judged at the next monitored step
 (with its logging decision), or at the end of training. The decision itself is
 :func:`~healthmon.numerics.stale_updates.stale_summary`.
 """
@@ -40,7 +40,7 @@ class StaleWatch:
         self.min_samples = min_samples
         self.fraction = fraction
         self.fetched: Fetched | None = None  # judged at the next monitored step
-        self.in_flight = False  # a sampled step's counts wait for the hub's next sync
+        self.in_flight = False  # a sampled step's counts wait for the driver's next sync
         self.ended = False  # training ended: judge the last counts as soon as they arrive
         self._end: Any = None  # what to call with them then
 
@@ -48,14 +48,14 @@ class StaleWatch:
         """A new fit: training has not ended."""
         self.ended, self._end = False, None
 
-    def after_step(self, hub: Driver | None) -> None:
-        """Optimizer step post-hook: hand the sampled step's counts to the hub's next sync."""
-        if hub is None or hub.params is None:
+    def after_step(self, driver: Driver | None) -> None:
+        """Optimizer step post-hook: hand the sampled step's counts to the driver's next sync."""
+        if driver is None or driver.params is None:
             return
-        sample = self.sampler.after(hub.params.layer_of)
+        sample = self.sampler.after(driver.params.layer_of)
         if sample is not None and sample.counts is not None:
             self.in_flight = True
-            hub.defer(sample.counts, lambda v: self._arrived(sample, v))
+            driver.defer(sample.counts, lambda v: self._arrived(sample, v))
 
     def _arrived(self, sample: StaleSample, values: list[float]) -> None:
         self.in_flight = False

@@ -23,7 +23,7 @@ optimizer steps), without a host synchronisation of its own:
 All statistics are measured in ``on_before_optimizer_step``: after gradient accumulation and AMP
 unscaling (Lightning unscales before this hook), before clipping. A step the ``GradScaler`` skips
 is not judged (``NonFiniteMonitor`` watches the scaler). The device counts of a monitored step, and
-the stale counts read right after ``optimizer.step``, are fetched with the hub's next host
+the stale counts read right after ``optimizer.step``, are fetched with the driver's next host
 synchronisation (``Driver.defer``); alerts and scalars carry the step they were measured at. The
 decisions, and the details above, are in :mod:`healthmon.numerics` (``zero_gradients``,
 ``underflow``, ``dead_units``, ``stale_updates``, ``depth_decay``), whose findings this monitor
@@ -193,8 +193,8 @@ class GradientUnderflowMonitor(Monitor):
         }
 
     @override
-    def declare_layout(self, hub: Driver) -> None:
-        hub.declare_layout(
+    def declare_layout(self, driver: Driver) -> None:
+        driver.declare_layout(
             "healthmon: precision",
             {
                 "zero gradient fraction per dtype": [TAG_ZERO_DTYPE + ".*"],
@@ -254,7 +254,7 @@ class GradientUnderflowMonitor(Monitor):
         self._step_hooks.clear()
         self._units.detach()
 
-    # ---- the monitored step: count on the device, fetch with the hub's next sync, judge ------------
+    # ---- the monitored step: count on the device, fetch with the driver's next sync, judge ------------
     def _watch_units(self, run: Run, step: int) -> None:
         """Dead units: forward hooks only for the batches of a monitored step."""
         if self._alive_step != step:  # a new optimizer step (not the next micro-batch of this one)
@@ -264,15 +264,15 @@ class GradientUnderflowMonitor(Monitor):
             self._units.attach()
 
     def _check(self, run: Run, optimizer: torch.optim.Optimizer) -> None:
-        hub, index = self.hub, self.hub.params
+        driver, index = self.driver, self.driver.params
         params, _ = optimizer_params_with_grad(optimizer)
         params = [p for p in params if p.grad is not None and p.grad.is_floating_point()]
         if index is None or not params:
             return
         structural = [id(p) in self._structural for p in params]
         counts = gradient_counts([p.grad for p in params], structural_zeros=structural)  # type: ignore[misc]
-        # per-tensor norms and the loss come from the hub's shared per-step statistics
-        stats = hub.grad_step(run, optimizer)
+        # per-tensor norms and the loss come from the driver's shared per-step statistics
+        stats = driver.grad_step(run, optimizer)
         if stats.skipped:  # overflow the GradScaler handles: these gradients are never applied
             return
         if not math.isfinite(stats.norm):
@@ -288,15 +288,15 @@ class GradientUnderflowMonitor(Monitor):
         m.dead_names = list(dead)
         values = [to_float32_exact(counts).reshape(-1)]
         values += [d.to(device=counts.device, dtype=torch.float64).reshape(1) for d in dead.values()]
-        hub.defer(torch.cat(values), lambda v: self._judge(run, m, v))
+        driver.defer(torch.cat(values), lambda v: self._judge(run, m, v))
 
     def _judge(self, run: Run, m: CountedStep, values: list[float]) -> None:
         """The fetched counts of a monitored step: write its scalars, raise its findings."""
-        hub = self.hub
-        assert hub.params is not None
-        scalars, findings = m.judge(values, hub.params, self._zero, self._units.kind, self._limits)
+        driver = self.driver
+        assert driver.params is not None
+        scalars, findings = m.judge(values, driver.params, self._zero, self._units.kind, self._limits)
         if m.log:
-            hub.log(run, scalars, m.step)
+            driver.log(run, scalars, m.step)
         for found in findings:
             self._raise(run, found, m.step)
         if m.stale is not None:
@@ -304,34 +304,32 @@ class GradientUnderflowMonitor(Monitor):
 
     def _raise(self, run: Run, found: Finding | None, step: int | None = None) -> None:
         if found is not None:
-            self.hub.alert(
-                run, found.code, found.message, where=found.where, value=found.value, step=step
-            )
+            self.driver.alert(run, found.code, found.message, where=found.where, value=found.value, step=step)
 
     def _log_due(self, run: Run, step: int) -> bool:
-        """Write scalars about every ``log_every_n_steps`` (the hub's, else the Trainer's) steps.
+        """Write scalars about every ``log_every_n_steps`` (the driver's, else the Trainer's) steps.
 
         Decisions are made on every monitored step; writing a few dozen scalars costs more than
         counting, so the writes follow the logging cadence even when the two cadences do not align.
         """
-        every = self.hub.stats.log_every_n_steps or run.log_every_n_steps
+        every = self.driver.stats.log_every_n_steps or run.log_every_n_steps
         if self._last_log < 0 or step - self._last_log >= every or step % every == 0:
             self._last_log = step
             return True
         return False
 
-    # ---- exact zeros between counting steps, from the hub's shared norms -------------------------
+    # ---- exact zeros between counting steps, from the driver's shared norms -------------------------
     def _whole_zero_from_shared_norms(self, run: Run, optimizer: torch.optim.Optimizer) -> None:
         """A gradient whose norm is exactly 0 is entirely zero: free, as the per-tensor norms were
         already fetched for the NaN check, so a layer killed mid-run is reported at once."""
-        hub = self.hub
-        stats = hub.grad_step(run, optimizer)
+        driver = self.driver
+        stats = driver.grad_step(run, optimizer)
         if stats.skipped:
             return
         self._loss.update(stats.loss)
         if self._at_stationary_point(stats):
             return
-        if hub.params is None or stats.loss is None or not abs(stats.loss) > self.loss_tolerance:
+        if driver.params is None or stats.loss is None or not abs(stats.loss) > self.loss_tolerance:
             return
         eligible = [id(p) not in self._structural and not p.grad.is_sparse for p in stats.params]  # type: ignore[union-attr]
         found = self._zero.judge_norms(
@@ -340,7 +338,7 @@ class GradientUnderflowMonitor(Monitor):
             eligible,
             updates=self._updates,
             loss=stats.loss,
-            name_of=hub.params.name,
+            name_of=driver.params.name,
         )
         self._raise(run, found)
 
@@ -350,7 +348,7 @@ class GradientUnderflowMonitor(Monitor):
             stats.optimizer_index, stats.norm, (id(p) for p in stats.params)
         )
 
-    # ---- stale updates: sampled around optimizer.step, fetched with the hub's next sync ----------
+    # ---- stale updates: sampled around optimizer.step, fetched with the driver's next sync ----------
     def _sample_before(self, optimizer: torch.optim.Optimizer, step: int) -> None:
         self._samplings += 1
         self._stale.sampler.before(optimizer, step, resample=self._samplings % self.resample_every == 0)
@@ -360,10 +358,8 @@ class GradientUnderflowMonitor(Monitor):
             self._updates += 1
         self._stale.after_step(self.driver)
 
-    def _judge_stale(
-        self, run: Run, fetched: Fetched | None, *, log: bool, step: int | None = None
-    ) -> None:
-        if fetched is None or self.driver is None or self.driver.params is None:
+    def _judge_stale(self, run: Run, fetched: Fetched | None, *, log: bool, step: int | None = None) -> None:
+        if fetched is None or self._driver is None or self.driver.params is None:
             return
         values, found = self._stale.judge(fetched, self.driver.params.layers)
         if log:
@@ -372,17 +368,19 @@ class GradientUnderflowMonitor(Monitor):
 
     # ---- histograms ------------------------------------------------------------------------------
     def _histograms(self, run: Run, optimizer: torch.optim.Optimizer) -> None:
-        hub = self.hub
-        if hub.output.writer is None or hub.params is None:
+        driver = self.driver
+        if driver.output.writer is None or driver.params is None:
             return
         per_layer: dict[int, list[Tensor]] = {}
         for p in optimizer_params_with_grad(optimizer)[0]:
             if p.grad is not None and p.grad.is_floating_point():
-                per_layer.setdefault(hub.params.layer_of.get(id(p), 0), []).append(log10_magnitudes(p.grad))
+                per_layer.setdefault(driver.params.layer_of.get(id(p), 0), []).append(
+                    log10_magnitudes(p.grad)
+                )
         for li, parts in per_layer.items():
             values = torch.cat(parts)
             if values.numel():
-                hub.histogram(run, TAG_HIST + hub.params.layers[li], values)
+                driver.histogram(run, TAG_HIST + driver.params.layers[li], values)
 
     # ---- checkpoints -----------------------------------------------------------------------------
     @override

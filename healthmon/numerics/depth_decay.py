@@ -1,7 +1,7 @@
 """Vanishing gradients along depth: the gradient's size decaying from the last layer to the first.
 
 Measured on a monitored optimizer step, in ``on_before_optimizer_step`` (after accumulation and AMP
-unscaling, before clipping), from the per-tensor gradient norms the hub already fetched: the
+unscaling, before clipping), from the per-tensor gradient norms the driver already fetched: the
 root-mean-square gradient entry of each layer (:func:`layer_rms`), ordered input -> output. A
 decay of several orders of magnitude (deep sigmoid/tanh stacks) is ``grad.vanishing`` while the
 loss is still above half its start (:class:`LossLevel`): a run whose loss fell that far learned

@@ -3,7 +3,7 @@
 The gradient rules (:mod:`healthmon.numerics.zero_gradients`, :mod:`healthmon.numerics.underflow`,
 :mod:`healthmon.numerics.dead_units`, :mod:`healthmon.numerics.depth_decay`,
 :mod:`healthmon.numerics.stale_updates`) decide from host numbers and return findings; the monitor
-that measured the numbers turns each into an alert (``Hub.alert``) at the step they were measured.
+that measured the numbers turns each into an alert (``Driver.alert``) at the step they were measured.
 This module is pure Python: no Lightning, no logging.
 """
 

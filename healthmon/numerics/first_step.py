@@ -44,7 +44,7 @@ class MeasuredStep:
     judge: bool  # a first step (the spike rule has no level yet): judge the update's size
     layer_index: list[int]
     numels: list[int]
-    grad_norms: dict[int, float]  # per layer, from the hub's per-tensor norms
+    grad_norms: dict[int, float]  # per layer, from the driver's per-tensor norms
     loss: float | None
 
     @property

@@ -21,7 +21,7 @@ Columns of the count matrix (see :data:`TOTAL`, :data:`ZEROS`, :data:`SUBNORMAL`
   beyond the counts already made.
 
 When: the counts are made on a monitored optimizer step, in ``on_before_optimizer_step`` (after
-gradient accumulation and AMP unscaling, before clipping), and fetched with the hub's next host
+gradient accumulation and AMP unscaling, before clipping), and fetched with the driver's next host
 synchronisation (split by :func:`to_float32_exact` so that float32 carries them exactly); then
 :func:`group_shares` and :func:`underflow_finding` decide on the host. This module is pure torch:
 no Lightning, no logging.

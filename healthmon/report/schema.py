@@ -83,7 +83,7 @@ ALERT_FIELDS: dict[str, tuple[Check, str, bool]] = {
     "value": (_optional(_is_number), "a number or null", False),
 }
 
-#: ``run`` fields of a report (the hub writes all of them; only ``status`` is required).
+#: ``run`` fields of a report (the driver writes all of them; only ``status`` is required).
 RUN_FIELDS: dict[str, tuple[Check, str, bool]] = {
     "status": (lambda v: v in STATUSES and isinstance(v, str), f"one of {', '.join(STATUSES)}", True),
     "global_step": (*COUNT, False),

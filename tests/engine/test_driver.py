@@ -57,10 +57,10 @@ class Recorder(Monitor):
 
     def on_optimizer_step(self, run: Run, optimizer: Any) -> None:
         self.calls.append("optimizer_step")
-        stats = self.hub.grad_step(run, optimizer)
-        self.hub.log(run, {LOSS: stats.loss or 0.0})
+        stats = self.driver.grad_step(run, optimizer)
+        self.driver.log(run, {LOSS: stats.loss or 0.0})
         if run.global_step == self.alert_at:
-            self.hub.alert(run, "loss.nonfinite", "seeded alert")
+            self.driver.alert(run, "loss.nonfinite", "seeded alert")
 
     def on_batch_end(self, run: Run, batch: Any, batch_idx: int) -> None:
         self.calls.append("batch_end")

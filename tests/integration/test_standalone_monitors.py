@@ -39,7 +39,7 @@ def test_softmax_into_cross_entropy_fails_ci_with_two_standalone_monitors(
 ) -> None:
     logits, norms = LogitsCheck(), GradientNormMonitor()
     t = fit(tmp_path, [logits, norms] if logits_first else [norms, logits])
-    assert logits.hub is norms.hub and [logits.drives, norms.drives].count(True) == 1
+    assert logits.driver is norms.driver and [logits.drives, norms.drives].count(True) == 1
     assert logits.report_path == norms.report_path == os.path.join(t.logger.log_dir, "healthmon_report.json")
     assert "logits.probabilities" in report_codes(logits.report_path)
     assert "healthmon/grad/norm" in json.load(open(logits.report_path))["last"]
@@ -51,7 +51,7 @@ def test_a_standalone_monitor_joins_the_health_monitors_report(tmp_path: Any) ->
     bundle = HealthMonitor(monitors=[GradientNormMonitor(), NonFiniteMonitor()], summary=False)
     logits = LogitsCheck()
     t = fit(tmp_path, [bundle, logits])
-    assert logits.hub is bundle.hub and not logits.drives
+    assert logits.driver is bundle.driver and not logits.drives
     assert "logits.probabilities" in report_codes(bundle.report_path)
     assert cli(["check", t.logger.log_dir, "--fail-on", "error"]) == 1
 
@@ -63,9 +63,9 @@ def test_shared_statistics_and_the_strictest_policy(tmp_path: Any) -> None:
         GradientUnderflowMonitor(every_n_steps=1),
     ]
     fit(tmp_path, monitors, max_steps=5)
-    hub = monitors[0].hub
-    assert all(m.hub is hub for m in monitors) and [m.drives for m in monitors] == [True, False, False]
-    assert hub.policy == AlertPolicy("stop", "warning")
+    driver = monitors[0].driver
+    assert all(m.driver is driver for m in monitors) and [m.drives for m in monitors] == [True, False, False]
+    assert driver.policy == AlertPolicy("stop", "warning")
     assert strictest_policy(
         [AlertPolicy("warn", "info"), AlertPolicy("stop", "error"), AlertPolicy("raise", "error")]
     ) == AlertPolicy("raise", "error")

@@ -57,8 +57,8 @@ def test_full_batch_gd_above_two_over_lr_oscillates_and_alerts(tmp_path, factor:
         assert "hessian.sharpness" not in codes
         assert rises == 0  # monotone descent
     assert mon.estimates == 3  # steps 0, 5, 10
-    assert mon.hub.last[TAG_LAMBDA_MAX] > 0
-    assert mon.hub.last["healthmon/hessian/two_over_lr"] == pytest.approx(2 / lr)
+    assert mon.driver.last[TAG_LAMBDA_MAX] > 0
+    assert mon.driver.last["healthmon/hessian/two_over_lr"] == pytest.approx(2 / lr)
 
 
 class NoisyNet(pl.LightningModule):
@@ -125,8 +125,8 @@ def test_adam_preconditioned_sharpness(tmp_path) -> None:
     mon = HessianEigenMonitor(every_n_steps=2, negative_curvature=False)
     t = trainer(tmp_path, [mon], max_steps=5)
     t.fit(model, digits_loader(64, n=256))
-    assert "healthmon/hessian/preconditioned_sharpness" in mon.hub.last
-    assert mon.hub.last["healthmon/hessian/preconditioned_limit"] == pytest.approx(38.0)
+    assert "healthmon/hessian/preconditioned_sharpness" in mon.driver.last
+    assert mon.driver.last["healthmon/hessian/preconditioned_limit"] == pytest.approx(38.0)
     assert "hessian.sharpness" in [a.code for a in mon.alerts]  # lr=1 with Adam is far too large
 
 
@@ -218,7 +218,7 @@ class _StopAt(Callback):
 
 
 class _Steps(Callback):
-    """Records the global step of every HessianEigenMonitor estimate (from the hub's last values)."""
+    """Records the global step of every HessianEigenMonitor estimate (from the driver's last values)."""
 
     def __init__(self, hessian: HessianEigenMonitor) -> None:
         self.hessian = hessian
@@ -238,7 +238,7 @@ def test_default_estimates_from_step_zero_log_spaced_then_budgeted(tmp_path) -> 
     steps = _Steps(hessian)
     trainer(tmp_path, [mon, steps], max_steps=250).fit(DigitsClassifier(), digits_loader())
     assert {0, 4, 16, 64} <= set(steps.steps) and steps.steps[0] == 0  # the budget may add more
-    assert hessian.estimates >= 4 and hessian.hub.last[TAG_LAMBDA_MAX] > 0
+    assert hessian.estimates >= 4 and hessian.driver.last[TAG_LAMBDA_MAX] > 0
     assert not [a for a in mon.alerts if a.code == "hessian.sharpness"]  # lr 0.1: far below 2/lr
 
 
@@ -297,7 +297,7 @@ def test_the_probe_is_the_first_optimizer_steps_whole_batch(tmp_path, accumulate
     t = trainer(tmp_path, [mon, losses], max_steps=30, accumulate_grad_batches=accumulate)
     t.fit(model, loader)
     sharp = [a for a in mon.alerts if a.code == "hessian.sharpness"]
-    logged = mon.hub.last
+    logged = mon.driver.last
     assert mon.last_estimate is not None
     if accumulate == 1:
         assert [a.step for a in sharp][:1] == [0] and "probe of 2 samples" in sharp[0].message

@@ -42,7 +42,7 @@ SCRIPT = textwrap.dedent(
         with open(f"{out}/{mode}_{trainer.global_rank}.json", "w") as f:
             json.dump({
                 "top": list(est.top.eigenvalues), "min": est.lambda_min, "converged": est.top.all_converged,
-                "world": trainer.world_size, "logged": mon.hub.log_dir is not None,
+                "world": trainer.world_size, "logged": mon.driver.log_dir is not None,
                 "estimates": mon.estimates,
             }, f)
 

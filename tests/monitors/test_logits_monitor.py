@@ -65,8 +65,8 @@ def test_probabilities_into_cross_entropy_are_named_at_the_line_and_the_fix_trai
     nll_buggy, nll_fixed = _true_nll(buggy, True), _true_nll(fixed, False)
     assert nll_fixed < 0.25 * nll_buggy  # measured: 0.16 vs 1.39, (nll_fixed, nll_buggy)
 
-    assert check_buggy.hub.last[TAG_FINDINGS] == 1.0 and check_fixed.hub.last[TAG_FINDINGS] == 0.0
-    assert check_fixed.hub.last[TAG_CHECKS] >= 1.0
+    assert check_buggy.driver.last[TAG_FINDINGS] == 1.0 and check_fixed.driver.last[TAG_FINDINGS] == 0.0
+    assert check_fixed.driver.last[TAG_CHECKS] >= 1.0
     assert check_buggy.sampled_steps == check_fixed.sampled_steps == 3
 
 

@@ -56,7 +56,7 @@ def codes(mon: Any) -> set[str]:
 
 def scalars(mon: Any) -> dict[str, list[float]]:
     acc = EventAccumulator(
-        mon.hub.log_dir if hasattr(mon, "hub") else mon.log_dir, size_guidance={"scalars": 0}
+        mon.driver.log_dir if hasattr(mon, "driver") else mon.log_dir, size_guidance={"scalars": 0}
     )
     acc.Reload()
     return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
@@ -102,7 +102,7 @@ def test_float16_autocast_with_grad_scaler_skips_without_false_alerts(tmp_path):
     plugin = MixedPrecision("16-mixed", "cpu", scaler=scaler)
     fit(tmp_path, InfAtBatch(loss_factor=1e-4, lr=1.0), mon, plugins=[plugin])
     assert not codes(mon) & {"grad.underflow", "grad.zero", "update.stale", "grad.vanishing"}
-    assert mon.hub.amp_skipped_steps == 1 and scaler.get_scale() == 32768.0
+    assert mon.driver.amp_skipped_steps == 1 and scaler.get_scale() == 32768.0
     assert TAG_ZERO_DTYPE + "float32" in scalars(mon)
 
 
