@@ -45,6 +45,7 @@ class Family:
 LOSS = "healthmon/loss"  # the loss of the optimizer step (mean over accumulated micro-batches, unscaled)
 GRAD_NORM = "healthmon/grad/norm"  # global gradient L2 norm after AMP unscaling, before clipping
 GRAD_NORM_CLIPPED = "healthmon/grad/norm_clipped"  # the same after clipping, right before optimizer.step
+GRAD_NORM_PRECLIP = "healthmon/grad/norm_preclip"  # HF Trainer clipping itself: its logged pre-clip grad_norm
 GRAD_LAYER = Family("healthmon/grad/layer/")  # per-module gradient L2 norm, same step as GRAD_NORM
 GRAD_GROUP = Family("healthmon/grad/group/")  # per-parameter-group gradient L2 norm (> 1 group only)
 UPDATE_RATIO = Family("healthmon/update_ratio/")  # ||update|| / ||weight|| per module, across optimizer.step
@@ -121,6 +122,7 @@ ALL_TAGS: frozenset[str] = frozenset(
         LOSS,
         GRAD_NORM,
         GRAD_NORM_CLIPPED,
+        GRAD_NORM_PRECLIP,
         GRAD_DEPTH_DECAY,
         AMP_LOSS_SCALE,
         AMP_SKIPPED_STEPS,

@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 from transformers import TrainerCallback
 
+from healthmon import tags
 from healthmon.alerts import Alert, OnAlert, Severity
 from healthmon.engine.driver import Driver
 from healthmon.engine.isolation import isolated
@@ -55,7 +56,7 @@ from healthmon.monitors.base import Monitor
 from healthmon.monitors.bundle import bundle_config, bundle_driver
 
 #: The Trainer's pre-clip gradient norm (from its logs), when the monitors see clipped gradients.
-TAG_NORM_PRECLIP = "healthmon/grad/norm_preclip"
+TAG_NORM_PRECLIP = tags.GRAD_NORM_PRECLIP
 #: Accelerate's distributed types that clip gradients their own way (the callback leaves them).
 OWN_CLIPPING = ("DEEPSPEED", "FSDP", "XLA", "MEGATRON_LM")
 #: A model input the Trainer adds for the loss normalisation; not part of the batch.

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
+from healthmon import tags
 from healthmon.engine.step_stats import GradStep, ParamIndex
 from healthmon.monitors.stale_watch import Fetched
 from healthmon.numerics.dead_units import dead_unit_findings
@@ -26,15 +27,15 @@ from healthmon.numerics.precision import dtype_name
 from healthmon.numerics.underflow import Shares, from_float32_exact, group_shares, underflow_finding
 from healthmon.numerics.zero_gradients import ZeroGradientRule
 
-TAG_ZERO_DTYPE = "healthmon/grad/zero_fraction/dtype/"
-TAG_ZERO_LAYER = "healthmon/grad/zero_fraction/layer/"
-TAG_SUB_DTYPE = "healthmon/grad/subnormal_fraction/dtype/"
-TAG_SUB_LAYER = "healthmon/grad/subnormal_fraction/layer/"
-TAG_FLUSH_DTYPE = "healthmon/grad/flushed_fraction/dtype/"
-TAG_FLUSH_LAYER = "healthmon/grad/flushed_fraction/layer/"
-TAG_DEAD = "healthmon/grad/dead_units/"
-TAG_DEPTH = "healthmon/grad/depth_decay_orders"
-TAG_RMS = "healthmon/grad/rms/"
+TAG_ZERO_DTYPE = tags.ZERO_FRACTION_DTYPE.prefix
+TAG_ZERO_LAYER = tags.ZERO_FRACTION_LAYER.prefix
+TAG_SUB_DTYPE = tags.SUBNORMAL_FRACTION_DTYPE.prefix
+TAG_SUB_LAYER = tags.SUBNORMAL_FRACTION_LAYER.prefix
+TAG_FLUSH_DTYPE = tags.FLUSHED_FRACTION_DTYPE.prefix
+TAG_FLUSH_LAYER = tags.FLUSHED_FRACTION_LAYER.prefix
+TAG_DEAD = tags.DEAD_UNITS.prefix
+TAG_DEPTH = tags.GRAD_DEPTH_DECAY
+TAG_RMS = tags.GRAD_RMS.prefix
 
 
 @dataclass(frozen=True)

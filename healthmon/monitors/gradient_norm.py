@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from healthmon import _checks
+from healthmon import _checks, tags
 from healthmon._checks import Cadence
 from healthmon.alerts import OnAlert, Severity
 from healthmon.engine.driver import Driver
@@ -40,19 +40,16 @@ from healthmon.numerics.update_size import (
     layer_update_table,
 )
 
-TAG_LOSS = "healthmon/loss"
-TAG_NORM = "healthmon/grad/norm"
-TAG_NORM_CLIPPED = "healthmon/grad/norm_clipped"
-TAG_LAYER = "healthmon/grad/layer/"
-TAG_GROUP = "healthmon/grad/group/"
-TAG_UPDATE_RATIO = "healthmon/update_ratio/"
-TAG_OPTIMIZER = "healthmon/optimizer_{}/"
+TAG_LOSS = tags.LOSS
+TAG_NORM = tags.GRAD_NORM
+TAG_NORM_CLIPPED = tags.GRAD_NORM_CLIPPED
+TAG_LAYER = tags.GRAD_LAYER.prefix
+TAG_GROUP = tags.GRAD_GROUP.prefix
+TAG_UPDATE_RATIO = tags.UPDATE_RATIO.prefix
+TAG_OPTIMIZER = tags.OPTIMIZER_TEMPLATE
 
 
-def optimizer_tag(tag: str, index: int) -> str:
-    """The tag of optimizer ``index``: optimizer 0 keeps the contract tags (``healthmon/loss``,
-    ``healthmon/grad/norm``); optimizer k > 0 gets ``healthmon/optimizer_k/loss``, ..."""
-    return tag if index == 0 else TAG_OPTIMIZER.format(index) + tag.removeprefix("healthmon/")
+optimizer_tag = tags.optimizer_tag  # kept importable from here
 
 
 class GradientNormMonitor(Monitor):
@@ -198,7 +195,7 @@ class GradientNormMonitor(Monitor):
                 "gradient norm before / after clipping": [TAG_NORM, TAG_NORM_CLIPPED],
                 "per-layer gradient norms": [TAG_LAYER + ".*"],
                 "update / weight ratio per layer": [TAG_UPDATE_RATIO + ".*"],
-                "further optimizers: gradient norm vs loss": [r"healthmon/optimizer_\d+/.*"],
+                "further optimizers: gradient norm vs loss": [tags.OPTIMIZER_PATTERN],
             },
         )
 

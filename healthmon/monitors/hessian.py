@@ -27,7 +27,7 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 from typing_extensions import override
 
-from healthmon import _checks
+from healthmon import _checks, tags
 from healthmon._checks import Cadence
 from healthmon.alerts import OnAlert, Severity
 from healthmon.engine.driver import Driver
@@ -55,7 +55,7 @@ from healthmon.schedules import BudgetClock, LogSpacedSteps, LogThenEvery, log_t
 
 __all__ = ["BudgetClock", "HessianEigenMonitor", "LogThenEvery", "log_then_every"]
 
-TAG = "healthmon/hessian/"
+TAG = tags.HESSIAN.prefix
 TAG_LAMBDA_MAX = TAG + "lambda_max"
 TAG_LAMBDA_MIN = TAG + "lambda_min"
 TAG_TWO_OVER_LR = TAG + "two_over_lr"

@@ -15,12 +15,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from healthmon import tags
 from healthmon.engine.driver import Driver
 from healthmon.numerics.findings import Finding
 from healthmon.numerics.stale_updates import StaleSample, StaleSampler, stale_summary
 
-TAG_STALE_DTYPE = "healthmon/update/stale_fraction/dtype/"
-TAG_STALE_LAYER = "healthmon/update/stale_fraction/layer/"
+TAG_STALE_DTYPE = tags.STALE_FRACTION_DTYPE.prefix
+TAG_STALE_LAYER = tags.STALE_FRACTION_LAYER.prefix
 
 Fetched = tuple[StaleSample, Tensor]
 

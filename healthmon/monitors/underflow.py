@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 from typing_extensions import override
 
-from healthmon import _checks
+from healthmon import _checks, tags
 from healthmon._checks import Cadence
 from healthmon.alerts import OnAlert, Severity
 from healthmon.engine.driver import Driver
@@ -67,8 +67,7 @@ from healthmon.numerics.stale_updates import learning_rate
 from healthmon.numerics.underflow import gradient_counts, log10_magnitudes, to_float32_exact
 from healthmon.numerics.zero_gradients import ZeroGradientRule
 
-PREFIX = "healthmon/grad/"
-TAG_HIST = "healthmon/grad/log10_abs/"
+TAG_HIST = tags.GRAD_LOG10_ABS.prefix
 
 _EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
 

@@ -2,7 +2,8 @@
 
 Two renderings of the same content:
 
-* :func:`summary_lines` - plain text (any terminal, CI logs, captured output). The driver prints it at the end of a run.
+* :func:`summary_lines` - plain text (any terminal, CI logs, captured output). The driver prints it at
+  the end of a run.
 * :func:`print_summary` - a ``rich`` table when ``rich`` is installed (Lightning's
   ``RichProgressBar`` / ``RichModelSummary`` integration brings it), else the plain lines.
 
