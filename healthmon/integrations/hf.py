@@ -46,14 +46,14 @@ from torch import Tensor
 from transformers import TrainerCallback
 
 from healthmon import tags
-from healthmon.alerts import Alert, OnAlert, Severity
+from healthmon.alerts import OnAlert, Severity
 from healthmon.engine.driver import Driver
 from healthmon.engine.isolation import isolated
 from healthmon.engine.run import Run, loss_of
 from healthmon.engine.step_stats import scale_tensor
 from healthmon.engine.writer import Writer
 from healthmon.monitors.base import Monitor
-from healthmon.monitors.bundle import bundle_config, bundle_driver
+from healthmon.monitors.bundle import BundleResults, bundle_config, bundle_driver
 
 #: The Trainer's pre-clip gradient norm (from its logs), when the monitors see clipped gradients.
 TAG_NORM_PRECLIP = tags.GRAD_NORM_PRECLIP
@@ -168,7 +168,7 @@ class HFRun(Run):
         return TensorBoardSink.standalone(self.log_dir)
 
 
-class HFHealthCallback(TrainerCallback):
+class HFHealthCallback(BundleResults, TrainerCallback):
     """Watch a Hugging Face ``Trainer`` run's numerical health with healthmon's default monitors.
 
     ``Trainer(..., callbacks=[HFHealthCallback()])``. The arguments are ``HealthMonitor``'s.
@@ -223,21 +223,9 @@ class HFHealthCallback(TrainerCallback):
         atexit.register(_finish_at_exit, weakref.ref(self))
 
     # ---- public --------------------------------------------------------------------------
-    @property
-    def alerts(self) -> list[Alert]:
-        return self.driver.alerts
 
-    @property
-    def report_path(self) -> str | None:
-        return self.driver.report_path
 
-    @property
-    def log_dir(self) -> str | None:
-        return self.driver.log_dir
 
-    @property
-    def monitors(self) -> list[Monitor]:
-        return self.driver.monitors
 
     # ---- driver calls -------------------------------------------------------------------------
     def _call(self, point: Callable[..., None], *args: Any) -> None:

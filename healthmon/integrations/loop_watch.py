@@ -17,20 +17,19 @@ from typing import Any
 
 from torch import Tensor
 
-from healthmon.alerts import Alert
 from healthmon.engine.driver import Driver
 from healthmon.engine.run import loss_of
 from healthmon.integrations import loop_fabric
 from healthmon.integrations.loop_run import LoopRun, unwrap_optimizer
 from healthmon.monitors.base import Monitor
-from healthmon.monitors.bundle import bundle_config
+from healthmon.monitors.bundle import BundleResults, bundle_config
 
 #: Torch optimizers under an open watch (a second watch would check every step twice).
 WATCHED: weakref.WeakSet[Any] = weakref.WeakSet()
 _NO_BATCH = object()
 
 
-class Watch:
+class Watch(BundleResults):
     """One watched loop: call :meth:`step` per micro-batch, :meth:`close` at the end.
 
     Attributes:
@@ -131,23 +130,9 @@ class Watch:
         """Optimizer steps counted so far (steps the ``GradScaler`` skipped included)."""
         return self.run.global_step
 
-    @property
-    def alerts(self) -> list[Alert]:
-        """Alerts in the order detected, de-duplicated by (code, where) with counts."""
-        return self.driver.alerts
 
-    @property
-    def report_path(self) -> str | None:
-        """The JSON report (written at :meth:`close`; None on ranks other than zero)."""
-        return self.driver.report_path
 
-    @property
-    def log_dir(self) -> str | None:
-        return self.driver.log_dir
 
-    @property
-    def monitors(self) -> list[Monitor]:
-        return list(self.driver.monitors)
 
     def monitor(self, kind: type[Monitor]) -> Monitor | None:
         """The monitor of a given class, if it runs."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from healthmon import _checks
-from healthmon.alerts import AlertPolicy, OnAlert, Severity
+from healthmon.alerts import Alert, AlertPolicy, OnAlert, Severity
 from healthmon.engine.driver import Driver
 from healthmon.monitors.base import Monitor
 from healthmon.monitors.gradient_norm import GradientNormMonitor
@@ -74,3 +74,33 @@ def bundle_config(driver: Driver) -> dict[str, object]:
         "fail_on": driver.policy.fail_on,
         "monitors": {type(m).__name__: m.config() for m in driver.monitors},
     }
+
+
+class BundleResults:
+    """What every integration's object offers the user about its run (``self.driver`` behind it)."""
+
+    driver: Driver
+
+    @property
+    def alerts(self) -> list[Alert]:
+        """Alerts in the order detected, de-duplicated by (code, where) with counts."""
+        return self.driver.alerts
+
+    @property
+    def report_path(self) -> str | None:
+        """The JSON report beside the TensorBoard event files (rank zero, written at the end)."""
+        return self.driver.report_path
+
+    @property
+    def log_dir(self) -> str | None:
+        """Where the TensorBoard event files and the report are written (rank zero)."""
+        return self.driver.log_dir
+
+    @property
+    def monitors(self) -> list[Monitor]:
+        """The monitors the driver runs (forward-pass interceptors last)."""
+        return list(self.driver.monitors)
+
+    def monitor(self, kind: type[Monitor]) -> Monitor | None:
+        """The bundled monitor of a given class, if any."""
+        return next((m for m in self.driver.monitors if isinstance(m, kind)), None)

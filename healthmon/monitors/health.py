@@ -8,14 +8,14 @@ from typing import Any
 import pytorch_lightning as pl
 from typing_extensions import override
 
-from healthmon.alerts import Alert, OnAlert, Severity
+from healthmon.alerts import OnAlert, Severity
 from healthmon.engine.driver import Driver
 from healthmon.integrations.lightning import LightningHooks
 from healthmon.monitors.base import Monitor
-from healthmon.monitors.bundle import bundle_config, bundle_driver
+from healthmon.monitors.bundle import BundleResults, bundle_config, bundle_driver
 
 
-class HealthMonitor(LightningHooks):
+class HealthMonitor(BundleResults, LightningHooks):
     """Watch a run's numerical health: add it to ``Trainer(callbacks=[...])`` and change nothing else.
 
     Args:
@@ -49,26 +49,11 @@ class HealthMonitor(LightningHooks):
             summary=summary,
         )
         self.policy = self.driver.policy
-        self.monitors: list[Monitor] = list(self.driver.monitors)
 
     # ---- public --------------------------------------------------------------------------
-    @property
-    def alerts(self) -> list[Alert]:
-        """Alerts in the order detected, de-duplicated by (code, where) with counts."""
-        return self.driver.alerts
 
-    @property
-    def report_path(self) -> str | None:
-        """The JSON report beside the TensorBoard event files (written at the end of fit)."""
-        return self.driver.report_path
 
-    @property
-    def log_dir(self) -> str | None:
-        return self.driver.log_dir
 
-    def monitor(self, kind: type[Monitor]) -> Monitor | None:
-        """The bundled monitor of a given class, if any."""
-        return next((m for m in self.monitors if isinstance(m, kind)), None)
 
     def config(self) -> dict[str, Any]:
         return bundle_config(self.driver)
@@ -82,14 +67,14 @@ class HealthMonitor(LightningHooks):
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
-            "hub": self.driver.state_dict(),
-            "monitors": {type(m).__name__: m.monitor_state() for m in self.monitors},
+            "hub": self.driver.state_dict(),  # the key of 0.1 checkpoints
+            "monitors": {type(m).__name__: m.monitor_state() for m in self.monitors if m._bundled},
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.driver.load_state_dict(state_dict.get("hub", {}))
         saved = state_dict.get("monitors", {})
-        for m in self.monitors:
+        for m in self.monitors:  # adopted standalone monitors restore their own state
             if type(m).__name__ in saved:
                 m.load_monitor_state(saved[type(m).__name__])
