@@ -37,7 +37,14 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from healthmon import HealthMonitor, LogitsCheck
-from healthmon.engine.driver import PER_STEP as PER_STEP_HOOKS
+
+#: The Lightning hooks through which HealthMonitor drives its monitors every step.
+PER_STEP_HOOKS = (
+    "on_train_batch_start",
+    "on_before_backward",
+    "on_before_optimizer_step",
+    "on_train_batch_end",
+)
 
 CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.thread_time}
 clock: Callable[[], float] = time.perf_counter
@@ -141,7 +148,8 @@ def clock_cost() -> float:
 
 def timed_health_monitor(spent: list[float]) -> HealthMonitor:
     """A default HealthMonitor whose time inside its hooks (per-step Lightning hooks and the
-    optimizer step hooks of its monitors) is added up per step in ``spent``."""
+    optimizer step hooks of its monitors) is added up per step in ``spent``.
+    """
     monitor = HealthMonitor(summary=False)
     cost = clock_cost()
 
