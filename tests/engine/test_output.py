@@ -9,31 +9,18 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
+from engine.runs import FolderRun
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
 from healthmon.alerts import make_alert
 from healthmon.engine.output import RunOutput
-from healthmon.engine.run import Run
 from healthmon.sinks.report import CRASH_NAME, REPORT_NAME, SCHEMA
-from healthmon.sinks.tensorboard import TensorBoardSink
 from healthmon.tags import CONFIG_TEXT
 
 CUSTOM_SCALARS = "custom_scalars__config__"
-
-
-class FolderRun(Run):
-    """A single-process run whose writer is a ``SummaryWriter`` into one folder."""
-
-    def __init__(self, folder: Path) -> None:
-        super().__init__(nn.Linear(2, 2))
-        self.folder = str(folder)
-
-    def open_writer(self) -> Any:
-        return TensorBoardSink.standalone(self.folder)
 
 
 def _events(folder: str) -> EventAccumulator:
@@ -44,7 +31,7 @@ def _events(folder: str) -> EventAccumulator:
 
 def _written(tmp_path: Path) -> tuple[RunOutput, FolderRun]:
     out = RunOutput(print_summary=False)
-    run = FolderRun(tmp_path / "tb")
+    run = FolderRun(nn.Linear(2, 2), [], str(tmp_path / "tb"))
     out.open(run)
     return out, run
 
@@ -60,7 +47,7 @@ def test_open_takes_the_runs_writer_and_puts_the_report_beside_it(tmp_path: Path
 
 def test_other_ranks_open_no_writer_and_only_remember_last_values(tmp_path: Path) -> None:
     out = RunOutput()
-    run = FolderRun(tmp_path / "tb")
+    run = FolderRun(nn.Linear(2, 2), [], str(tmp_path / "tb"))
     run.is_global_zero = False
     out.open(run)
     out.start()
@@ -146,7 +133,7 @@ def test_the_report_names_the_error_of_a_failed_run(tmp_path: Path) -> None:
 
 def test_no_report_when_turned_off(tmp_path: Path) -> None:
     out = RunOutput(write_report=False, print_summary=False)
-    run = FolderRun(tmp_path / "tb")
+    run = FolderRun(nn.Linear(2, 2), [], str(tmp_path / "tb"))
     out.open(run)
     out.finish(run, "completed", [], 0)
     out.close()
