@@ -13,26 +13,14 @@ from typing import Any
 
 import pytest
 import torch
+from engine.runs import FolderRun
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from healthmon.alerts import AlertPolicy, NumericalHealthError
 from healthmon.engine.driver import Driver
 from healthmon.engine.run import Run
 from healthmon.monitors.base import Monitor
-from healthmon.sinks.tensorboard import TensorBoardSink
 from healthmon.tags import LOSS
-
-
-class FolderRun(Run):
-    """A single-process loop that writes TensorBoard files into one folder."""
-
-    def __init__(self, model: torch.nn.Module, optimizers: list[Any], folder: str) -> None:
-        super().__init__(model, optimizers)
-        self.folder = folder
-        self.log_every_n_steps = 1
-
-    def open_writer(self) -> Any:
-        return TensorBoardSink.standalone(self.folder)
 
 
 class Recorder(Monitor):

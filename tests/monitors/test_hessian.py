@@ -8,13 +8,13 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from models import DigitsClassifier, digits, digits_loader, trainer
 from pytorch_lightning.callbacks import Callback
 from torch import nn
 
 from healthmon import HealthMonitor
 from healthmon.monitors.hessian import TAG_LAMBDA_MAX, TAG_LAMBDA_MIN, HessianEigenMonitor, log_then_every
 from healthmon.numerics.hessian import HessianOperator, lanczos
-from tests.models import DigitsClassifier, digits, digits_loader, trainer
 
 
 class Losses(Callback):

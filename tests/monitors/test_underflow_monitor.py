@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from models import DigitsClassifier, digits_loader, trainer
 from pytorch_lightning import LightningModule
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
@@ -23,7 +24,6 @@ from healthmon.monitors.underflow import (
     TAG_ZERO_DTYPE,
     TAG_ZERO_LAYER,
 )
-from tests.models import DigitsClassifier, digits_loader, trainer
 
 
 class ScaledLoss(DigitsClassifier):

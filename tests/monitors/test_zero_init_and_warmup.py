@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from models import DigitsClassifier, digits_loader, trainer
 from pytorch_lightning import LightningModule
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
@@ -19,7 +20,6 @@ from torch import nn
 from healthmon import GradientUnderflowMonitor, HealthMonitor
 from healthmon.monitors.bundle import default_monitors
 from healthmon.monitors.underflow import TAG_STALE_DTYPE
-from tests.models import DigitsClassifier, digits_loader, trainer
 
 
 def health(underflow_every: int, on_alert: str = "raise") -> HealthMonitor:

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from tests.numerics.hessian_cases import CASES, Case
+from numerics.hessian_cases import CASES, Case
 
 
 @pytest.fixture(scope="module")

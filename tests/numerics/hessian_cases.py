@@ -6,13 +6,13 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from models import digits
 from torch import nn
 from torch.func import functional_call, hessian
 
 from healthmon.numerics.hessian import (
     HessianOperator,
 )
-from tests.models import digits
 
 
 # ---- cases: (name, model factory, data, loss) --------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from numerics.hessian_cases import exact_hessian
 from torch import nn
 
 from healthmon.numerics.curvature_estimate import (
@@ -15,7 +16,6 @@ from healthmon.numerics.curvature_estimate import (
 from healthmon.numerics.estimate_plan import EstimatePlan
 from healthmon.numerics.hvp import HessianOperator
 from healthmon.numerics.stability import stability_limit
-from tests.numerics.hessian_cases import exact_hessian
 
 SETTINGS = {
     "top_k": 2,

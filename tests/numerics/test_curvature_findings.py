@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from numerics.hessian_cases import exact_hessian
 
 from healthmon.numerics.curvature_findings import (
     SKIPPED,
@@ -19,7 +20,6 @@ from healthmon.numerics.hvp import HessianOperator
 from healthmon.numerics.spectrum import SpectrumEstimate, estimate_spectrum
 from healthmon.numerics.stability import StabilityLimit, stability_limit
 from healthmon.numerics.trace import TraceEstimate
-from tests.numerics.hessian_cases import exact_hessian
 
 
 def _eig(*values: float, converged: bool = True, products: int = 10) -> EigenResult:

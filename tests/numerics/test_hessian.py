@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from tests.numerics.hessian_cases import Case, double_case, exact_hessian, rel  # noqa: F401
+from numerics.hessian_cases import Case, double_case, exact_hessian, rel  # noqa: F401
 
 
 def test_numerics_do_not_import_lightning() -> None:

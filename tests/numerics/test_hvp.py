@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from numerics.hessian_cases import Case, double_case, exact_hessian, rel  # noqa: F401
 from torch import nn
 from torch.func import functional_call
 
@@ -14,7 +15,6 @@ from healthmon.numerics.hessian import (
     split_batch,
     time_hvp_methods,
 )
-from tests.numerics.hessian_cases import Case, double_case, exact_hessian, rel  # noqa: F401
 
 
 @pytest.mark.parametrize("method", ["double_backward", "forward_over_reverse"])

@@ -5,6 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from models import digits
+from numerics.hessian_cases import exact_hessian
+from numerics.live_bytes import LiveBytes
 from torch import nn
 
 from healthmon.numerics.hessian import (
@@ -14,9 +17,6 @@ from healthmon.numerics.hessian import (
     lanczos,
     minimum_memory_factor,
 )
-from tests.models import digits
-from tests.numerics.hessian_cases import exact_hessian
-from tests.numerics.live_bytes import LiveBytes
 
 
 def _low_rank_plus_diagonal(n: int) -> tuple[torch.Tensor, torch.Tensor]:

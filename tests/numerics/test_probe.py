@@ -6,11 +6,11 @@ import math
 
 import pytest
 import torch
+from numerics.hessian_cases import exact_hessian
 from torch import nn
 
 from healthmon.numerics.hvp import HessianOperator
 from healthmon.numerics.probe import ProbeBatch, loss_of
-from tests.numerics.hessian_cases import exact_hessian
 
 
 def _tiny() -> nn.Module:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from numerics.hessian_cases import Case, double_case, exact_hessian, rel  # noqa: F401
 
 from healthmon.numerics.hessian import (
     HessianOperator,
@@ -11,7 +12,6 @@ from healthmon.numerics.hessian import (
     lanczos,
     power_iteration,
 )
-from tests.numerics.hessian_cases import Case, double_case, exact_hessian, rel  # noqa: F401
 
 
 @pytest.mark.parametrize("solver", ["lanczos", "power"])

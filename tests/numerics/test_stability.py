@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from numerics.hessian_cases import Case, double_case, exact_hessian, rel  # noqa: F401
 from torch import nn
 
 from healthmon.numerics.hessian import (
@@ -12,7 +13,6 @@ from healthmon.numerics.hessian import (
     preconditioned,
     stability_limit,
 )
-from tests.numerics.hessian_cases import Case, double_case, exact_hessian, rel  # noqa: F401
 
 
 def test_stability_limits_read_from_the_optimizer() -> None:

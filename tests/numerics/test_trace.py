@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
+from numerics.hessian_cases import Case, double_case, exact_hessian, rel  # noqa: F401
 
 from healthmon.numerics.hessian import (
     hutchinson_trace,
 )
-from tests.numerics.hessian_cases import Case, double_case, exact_hessian, rel  # noqa: F401
 
 
 def test_hutchinson_trace_is_unbiased() -> None:

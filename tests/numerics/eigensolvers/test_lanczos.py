@@ -6,12 +6,12 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from numerics.hessian_cases import Case, double_case, exact_hessian, rel  # noqa: F401
 
 from healthmon.numerics.hessian import (
     lanczos,
     most_negative_eigenvalue,
 )
-from tests.numerics.hessian_cases import Case, double_case, exact_hessian, rel  # noqa: F401
 
 
 @pytest.mark.parametrize("name", ["mlp_digits", "cnn_digits", "regression"])

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from numerics.hessian_cases import Case, double_case, exact_hessian, rel  # noqa: F401
 
 from healthmon.numerics.hessian import estimate_spectrum, most_negative_eigenvalue
-from tests.numerics.hessian_cases import Case, double_case, exact_hessian, rel  # noqa: F401
 
 
 @pytest.mark.parametrize("name", ["mlp_digits", "regression"])
