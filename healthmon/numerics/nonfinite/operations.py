@@ -23,6 +23,7 @@ _OPERATORS = {
     "imul": "*=",
     "truediv": "/",
     "rtruediv": "/",
+    "rdiv": "/",  # torch names Tensor.__rtruediv__ "__rdiv__"
     "itruediv": "/=",
     "pow": "**",
     "rpow": "**",

@@ -64,3 +64,8 @@ def test_traced_ops_link_to_the_ops_that_made_their_inputs() -> None:
     log = TracedOp(1, torch.log, "`torch.log`", "model.py:4", None, (), {}, [exp])
     assert log.parents[0] is exp
     assert exp.parents == [None]
+
+
+def test_reflected_division_is_shown_as_the_operator() -> None:
+    # torch names Tensor.__rtruediv__ "__rdiv__": `1 / x` must still read as `/`
+    assert display_name(torch.Tensor.__rtruediv__) == "`/` (rdiv)"
