@@ -141,7 +141,8 @@ def clock_cost() -> float:
 
 def timed_health_monitor(spent: list[float]) -> HealthMonitor:
     """A default HealthMonitor whose time inside its hooks (per-step Lightning hooks and the
-    optimizer step hooks of its monitors) is added up per step in ``spent``."""
+    optimizer step hooks of its monitors) is added up per step in ``spent``.
+    """
     monitor = HealthMonitor(summary=False)
     cost = clock_cost()
 

@@ -1,5 +1,6 @@
 """`import healthmon.numerics` never imports Lightning or TensorBoard; healthmon.report and
-healthmon.tags never import torch, Lightning, TensorBoard or matplotlib; the top level loads lazily."""
+healthmon.tags never import torch, Lightning, TensorBoard or matplotlib; the top level loads lazily.
+"""
 
 from __future__ import annotations
 

@@ -172,7 +172,8 @@ LossFn = Callable[[Any], Any]
 
 def loss_of(output: Any) -> Any:
     """The loss inside what a step function returned: a tensor, a dict with "loss", or an object
-    with a ``loss`` attribute (Hugging Face model outputs)."""
+    with a ``loss`` attribute (Hugging Face model outputs).
+    """
     if isinstance(output, dict):
         return output.get("loss")
     return getattr(output, "loss", output)

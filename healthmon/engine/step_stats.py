@@ -163,7 +163,8 @@ class StepStatistics:
 
     def end_step(self) -> None:
         """Forget the accumulated loss once every monitor has seen this optimizer step, so that
-        the next optimizer step, of the same or of another optimizer, gets only its own loss."""
+        the next optimizer step, of the same or of another optimizer, gets only its own loss.
+        """
         self._loss_sum = None
 
     def grad_step(self, run: Run, optimizer: Any) -> GradStep:

@@ -224,9 +224,6 @@ class HFHealthCallback(BundleResults, TrainerCallback):
 
     # ---- public --------------------------------------------------------------------------
 
-
-
-
     # ---- driver calls -------------------------------------------------------------------------
     def _call(self, point: Callable[..., None], *args: Any) -> None:
         """Call one point of the driver; an exception (the raise policy) finishes the run first."""

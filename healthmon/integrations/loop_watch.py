@@ -130,17 +130,14 @@ class Watch(BundleResults):
         """Optimizer steps counted so far (steps the ``GradScaler`` skipped included)."""
         return self.run.global_step
 
-
-
-
-
     def monitor(self, kind: type[Monitor]) -> Monitor | None:
         """The monitor of a given class, if it runs."""
         return next((m for m in self.driver.monitors if isinstance(m, kind)), None)
 
     def close(self, error: BaseException | None = None) -> None:
         """End the run: the report (status "completed", "stopped", or "exception" with ``error``),
-        the summary, and every hook removed. Safe to call twice."""
+        the summary, and every hook removed. Safe to call twice.
+        """
         if self._closed:
             return
         run = self.run
@@ -192,13 +189,15 @@ class Watch(BundleResults):
 
     def _settle(self) -> None:
         """A step whose gradients were checked but whose optimizer never stepped (the GradScaler
-        found inf/NaN and skipped ``optimizer.step``) ends here, at the next micro-batch."""
+        found inf/NaN and skipped ``optimizer.step``) ends here, at the next micro-batch.
+        """
         if self._checked:
             self._end_step()
 
     def _call_after(self, obj: Any, name: str) -> None:
         """Wrap ``obj.name(optimizer, ...)`` (on the instance) to check gradients right after it:
-        ``GradScaler.unscale_`` and Fabric's ``unscale_gradients`` (before clipping)."""
+        ``GradScaler.unscale_`` and Fabric's ``unscale_gradients`` (before clipping).
+        """
         original = getattr(obj, name)
         before = vars(obj).get(name)
 

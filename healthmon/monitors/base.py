@@ -29,7 +29,8 @@ from healthmon.integrations.lightning import LightningHooks
 
 def strictest_policy(policies: list[AlertPolicy]) -> AlertPolicy:
     """One policy for monitors that share a driver: the strongest action ("raise" > "stop" >
-    "warn") at the lowest ``fail_on`` of those that act."""
+    "warn") at the lowest ``fail_on`` of those that act.
+    """
     acting = [p for p in policies if p.on_alert != "warn"]
     if not acting:
         return AlertPolicy("warn", min((p.fail_on for p in policies), key=severity_rank, default="warning"))
@@ -86,7 +87,8 @@ class Monitor(LightningHooks):
     @property
     def alerts(self) -> list[Alert]:
         """Alerts in the order detected (de-duplicated; see ``Alert.count``), of every monitor
-        sharing this monitor's driver (the run's report)."""
+        sharing this monitor's driver (the run's report).
+        """
         return [] if self._driver is None else self._driver.alerts
 
     @property

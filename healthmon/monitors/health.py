@@ -52,9 +52,6 @@ class HealthMonitor(BundleResults, LightningHooks):
 
     # ---- public --------------------------------------------------------------------------
 
-
-
-
     def config(self) -> dict[str, Any]:
         return bundle_config(self.driver)
 

@@ -268,7 +268,8 @@ class HessianEigenMonitor(Monitor):
 
     def _take_probe(self, run: Run, batch: Any, batch_idx: int) -> bool:
         """Copy the user's probe once, or this micro-batch while the probe is incomplete; whether
-        the probe is complete."""
+        the probe is complete.
+        """
         if self._user_probe is not None:
             if not self._probe.parts:
                 self._probe.add(_clone(self._user_probe, run.root_device), 0)

@@ -73,7 +73,8 @@ def select_hvp_method(
     make_operator: Callable[[HVPMethod], HessianOperator], tol: float, generator: torch.Generator | None
 ) -> HVPMethod:
     """The product method for a run: finite differences only where they agree within
-    :func:`method_tolerance` with the exact product (see :func:`choose_hvp_method`)."""
+    :func:`method_tolerance` with the exact product (see :func:`choose_hvp_method`).
+    """
     return choose_hvp_method(make_operator, rtol=method_tolerance(tol), generator=generator)
 
 
@@ -82,7 +83,8 @@ def early_estimate_affordable(
 ) -> bool:
     """Step 0 always; a later log-spaced estimate when the last one cost at most ``early_budget``
     of the planned run's training time (a big model on a short run gets its step-0 estimate and
-    then the time budget's)."""
+    then the time budget's).
+    """
     if step == 0 or last_cost is None or not math.isfinite(total_steps):
         return True
     planned = seconds_per_step * total_steps

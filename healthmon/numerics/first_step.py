@@ -55,7 +55,8 @@ class MeasuredStep:
 
 def in_first_steps(spike: Any, skipped: bool) -> bool:
     """Whether a step's update size is judged: the spike rule has no running level yet (its
-    warm-up), and the step was not skipped (a step the GradScaler skips has no update)."""
+    warm-up), and the step was not skipped (a step the GradScaler skips has no update).
+    """
     return spike.seen < spike.warmup and not skipped
 
 
@@ -71,7 +72,8 @@ def measure_step(
 ) -> MeasuredStep:
     """What to keep of a step before its update: each parameter's layer (``layer_of`` by ``id``,
     layer 0 when unknown), sizes, and when judged the per-layer gradient norms combined from
-    the per-tensor ones (host floats)."""
+    the per-tensor ones (host floats).
+    """
     layer_index = [layer_of.get(id(p), 0) for p in params]
     return MeasuredStep(
         step=step,

@@ -286,7 +286,8 @@ class DivergenceRule:
 
     def update(self, loss: float, norm: float | None = None) -> str | None:
         """Feed one loss (and the step's gradient norm); returns a reason ("blew up ..." /
-        "rose steadily ...") or None."""
+        "rose steadily ...") or None.
+        """
         if not _finite(loss):
             return None
         self.seen += 1

@@ -91,7 +91,8 @@ class ZeroStreaks:
 
     def judge(self, keys: Sequence[Hashable], hits: Sequence[int], updates: int) -> list[int]:
         """Of the tensors ``keys`` checked this step, ``hits`` (positions) are zero: those whose
-        streak reached :attr:`steps`. Every other checked tensor's streak ends."""
+        streak reached :attr:`steps`. Every other checked tensor's streak ends.
+        """
         hit_keys = {keys[i] for i in hits}
         self.end(k for k in keys if k not in hit_keys)
         return [i for i in hits if self.observe(keys[i], updates) >= self.steps]
@@ -170,7 +171,8 @@ class ZeroGradientRule:
         name_of: Callable[[Tensor], str],
     ) -> Finding | None:
         """The tensors ``params`` checked this step (their zero and total entry counts; ``judged``
-        False where zeros are legitimate): ``grad.zero`` if some stayed zero long enough."""
+        False where zeros are legitimate): ``grad.zero`` if some stayed zero long enough.
+        """
         hits = self.streaks.judge(
             [id(p) for p in params], zero_hits(zeros, totals, judged, self.fraction), updates
         )

@@ -85,7 +85,7 @@ class TensorBoardSink:
             logger.log_metrics(dict(values), step)
 
     def _file_writer(self) -> Any:
-        """torch's SummaryWriter's event writer (it accepts tensorboard's own Summary protos)."""
+        """Return the event writer of torch's SummaryWriter (it accepts tensorboard's own Summary protos)."""
         if not isinstance(self.writer, TorchSummaryWriter):
             return None
         return self.writer._get_file_writer()

@@ -1,5 +1,6 @@
 """healthmon.watch in a Lightning Fabric loop (fabric.backward, fabric.clip_gradients, DDP):
-the Lightning tests' bugs and codes, the user's parameter names, outputs and the observer effect."""
+the Lightning tests' bugs and codes, the user's parameter names, outputs and the observer effect.
+"""
 
 from __future__ import annotations
 
@@ -49,7 +50,8 @@ def fabric_loop(
     max_norm: float | None = None,
 ) -> tuple[Any, nn.Module, list[float], list[float]]:
     """A Fabric loop as a user writes it, watched with ``watch`` (healthmon.watch's keyword
-    arguments; None: not watched). Returns (the watch, the model, losses, clip_gradients' totals)."""
+    arguments; None: not watched). Returns (the watch, the model, losses, clip_gradients' totals).
+    """
     fabric = fabric or Fabric(accelerator="cpu", devices=1)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     model, optimizer = fabric.setup(model, optimizer)
