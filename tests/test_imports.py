@@ -8,6 +8,7 @@ import importlib.util
 import pkgutil
 import subprocess
 import sys
+from pathlib import Path
 
 import healthmon.numerics
 import healthmon.report
@@ -73,7 +74,7 @@ def test_only_the_hf_integration_imports_transformers() -> None:
     extra = [m for m in loaded - baseline if m.split(".")[0] in ("transformers", "accelerate")]
     assert not extra, f"healthmon imports {extra[:5]}"
     for name in names:  # and no module names them in an import
-        source = open(importlib.util.find_spec(name).origin or "").read()
+        source = Path(importlib.util.find_spec(name).origin or "").read_text()
         assert "import transformers" not in source and "from transformers" not in source, name
     top = _loaded_after("import healthmon; healthmon.Alert")
     assert not [m for m in top if m.split(".")[0] == "transformers"]

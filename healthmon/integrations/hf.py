@@ -375,10 +375,12 @@ class HFHealthCallback(BundleResults, TrainerCallback):
         norm = (logs or {}).get("grad_norm")
         # the monitors saw clipped gradients (clipping left to the Trainer): keep its pre-clip norm,
         # at the step whose gradients it measured (the Trainer logs after counting the step)
-        if run is not None and not run.clips_gradients and float(args.max_grad_norm or 0) > 0:
-            if isinstance(norm, (int, float)):
-                step = max(int(state.global_step) - 1, 0)
-                self.driver.log(run, {TAG_NORM_PRECLIP: float(norm)}, step=step)
+        clipped_by_trainer = (
+            run is not None and not run.clips_gradients and float(args.max_grad_norm or 0) > 0
+        )
+        if clipped_by_trainer and isinstance(norm, (int, float)):
+            step = max(int(state.global_step) - 1, 0)
+            self.driver.log(run, {TAG_NORM_PRECLIP: float(norm)}, step=step)
         return control
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:

@@ -65,7 +65,7 @@ def unwrap_optimizer(optimizer: Any) -> Any:
 
 
 def dtype_precision(model: torch.nn.Module) -> str:
-    """ "16-true", "bf16-true" or "32-true" after the dtype of the model's floating parameters."""
+    """Return "16-true", "bf16-true" or "32-true" after the dtype of the model's floating parameters."""
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     return {torch.float16: "16-true", torch.bfloat16: "bf16-true"}.get(dtype, "32-true")
 

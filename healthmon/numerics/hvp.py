@@ -288,7 +288,7 @@ def choose_hvp_method(
     rtol: float = FD_AGREEMENT,
     generator: torch.Generator | None = None,
 ) -> HVPMethod:
-    """ "finite_differences" when it agrees with the exact product on this model, else "double_backward".
+    """Pick "finite_differences" if it agrees with the exact product on this model, else "double_backward".
 
     Central differences cost two plain gradients per product instead of a double backward, and
     are accurate to ~1e-4 on smooth losses; across kinks (ReLU, max-pooling) a perturbation that

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -77,7 +78,7 @@ def test_overflowing_scaler_is_healthy_and_logs_the_users_loss(tmp_path: Any) ->
     assert t.global_step == 120 and not t.should_stop
     assert not os.path.exists(os.path.join(t.logger.log_dir, "healthmon_crash.json"))
     assert mon.monitor(NonFiniteMonitor).replays == 0  # no replay of the batch either
-    assert json.load(open(mon.report_path))["run"]["status"] == "completed"
+    assert json.loads(Path(mon.report_path).read_text())["run"]["status"] == "completed"
     tags = scalars(t.logger.log_dir)
     # the logged loss is what training_step returned (not scale x loss), skipped steps included
     assert tags["healthmon/loss"] == model.returned
