@@ -30,6 +30,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``healthmon`` command line: the ``check`` and ``report`` commands and their options."""
     parser = _Parser(prog="healthmon", description="Numerical health of PyTorch Lightning runs.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     check = sub.add_parser(

@@ -1,4 +1,6 @@
-"""`import healthmon.numerics` never imports Lightning or TensorBoard; healthmon.report and
+"""What importing healthmon loads.
+
+`import healthmon.numerics` never imports Lightning or TensorBoard; healthmon.report and
 healthmon.tags never import torch, Lightning, TensorBoard or matplotlib; the top level loads lazily.
 """
 

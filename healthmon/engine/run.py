@@ -116,6 +116,7 @@ class Run:
 
     @property
     def rank(self) -> int:
+        """This process's global rank (0 in a single process)."""
         if not distributed():
             return 0
         import torch.distributed as dist
@@ -171,8 +172,10 @@ LossFn = Callable[[Any], Any]
 
 
 def loss_of(output: Any) -> Any:
-    """The loss inside what a step function returned: a tensor, a dict with "loss", or an object
-    with a ``loss`` attribute (Hugging Face model outputs).
+    """The loss inside what a step function returned.
+
+    Accepted: a tensor, a dict with "loss", or an object with a ``loss`` attribute (Hugging Face
+    model outputs).
     """
     if isinstance(output, dict):
         return output.get("loss")

@@ -51,6 +51,7 @@ class ParamIndex:
             self.layer_of[id(param)] = layer_ids[layer]
 
     def name(self, param: Tensor) -> str:
+        """The parameter's name in the model (``<unnamed (shape)>`` for a tensor it does not own)."""
         return self.names.get(id(param), f"<unnamed {tuple(param.shape)}>")
 
 
@@ -162,8 +163,9 @@ class StepStatistics:
         self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
 
     def end_step(self) -> None:
-        """Forget the accumulated loss once every monitor has seen this optimizer step, so that
-        the next optimizer step, of the same or of another optimizer, gets only its own loss.
+        """Forget the accumulated loss once every monitor has seen this optimizer step.
+
+        The next optimizer step, of the same or of another optimizer, then gets only its own loss.
         """
         self._loss_sum = None
 

@@ -61,6 +61,7 @@ class LightningRun(Run):
 
     @property  # type: ignore[override]
     def optimizers(self) -> list[Any]:
+        """The trainer's optimizers, read from the trainer at each access."""
         return list(getattr(self.trainer, "optimizers", None) or [])
 
     @optimizers.setter
@@ -69,6 +70,7 @@ class LightningRun(Run):
 
     @property  # type: ignore[override]
     def total_steps(self) -> float:
+        """The trainer's estimate of the fit's optimizer steps (inf when it has none)."""
         try:
             return float(self.trainer.estimated_stepping_batches)
         except Exception:  # not available outside fit

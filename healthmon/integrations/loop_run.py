@@ -44,8 +44,9 @@ def unwrap_module(model: torch.nn.Module) -> torch.nn.Module:
 
 @contextlib.contextmanager
 def direct_ddp(ddp: torch.nn.Module) -> Iterator[None]:
-    """Calls of a ``DistributedDataParallel`` wrapper go straight to its module (a replay on one
-    rank must not broadcast buffers or prepare a gradient reduction that never comes).
+    """Calls of a ``DistributedDataParallel`` wrapper go straight to its module.
+
+    A replay on one rank must not broadcast buffers or prepare a gradient reduction that never comes.
     """
     own = vars(ddp)
     before = own.get("forward")
@@ -142,9 +143,10 @@ class LoopRun(Run):
     # ---- replays -------------------------------------------------------------------------------
     @override
     def loss_on(self, batch: Any, batch_idx: int) -> Tensor | None:
-        """The step function's loss on ``batch``, under the loop's autocast and around
-        ``DistributedDataParallel`` or Fabric's strategy wrapper (every replay calls this, with or
-        without :meth:`replay_context`).
+        """The step function's loss on ``batch``, under the loop's autocast.
+
+        It runs around ``DistributedDataParallel`` or Fabric's strategy wrapper (every replay calls this,
+        with or without :meth:`replay_context`).
         """
         if self.step_fn is None:
             return super().loss_on(batch, batch_idx)

@@ -135,8 +135,9 @@ class Watch(BundleResults):
         return next((m for m in self.driver.monitors if isinstance(m, kind)), None)
 
     def close(self, error: BaseException | None = None) -> None:
-        """End the run: the report (status "completed", "stopped", or "exception" with ``error``),
-        the summary, and every hook removed. Safe to call twice.
+        """End the run: write the report and the summary, and remove every hook. Safe to call twice.
+
+        The report's status is "completed", "stopped", or "exception" with ``error``.
         """
         if self._closed:
             return
@@ -188,15 +189,18 @@ class Watch(BundleResults):
         self.driver.batch_end(self.run, self._batch, max(self._batch_idx, 0))
 
     def _settle(self) -> None:
-        """A step whose gradients were checked but whose optimizer never stepped (the GradScaler
-        found inf/NaN and skipped ``optimizer.step``) ends here, at the next micro-batch.
+        """End a step whose gradients were checked but whose optimizer never stepped.
+
+        The GradScaler found inf/NaN and skipped ``optimizer.step``: the step ends here, at the next
+        micro-batch.
         """
         if self._checked:
             self._end_step()
 
     def _call_after(self, obj: Any, name: str) -> None:
-        """Wrap ``obj.name(optimizer, ...)`` (on the instance) to check gradients right after it:
-        ``GradScaler.unscale_`` and Fabric's ``unscale_gradients`` (before clipping).
+        """Wrap ``obj.name(optimizer, ...)`` (on the instance) to check gradients right after it.
+
+        Used for ``GradScaler.unscale_`` and Fabric's ``unscale_gradients`` (before clipping).
         """
         original = getattr(obj, name)
         before = vars(obj).get(name)

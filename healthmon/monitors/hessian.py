@@ -267,8 +267,10 @@ class HessianEigenMonitor(Monitor):
         return self._probe.rows
 
     def _take_probe(self, run: Run, batch: Any, batch_idx: int) -> bool:
-        """Copy the user's probe once, or this micro-batch while the probe is incomplete; whether
-        the probe is complete.
+        """Copy the user's probe once, or this micro-batch while the probe is incomplete.
+
+        Returns:
+            Whether the probe is complete.
         """
         if self._user_probe is not None:
             if not self._probe.parts:

@@ -319,8 +319,10 @@ class GradientUnderflowMonitor(Monitor):
 
     # ---- exact zeros between counting steps, from the driver's shared norms -------------------------
     def _whole_zero_from_shared_norms(self, run: Run, optimizer: torch.optim.Optimizer) -> None:
-        """A gradient whose norm is exactly 0 is entirely zero: free, as the per-tensor norms were
-        already fetched for the NaN check, so a layer killed mid-run is reported at once.
+        """Report tensors whose gradient norm is exactly 0 (entirely zero), between counting steps.
+
+        Free, as the per-tensor norms were already fetched for the NaN check, so a layer killed mid-run
+        is reported at once.
         """
         driver = self.driver
         stats = driver.grad_step(run, optimizer)

@@ -123,6 +123,7 @@ class UpdateSampler:
 
     @property
     def armed(self) -> bool:
+        """Whether weights were sampled by :meth:`before` (:meth:`update_norms` has a reference)."""
         return bool(self._params)
 
 

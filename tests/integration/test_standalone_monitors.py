@@ -1,5 +1,6 @@
-"""Monitors attached to a Trainer on their own share one driver: one report with every monitor's
-alerts, one policy, gradient statistics computed once.
+"""Monitors attached to a Trainer on their own share one driver.
+
+One report with every monitor's alerts, one policy, gradient statistics computed once.
 """
 
 from __future__ import annotations

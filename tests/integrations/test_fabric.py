@@ -1,5 +1,6 @@
-"""healthmon.watch in a Lightning Fabric loop (fabric.backward, fabric.clip_gradients, DDP):
-the Lightning tests' bugs and codes, the user's parameter names, outputs and the observer effect.
+"""healthmon.watch in a Lightning Fabric loop (fabric.backward, fabric.clip_gradients, DDP).
+
+The Lightning tests' bugs and codes, the user's parameter names, outputs and the observer effect.
 """
 
 from __future__ import annotations
@@ -50,8 +51,10 @@ def fabric_loop(
     data: Any = None,
     max_norm: float | None = None,
 ) -> tuple[Any, nn.Module, list[float], list[float]]:
-    """A Fabric loop as a user writes it, watched with ``watch`` (healthmon.watch's keyword
-    arguments; None: not watched). Returns (the watch, the model, losses, clip_gradients' totals).
+    """A Fabric loop as a user writes it, watched with ``watch`` (None: not watched).
+
+    ``watch``: healthmon.watch's keyword arguments. Returns (the watch, the model, losses,
+    clip_gradients' totals).
     """
     fabric = fabric or Fabric(accelerator="cpu", devices=1)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)

@@ -276,8 +276,10 @@ def test_weights_and_buffers_are_bit_identical_with_every_monitor_on(tmp_path: A
 
 # ---- policies, lifecycle, arguments ---------------------------------------------------------------
 def nan_from_step(model: nn.Module, step: int, watch: dict[str, Any]) -> Any:
-    """A loss that turns NaN from optimizer step ``step`` on (read from the watch, like a
-    LightningModule reads ``self.global_step``: replays of earlier steps stay finite).
+    """A loss that turns NaN from optimizer step ``step`` on.
+
+    The step is read from the watch, like a LightningModule reads ``self.global_step``: replays of
+    earlier steps stay finite.
     """
 
     def loss_fn(batch: Any) -> torch.Tensor:

@@ -1,5 +1,7 @@
-"""fp16 mixed precision with a real GradScaler that really overflows: the scaler working is not an
-alert, a scaler in trouble is, and the logged loss is the loss ``training_step`` returned.
+"""fp16 mixed precision with a real GradScaler that really overflows.
+
+The scaler working is not an alert, a scaler in trouble is, and the logged loss is the loss
+``training_step`` returned.
 """
 
 from __future__ import annotations
@@ -27,9 +29,11 @@ def fp16() -> MixedPrecision:
 
 
 class SummedLoss(DigitsClassifier):
-    """Cross-entropy summed over the batch, times ``factor``: at the scaler's initial scale 2**16
-    its float16 gradients overflow until the scale has backed off (with a huge ``factor``, at
-    every scale). Records what ``training_step`` returned and brute-force gradient facts.
+    """Cross-entropy summed over the batch, times ``factor``.
+
+    At the scaler's initial scale 2**16 its float16 gradients overflow until the scale has backed
+    off (with a huge ``factor``, at every scale). Records what ``training_step`` returned and
+    brute-force gradient facts.
     """
 
     def __init__(self, factor: float, **kwargs: Any) -> None:
