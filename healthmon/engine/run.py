@@ -21,8 +21,10 @@ from healthmon.engine.writer import Writer
 
 try:
     from torch.distributed.tensor import DTensor
+
+    HAS_DTENSOR = True
 except ImportError:  # torch built without distributed support
-    DTensor = None
+    HAS_DTENSOR = False
 
 
 def distributed() -> bool:
@@ -131,7 +133,7 @@ class Run:
         (:func:`~healthmon.numerics.gradients.reduce_sharded_norms`).
         """
         sharded = False
-        if DTensor is None or not any(isinstance(g, DTensor) for g in grads):
+        if not HAS_DTENSOR or not any(isinstance(g, DTensor) for g in grads):
             return grads, sharded
         local = []
         for g in grads:

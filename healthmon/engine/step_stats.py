@@ -179,7 +179,7 @@ class StepStatistics:
         if cached is not None:
             return cached
         params, groups = optimizer_params_with_grad(optimizer)
-        grads, sharded = run.local_gradients([p.grad for p in params])
+        grads, sharded = run.local_gradients([p.grad for p in params if p.grad is not None])
         per_tensor = tensor_norms(grads)
         if sharded:
             per_tensor = reduce_sharded_norms(per_tensor)

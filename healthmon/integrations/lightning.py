@@ -59,7 +59,7 @@ class LightningRun(Run):
         self.global_step = int(self.trainer.global_step)
         self.current_epoch = int(self.trainer.current_epoch)
 
-    @property  # type: ignore[override]
+    @property
     def optimizers(self) -> list[Any]:
         """The trainer's optimizers, read from the trainer at each access."""
         return list(getattr(self.trainer, "optimizers", None) or [])
@@ -68,7 +68,7 @@ class LightningRun(Run):
     def optimizers(self, value: list[Any]) -> None:
         pass  # read from the trainer
 
-    @property  # type: ignore[override]
+    @property
     def total_steps(self) -> float:
         """The trainer's estimate of the fit's optimizer steps (inf when it has none)."""
         try:

@@ -30,7 +30,7 @@ def check_optimizers(optimizer_or_list: Any) -> list[Any]:
         raise ValueError(
             "`optimizer_or_list`: expected a torch optimizer or a non-empty list of them, got []."
         )
-    optimizers = []
+    optimizers: list[torch.optim.Optimizer] = []
     for i, item in enumerate(items):
         opt = unwrap_optimizer(item)
         if not isinstance(opt, torch.optim.Optimizer):

@@ -38,7 +38,7 @@ def is_fabric_optimizer(obj: Any) -> bool:
 
 def original_module(fabric_module: Any) -> torch.nn.Module:
     """The module the user passed to ``fabric.setup`` (its parameter names carry no wrapper prefix)."""
-    return fabric_module._original_module  # type: ignore[no-any-return]
+    return fabric_module._original_module
 
 
 def precision_plugin(fabric: Any) -> Any:

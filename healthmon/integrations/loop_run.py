@@ -151,7 +151,7 @@ class LoopRun(Run):
         if self.step_fn is None:
             return super().loss_on(batch, batch_idx)
         with self._as_in_the_loop():
-            return loss_of(self.step_fn(batch))  # type: ignore[no-any-return]
+            return loss_of(self.step_fn(batch))
 
     @override
     def replay_blocker(self) -> str | None:

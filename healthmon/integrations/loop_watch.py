@@ -13,7 +13,7 @@ wrapped on the instance), inside ``fabric.clip_gradients`` before clipping (Fabr
 from __future__ import annotations
 
 import weakref
-from typing import Any
+from typing import Any, Literal
 
 from torch import Tensor
 
@@ -162,7 +162,7 @@ class Watch(BundleResults):
     def __enter__(self) -> Watch:
         return self
 
-    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> Literal[False]:
         self.close(exc)
         return False
 

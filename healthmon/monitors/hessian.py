@@ -197,7 +197,7 @@ class HessianEigenMonitor(Monitor):
         self._user_probe = probe_batch
         self._probe = ProbeBatch()  # copies on the device
         self._last_step = -1
-        self._method: HVPMethod | None = None if hvp == "auto" else hvp  # type: ignore[assignment]
+        self._method: HVPMethod | None = None if hvp == "auto" else hvp
         self._warm = WarmStart()
         self._generator = torch.Generator().manual_seed(self.seed)
         self.last_estimate: SpectrumEstimate | None = None

@@ -93,7 +93,7 @@ def adam_preconditioner(optimizer: torch.optim.Optimizer, params: Sequence[Tenso
     for p in params:
         group, state = hyper.get(id(p)), optimizer.state.get(p, {})
         v = state.get("max_exp_avg_sq", state.get("exp_avg_sq")) if group is not None else None
-        if v is None or "step" not in state:
+        if group is None or v is None or "step" not in state:
             parts.append(torch.full((p.numel(),), math.inf, dtype=p.dtype, device=p.device))
             continue
         seen = True
