@@ -108,6 +108,7 @@ class LightningRun(Run):
 
     @override
     def loss_on(self, batch: Any, batch_idx: int) -> Tensor | None:
+        # the model is the LightningModule; Run types it as a plain nn.Module
         return loss_of(self.model.training_step(batch, batch_idx))  # type: ignore[operator]
 
     @override

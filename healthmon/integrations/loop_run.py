@@ -37,8 +37,8 @@ def unwrap_module(model: torch.nn.Module) -> torch.nn.Module:
             model = loop_fabric.original_module(model)
         elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
             model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):  # torch.compile
-            model = model._orig_mod  # type: ignore[assignment]
+        elif isinstance(compiled := getattr(model, "_orig_mod", None), torch.nn.Module):  # torch.compile
+            model = compiled
     return model
 
 

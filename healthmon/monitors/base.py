@@ -165,7 +165,7 @@ class Monitor(LightningHooks):
             (cb for cb in callbacks if isinstance(cb, LightningHooks) and not isinstance(cb, Monitor)), None
         )
         if bundle is not None:
-            driver: Driver = bundle.driver  # type: ignore[attr-defined]
+            driver: Driver = bundle.driver  # type: ignore[attr-defined]  # the bundle (HealthMonitor) has one
             driver.add(self)
             driver.policy = strictest_policy([driver.policy, self.policy])
             driver.config[type(self).__name__] = self.config()

@@ -331,7 +331,7 @@ class HessianEigenMonitor(Monitor):
                     optimizer,
                     plan,
                     top_k=self.top_k,
-                    solver=self.solver,  # type: ignore[arg-type]
+                    solver=self.solver,  # type: ignore[arg-type]  # validated by _checks.choice
                     max_products=self.max_products,
                     negative_ratio=self.negative_ratio,
                     trace_samples=self.trace_samples,
