@@ -95,7 +95,7 @@ class Monitor(LightningHooks):
 
     @property
     def report_path(self) -> str | None:
-        """Where the run's report is written (None before the monitor joins a driver, or without one)."""
+        """Where the run's report is written (None before the monitor joins a driver, or off rank zero)."""
         return None if self._driver is None else self._driver.report_path
 
     def config(self) -> dict[str, Any]:
