@@ -20,15 +20,18 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/python examples/quickstart.py
 
-test: setup
-	$(BIN)/ruff check .
+# lint, format and type checks first (cheap), then the tests
+test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: setup
 	$(BIN)/python benchmarks/overhead.py
 
+# ruff and mypy read their settings from pyproject.toml
 lint: setup
-	$(BIN)/ruff check . && $(BIN)/ruff format --check healthmon tests examples benchmarks
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) runs lightning_logs .pytest_cache
+	rm -rf $(VENV) runs lightning_logs .pytest_cache .ruff_cache .mypy_cache

@@ -99,7 +99,7 @@ def per_product_ratio(model: nn.Module, closure: Callable, method: str, reps: in
     for _ in range(reps):
         op(v)
     hvp = (time.perf_counter() - t) / reps
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
     t = time.perf_counter()
     for _ in range(reps):
         torch.autograd.grad(closure(), params)

@@ -147,8 +147,9 @@ def clock_cost() -> float:
 
 
 def timed_health_monitor(spent: list[float]) -> HealthMonitor:
-    """A default HealthMonitor whose time inside its hooks (per-step Lightning hooks and the
-    optimizer step hooks of its monitors) is added up per step in ``spent``.
+    """A default HealthMonitor that adds up, per step in ``spent``, the time spent inside its hooks.
+
+    The hooks timed: the per-step Lightning hooks and the optimizer step hooks of its monitors.
     """
     monitor = HealthMonitor(summary=False)
     cost = clock_cost()

@@ -25,8 +25,10 @@ VOCAB, LENGTH = 32, 24
 
 
 class MarkovTokens(Dataset):
-    """Sequences of a noisy Markov chain: the next token is ``3 * token + 1`` mod the vocabulary,
-    or a random one with probability 0.2; labels are the inputs (the model shifts them)."""
+    """Sequences of a noisy Markov chain; labels are the inputs (the model shifts them).
+
+    The next token is ``3 * token + 1`` mod the vocabulary, or a random one with probability 0.2.
+    """
 
     def __init__(self, n: int, seed: int = 0) -> None:
         g = torch.Generator().manual_seed(seed)

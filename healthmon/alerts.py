@@ -336,6 +336,7 @@ class Alert:
         return f"{self.severity.upper()} {self.code} step {self.step}{where}: {self.message}{times}"
 
     def to_dict(self) -> dict[str, Any]:
+        """The alert as a plain dict (its record in the report)."""
         return asdict(self)
 
     @classmethod
@@ -412,13 +413,16 @@ class AlertBook:
         return len(self.alerts)
 
     def at_or_above(self, severity: str) -> list[Alert]:
+        """The alerts of ``severity`` or worse, in the order detected."""
         rank = severity_rank(severity)
         return [a for a in self.alerts if severity_rank(a.severity) >= rank]
 
     def state_dict(self) -> dict[str, Any]:
+        """The alerts and the count of dropped occurrences, for a checkpoint."""
         return {"alerts": [a.to_dict() for a in self.alerts], "dropped": self.dropped}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Replace the alerts and the dropped count with those saved by :meth:`state_dict`."""
         self.alerts, self._index = [], {}
         for data in state.get("alerts", []):
             self.record(Alert.from_dict(data))

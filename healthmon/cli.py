@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 from xml.sax.saxutils import escape, quoteattr
 
 from healthmon.alerts import SEVERITIES, Alert, severity_rank
@@ -25,11 +26,12 @@ class UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         raise UsageError(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``healthmon`` command line: the ``check`` and ``report`` commands and their options."""
     parser = _Parser(prog="healthmon", description="Numerical health of PyTorch Lightning runs.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     check = sub.add_parser(

@@ -56,6 +56,7 @@ class LogThenEvery:
         self.__name__ = f"log_then_every({every}, base={base})"
 
     def __call__(self, step: int) -> bool:
+        """Whether ``step`` is on the schedule."""
         if step % self.every == 0:
             return True
         if step >= self.every:
@@ -140,12 +141,14 @@ class BudgetClock:
 
     @property
     def seconds_per_step(self) -> float:
+        """Mean training seconds per timed step (the estimates' own time excluded)."""
         return self.train_seconds / max(self.timed_steps, 1)
 
     def _interval(self, cost: float) -> int:
         return self.agree(max(1, math.ceil(cost / (self.budget * max(self.seconds_per_step, 1e-9)))))
 
     def state(self) -> dict[str, Any]:
+        """The clock's state, for a checkpoint."""
         return {
             "next_step": self.next_step,
             "train_seconds": self.train_seconds,
@@ -154,6 +157,7 @@ class BudgetClock:
         }
 
     def load(self, state: dict[str, Any]) -> None:
+        """Restore the state saved by :meth:`state`."""
         self.next_step = state.get("next_step")
         self.train_seconds = float(state.get("train_seconds", 0.0))
         self.timed_steps = int(state.get("timed_steps", 0))
@@ -176,6 +180,7 @@ class LogSpacedSteps:
         self.until = _positive_int(until, "until", minimum=0)
 
     def __call__(self, step: int) -> bool:
+        """Whether ``step`` is one of the log-spaced steps below ``until``."""
         if step >= self.until:
             return False
         if step == 0:

@@ -192,8 +192,11 @@ _OPTIMIZER = re.compile(r"healthmon/optimizer_([1-9][0-9]*)/(.+)")
 
 
 def is_known(tag: str) -> bool:
-    """Whether ``tag`` is a tag healthmon writes: an exact tag, a family member, or either of them
-    under a further optimizer's folder (``healthmon/optimizer_k/...``)."""
+    """Whether ``tag`` is a tag healthmon writes.
+
+    An exact tag, a family member, or either of them under a further optimizer's folder
+    (``healthmon/optimizer_k/...``).
+    """
     match = _OPTIMIZER.fullmatch(tag)
     if match:
         tag = ROOT + match.group(2)

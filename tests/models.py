@@ -93,17 +93,17 @@ def trainer(
 ) -> pl.Trainer:
     """A quiet CPU Trainer writing TensorBoard logs under ``root``."""
     logger: Any = TensorBoardLogger(str(root), name="run") if tensorboard else False
-    options: dict[str, Any] = dict(
-        accelerator="cpu",
-        devices=1,
-        max_steps=max_steps,
-        logger=logger,
-        callbacks=callbacks,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        log_every_n_steps=1,
-        default_root_dir=str(root),
-    )
+    options: dict[str, Any] = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "max_steps": max_steps,
+        "logger": logger,
+        "callbacks": callbacks,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "enable_checkpointing": False,
+        "log_every_n_steps": 1,
+        "default_root_dir": str(root),
+    }
     options.update(kwargs)
     return pl.Trainer(**options)

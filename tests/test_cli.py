@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -51,7 +52,7 @@ def test_sick_run_exits_1_with_one_line_per_alert(
     runs: dict[str, str], capsys: pytest.CaptureFixture[str]
 ) -> None:
     code, out, _ = _run(["check", runs["sick"]], capsys)
-    report = json.load(open(runs["sick_report"]))
+    report = json.loads(Path(runs["sick_report"]).read_text())
     failing = [a for a in report["alerts"] if a["severity"] in ("warning", "error")]
     lines = out.strip().splitlines()
     assert code == 1 and len(lines) == len(failing) > 0
@@ -74,7 +75,7 @@ def test_event_files_alone_give_the_same_verdict(
         shutil.copy(f, tmp_path)
     code, out, _ = _run(["check", str(tmp_path), "--format", "json"], capsys)
     data = json.loads(out)
-    report = json.load(open(runs["sick_report"]))
+    report = json.loads(Path(runs["sick_report"]).read_text())
     assert code == 1 and data["failed"]
     assert [a["code"] for a in data["runs"][0]["alerts"]] == [a["code"] for a in report["alerts"]]
 
@@ -136,7 +137,7 @@ def test_truncated_event_file_exits_2(
     runs: dict[str, str], tmp_path: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
     src = glob.glob(os.path.join(runs["sick_logdir"], "events.out.tfevents.*"))[0]
-    data = open(src, "rb").read()
+    data = Path(src).read_bytes()
     _write(str(tmp_path), os.path.basename(src), data[: len(data) - 7])
     code, _, err = _run(["check", str(tmp_path)], capsys)
     assert code == 2 and "truncated" in err

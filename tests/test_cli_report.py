@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -91,4 +92,4 @@ def test_report_command_does_not_import_torch(sick: dict[str, str], tmp_path: An
         text=True,
     )
     assert proc.returncode == 0, proc.stderr
-    assert os.path.getsize(out) > 10_000 and json.load(open(sick["report"]))["alerts"]
+    assert os.path.getsize(out) > 10_000 and json.loads(Path(sick["report"]).read_text())["alerts"]

@@ -1,5 +1,8 @@
-"""`import healthmon.numerics` never imports Lightning or TensorBoard; healthmon.report and
-healthmon.tags never import torch, Lightning, TensorBoard or matplotlib; the top level loads lazily."""
+"""What importing healthmon loads.
+
+`import healthmon.numerics` never imports Lightning or TensorBoard; healthmon.report and
+healthmon.tags never import torch, Lightning, TensorBoard or matplotlib; the top level loads lazily.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ import importlib.util
 import pkgutil
 import subprocess
 import sys
+from pathlib import Path
 
 import healthmon.numerics
 import healthmon.report
@@ -72,7 +76,7 @@ def test_only_the_hf_integration_imports_transformers() -> None:
     extra = [m for m in loaded - baseline if m.split(".")[0] in ("transformers", "accelerate")]
     assert not extra, f"healthmon imports {extra[:5]}"
     for name in names:  # and no module names them in an import
-        source = open(importlib.util.find_spec(name).origin or "").read()
+        source = Path(importlib.util.find_spec(name).origin or "").read_text()
         assert "import transformers" not in source and "from transformers" not in source, name
     top = _loaded_after("import healthmon; healthmon.Alert")
     assert not [m for m in top if m.split(".")[0] == "transformers"]

@@ -71,6 +71,7 @@ class Driver:
     # ---- what monitors use ----------------------------------------------------------------
     @property
     def policy(self) -> AlertPolicy:
+        """What a new alert triggers (warn, raise or stop) and from which severity."""
         return self.escalation.policy
 
     @policy.setter
@@ -79,42 +80,52 @@ class Driver:
 
     @property
     def book(self) -> Any:
+        """The run's alert book: alerts de-duplicated by (code, where), with counts."""
         return self.escalation.book
 
     @property
     def alerts(self) -> list[Alert]:
+        """The run's alerts so far, in the order detected."""
         return self.escalation.book.alerts
 
     @property
     def params(self) -> ParamIndex | None:
+        """The model's parameter names and layers (None before setup)."""
         return self.stats.params
 
     @property
     def scaler(self) -> Any:
+        """The loop's ``GradScaler`` found at setup, or None."""
         return self.stats.scaler
 
     @property
     def amp_skipped_steps(self) -> int:
+        """Optimizer steps the ``GradScaler`` skipped so far (inf/NaN in the scaled gradients)."""
         return self.stats.amp_skipped_steps
 
     @property
     def config(self) -> dict[str, Any]:
+        """The settings recorded in the report and TensorBoard's configuration text."""
         return self.output.config
 
     @property
     def last(self) -> dict[str, float]:
+        """The last value written of each scalar tag (the report's ``last``)."""
         return self.output.last
 
     @property
     def log_dir(self) -> str | None:
+        """The folder of the event files and the report (None before setup and off rank zero)."""
         return self.output.log_dir
 
     @property
     def report_path(self) -> str | None:
+        """Where the JSON report is written (None before setup and off rank zero)."""
         return self.output.report_path
 
     @property
     def stop_requested(self) -> bool:
+        """Whether the ``stop`` policy asked the loop to end."""
         return self.escalation.stop_requested
 
     def grad_step(self, run: Run, optimizer: Any) -> GradStep:
@@ -126,6 +137,7 @@ class Driver:
         self.stats.defer(values, callback)
 
     def is_log_step(self, run: Run, optimizer_index: int | None = None) -> bool:
+        """Whether scalars are written at this step (see :meth:`StepStatistics.is_log_step`)."""
         return self.stats.is_log_step(run, optimizer_index)
 
     def log(self, run: Run, values: Mapping[str, float], step: int | None = None) -> None:
@@ -137,6 +149,7 @@ class Driver:
         self.output.histogram(tag, values, run.global_step)
 
     def declare_layout(self, category: str, charts: Mapping[str, list[str]]) -> None:
+        """Add charts to TensorBoard's custom-scalars layout: {title: [tags on one chart]}."""
         self.output.declare_layout(category, charts)
 
     def alert(
@@ -167,6 +180,7 @@ class Driver:
         return self.escalation.record(alert, self.output.text)
 
     def write_crash_record(self, record: Mapping[str, Any]) -> str | None:
+        """Write ``record`` as the crash file beside the report (rank zero); its path, or None."""
         return self.output.crash_record(record)
 
     # ---- the hook sequence -----------------------------------------------------------------
@@ -186,6 +200,7 @@ class Driver:
         self.output.start()
 
     def batch_start(self, run: Run, batch: Any, batch_idx: int) -> None:
+        """A micro-batch begins: the monitors that watch batch starts see it."""
         for m in self._per_step["on_batch_start"]:
             m.on_batch_start(run, batch, batch_idx)
 
@@ -207,6 +222,10 @@ class Driver:
         self.escalation.enforce(run, optimizer)
 
     def batch_end(self, run: Run, batch: Any, batch_idx: int) -> None:
+        """A micro-batch ended: monitors see it and the policy acts.
+
+        At log steps, every rank's alerts are gathered.
+        """
         for m in self._per_step["on_batch_end"]:
             m.on_batch_end(run, batch, batch_idx)
         self.escalation.enforce(run)
@@ -214,6 +233,7 @@ class Driver:
             self.escalation.gather(run, self.output.text)
 
     def train_end(self, run: Run) -> None:
+        """Training ended normally: monitors conclude and every rank's alerts are gathered."""
         for m in self.monitors:
             m.on_training_end(run)
         self.escalation.gather(run, self.output.text)
@@ -227,6 +247,7 @@ class Driver:
         self.output.finish(run, status, self.alerts, self.book.dropped, error)
 
     def teardown(self, run: Run) -> None:
+        """The fit is over: monitors release what they hold and the writer closes."""
         for m in self.monitors:
             m.on_teardown(run)
         self.output.close()
@@ -234,6 +255,7 @@ class Driver:
 
     # ---- checkpoints -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """The alerts, the last scalars and the AMP skip count, for a checkpoint."""
         return {
             "alerts": self.escalation.state_dict(),
             "last": dict(self.output.last),
@@ -241,6 +263,7 @@ class Driver:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved (a resumed run keeps its alerts)."""
         self.escalation.load_state_dict(state.get("alerts", {}))
         self.output.last.update(state.get("last", {}))
         self.stats.amp_skipped_steps = int(state.get("amp_skipped_steps", 0))

@@ -112,7 +112,9 @@ class Escalation:
         self._unsent.clear()
 
     def state_dict(self) -> dict[str, Any]:
+        """The alert book's state, for a checkpoint."""
         return self.book.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the alert book from what :meth:`state_dict` saved."""
         self.book.load_state_dict(state)

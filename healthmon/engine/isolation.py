@@ -99,6 +99,7 @@ class HostRandomState:
                     self.held.append(_GeneratorState(value))
 
     def restore(self) -> None:
+        """Put back the saved states of Python's, NumPy's and the module's generators."""
         random.setstate(self.python)
         np = _numpy()
         if np is not None and self.numpy is not None:

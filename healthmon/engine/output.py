@@ -75,10 +75,12 @@ class RunOutput:
             self.writer.scalars(clean, step)
 
     def histogram(self, tag: str, values: Tensor, step: int) -> None:
+        """Write a histogram of ``values`` (rank zero: elsewhere there is no writer)."""
         if self.writer is not None:
             self.writer.histogram(tag, values, step)
 
     def text(self, tag: str, text: str, step: int) -> None:
+        """Write a text entry (rank zero: elsewhere there is no writer)."""
         if self.writer is not None:
             self.writer.text(tag, text, step)
 
@@ -106,6 +108,7 @@ class RunOutput:
             print_summary(alerts, log_dir=self.log_dir, report_path=self.report_path)
 
     def close(self) -> None:
+        """Close the writer; later writes are dropped until the next :meth:`open`."""
         if self.writer is not None:
             self.writer.close()
             self.writer = None

@@ -21,8 +21,10 @@ from healthmon.engine.writer import Writer
 
 try:
     from torch.distributed.tensor import DTensor
+
+    HAS_DTENSOR = True
 except ImportError:  # torch built without distributed support
-    DTensor = None
+    HAS_DTENSOR = False
 
 
 def distributed() -> bool:
@@ -116,6 +118,7 @@ class Run:
 
     @property
     def rank(self) -> int:
+        """This process's global rank (0 in a single process)."""
         if not distributed():
             return 0
         import torch.distributed as dist
@@ -130,7 +133,7 @@ class Run:
         (:func:`~healthmon.numerics.gradients.reduce_sharded_norms`).
         """
         sharded = False
-        if DTensor is None or not any(isinstance(g, DTensor) for g in grads):
+        if not HAS_DTENSOR or not any(isinstance(g, DTensor) for g in grads):
             return grads, sharded
         local = []
         for g in grads:
@@ -171,8 +174,11 @@ LossFn = Callable[[Any], Any]
 
 
 def loss_of(output: Any) -> Any:
-    """The loss inside what a step function returned: a tensor, a dict with "loss", or an object
-    with a ``loss`` attribute (Hugging Face model outputs)."""
+    """The loss inside what a step function returned.
+
+    Accepted: a tensor, a dict with "loss", or an object with a ``loss`` attribute (Hugging Face
+    model outputs).
+    """
     if isinstance(output, dict):
         return output.get("loss")
     return getattr(output, "loss", output)

@@ -51,6 +51,7 @@ class ParamIndex:
             self.layer_of[id(param)] = layer_ids[layer]
 
     def name(self, param: Tensor) -> str:
+        """The parameter's name in the model (``<unnamed (shape)>`` for a tensor it does not own)."""
         return self.names.get(id(param), f"<unnamed {tuple(param.shape)}>")
 
 
@@ -162,8 +163,10 @@ class StepStatistics:
         self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
 
     def end_step(self) -> None:
-        """Forget the accumulated loss once every monitor has seen this optimizer step, so that
-        the next optimizer step, of the same or of another optimizer, gets only its own loss."""
+        """Forget the accumulated loss once every monitor has seen this optimizer step.
+
+        The next optimizer step, of the same or of another optimizer, then gets only its own loss.
+        """
         self._loss_sum = None
 
     def grad_step(self, run: Run, optimizer: Any) -> GradStep:
@@ -176,7 +179,7 @@ class StepStatistics:
         if cached is not None:
             return cached
         params, groups = optimizer_params_with_grad(optimizer)
-        grads, sharded = run.local_gradients([p.grad for p in params])
+        grads, sharded = run.local_gradients([p.grad for p in params if p.grad is not None])
         per_tensor = tensor_norms(grads)
         if sharded:
             per_tensor = reduce_sharded_norms(per_tensor)

@@ -136,6 +136,7 @@ class HFRun(Run):
             self.control = control
 
     def request_stop(self) -> None:
+        """Ask the Trainer to end after this step (``control.should_training_stop``)."""
         super().request_stop()
         self.control.should_training_stop = True
 
@@ -145,6 +146,7 @@ class HFRun(Run):
         return loss if isinstance(loss, Tensor) else None
 
     def replay_blocker(self) -> str | None:
+        """Why the loss cannot be computed again from the kept keyword inputs, or None."""
         if self.positional_inputs:
             return "the model was called with positional inputs (healthmon keeps keyword inputs only)"
         if not self.inputs_seen:
@@ -158,11 +160,15 @@ class HFRun(Run):
 
     @contextlib.contextmanager
     def replay_context(self) -> Iterator[None]:
-        # accelerate wraps the model's forward in the run's autocast: model(**batch) uses it
+        """Replays run with RNGs, module state, gradients and logging restored (:func:`isolated`).
+
+        accelerate wraps the model's forward in the run's autocast: ``model(**batch)`` uses it.
+        """
         with isolated(self.model):
             yield
 
     def open_writer(self) -> Writer | None:
+        """A TensorBoard writer into this run's ``log_dir``."""
         from healthmon.sinks.tensorboard import TensorBoardSink
 
         return TensorBoardSink.standalone(self.log_dir)
@@ -224,9 +230,6 @@ class HFHealthCallback(BundleResults, TrainerCallback):
 
     # ---- public --------------------------------------------------------------------------
 
-
-
-
     # ---- driver calls -------------------------------------------------------------------------
     def _call(self, point: Callable[..., None], *args: Any) -> None:
         """Call one point of the driver; an exception (the raise policy) finishes the run first."""
@@ -247,6 +250,7 @@ class HFHealthCallback(BundleResults, TrainerCallback):
 
     # ---- Trainer events -----------------------------------------------------------------------
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        """A fit begins: build the run, hook the model's forward and set up the driver."""
         if self.run is not None:  # the previous fit ended by an exception the Trainer has no event for
             self._finish(RuntimeError("training ended by an exception (the Trainer reported no end)"))
         import os
@@ -292,10 +296,12 @@ class HFHealthCallback(BundleResults, TrainerCallback):
         self._saved_max_grad_norm = None
 
     def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        """A new epoch: micro-batches are counted from zero again."""
         self._epoch_batch = 0
         return control
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        """The micro-batches of an optimizer step begin."""
         if self._refresh(state, control) is not None:
             self._in_step = True
         return control
@@ -351,11 +357,13 @@ class HFHealthCallback(BundleResults, TrainerCallback):
         self._call(self.driver.batch_end, run, batch, self._batch_idx)
 
     def on_substep_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        """A micro-batch that accumulates gradients (no optimizer step) ended."""
         if self._refresh(state, control) is not None:
             self._end_micro_batch()
         return control
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        """Gradients are complete: the monitors' main check, then the clipping healthmon took over."""
         run = self._refresh(state, control)
         if run is None:
             return control
@@ -366,6 +374,7 @@ class HFHealthCallback(BundleResults, TrainerCallback):
         return run.control
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        """The optimizer step ended: close its last micro-batch."""
         run = self._refresh(state, control)
         if run is None:
             return control
@@ -374,17 +383,23 @@ class HFHealthCallback(BundleResults, TrainerCallback):
         return run.control
 
     def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> Any:
+        """Keep the Trainer's pre-clip gradient norm when the monitors saw clipped gradients."""
         run = self._refresh(state, control)
         norm = (logs or {}).get("grad_norm")
         # the monitors saw clipped gradients (clipping left to the Trainer): keep its pre-clip norm,
         # at the step whose gradients it measured (the Trainer logs after counting the step)
-        if run is not None and not run.clips_gradients and float(args.max_grad_norm or 0) > 0:
-            if isinstance(norm, (int, float)):
-                step = max(int(state.global_step) - 1, 0)
-                self.driver.log(run, {TAG_NORM_PRECLIP: float(norm)}, step=step)
+        if (
+            run is not None
+            and not run.clips_gradients
+            and float(args.max_grad_norm or 0) > 0
+            and isinstance(norm, (int, float))
+        ):
+            step = max(int(state.global_step) - 1, 0)
+            self.driver.log(run, {TAG_NORM_PRECLIP: float(norm)}, step=step)
         return control
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        """Training ended: the monitors conclude, the report is written and the hooks are removed."""
         run = self._refresh(state, control)
         if run is None:
             return control

@@ -59,16 +59,18 @@ class LightningRun(Run):
         self.global_step = int(self.trainer.global_step)
         self.current_epoch = int(self.trainer.current_epoch)
 
-    @property  # type: ignore[override]
+    @property
     def optimizers(self) -> list[Any]:
+        """The trainer's optimizers, read from the trainer at each access."""
         return list(getattr(self.trainer, "optimizers", None) or [])
 
     @optimizers.setter
     def optimizers(self, value: list[Any]) -> None:
         pass  # read from the trainer
 
-    @property  # type: ignore[override]
+    @property
     def total_steps(self) -> float:
+        """The trainer's estimate of the fit's optimizer steps (inf when it has none)."""
         try:
             return float(self.trainer.estimated_stepping_batches)
         except Exception:  # not available outside fit
@@ -106,6 +108,7 @@ class LightningRun(Run):
 
     @override
     def loss_on(self, batch: Any, batch_idx: int) -> Tensor | None:
+        # the model is the LightningModule; Run types it as a plain nn.Module
         return loss_of(self.model.training_step(batch, batch_idx))  # type: ignore[operator]
 
     @override

@@ -14,6 +14,7 @@ _SCALER_METHODS = ("scale", "unscale_", "step", "update")
 
 
 def check_model(model: Any, name: str) -> None:
+    """Raise unless ``model`` is a ``torch.nn.Module`` with parameters (``name``: the argument)."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"`{name}`: expected the torch.nn.Module the loop trains, got {model!r}.")
     if not any(True for _ in model.parameters()):
@@ -29,7 +30,7 @@ def check_optimizers(optimizer_or_list: Any) -> list[Any]:
         raise ValueError(
             "`optimizer_or_list`: expected a torch optimizer or a non-empty list of them, got []."
         )
-    optimizers = []
+    optimizers: list[torch.optim.Optimizer] = []
     for i, item in enumerate(items):
         opt = unwrap_optimizer(item)
         if not isinstance(opt, torch.optim.Optimizer):
@@ -55,6 +56,7 @@ def check_scaler(scaler: Any) -> Any:
 
 
 def check_writer(writer: Any, log_dir: Any) -> None:
+    """Raise unless ``writer`` is a SummaryWriter and ``log_dir`` a folder path, not both given."""
     if writer is not None and log_dir is not None:
         raise ValueError(
             f"`log_dir`: expected None when `writer` is given (healthmon writes beside the writer's "

@@ -38,7 +38,7 @@ def is_fabric_optimizer(obj: Any) -> bool:
 
 def original_module(fabric_module: Any) -> torch.nn.Module:
     """The module the user passed to ``fabric.setup`` (its parameter names carry no wrapper prefix)."""
-    return fabric_module._original_module  # type: ignore[no-any-return]
+    return fabric_module._original_module
 
 
 def precision_plugin(fabric: Any) -> Any:
@@ -73,14 +73,14 @@ def _no_hook(tensor: torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def direct_forward(fabric_module: Any) -> Iterator[None]:
-    """Replays through the ``_FabricModule`` but not through the strategy's wrapper, and without
-    Fabric's check that backward goes through ``fabric.backward``.
+    """Replays through the ``_FabricModule``, bypassing the strategy's wrapper and Fabric's backward check.
 
     The ``_FabricModule`` still converts inputs and runs the forward under the precision's autocast,
     as in the loop. The strategy's wrapper (``DistributedDataParallel``) is bypassed: a replay
     on one rank must not start DDP's collectives or prepare a gradient reduction that never comes.
-    Outputs get no Fabric backward hook: Hessian products differentiate with
-    ``torch.autograd.grad``, which that hook refuses under mixed precision and DDP. Reentrant.
+    Outputs get no Fabric backward hook (the check that backward goes through ``fabric.backward``):
+    Hessian products differentiate with ``torch.autograd.grad``, which that hook refuses under mixed
+    precision and DDP. Reentrant.
     """
     modules = fabric_module._modules
     wrapped = modules.get("_forward_module")

@@ -37,15 +37,17 @@ def unwrap_module(model: torch.nn.Module) -> torch.nn.Module:
             model = loop_fabric.original_module(model)
         elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
             model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):  # torch.compile
-            model = model._orig_mod  # type: ignore[assignment]
+        elif isinstance(compiled := getattr(model, "_orig_mod", None), torch.nn.Module):  # torch.compile
+            model = compiled
     return model
 
 
 @contextlib.contextmanager
 def direct_ddp(ddp: torch.nn.Module) -> Iterator[None]:
-    """Calls of a ``DistributedDataParallel`` wrapper go straight to its module (a replay on one
-    rank must not broadcast buffers or prepare a gradient reduction that never comes)."""
+    """Calls of a ``DistributedDataParallel`` wrapper go straight to its module.
+
+    A replay on one rank must not broadcast buffers or prepare a gradient reduction that never comes.
+    """
     own = vars(ddp)
     before = own.get("forward")
     own["forward"] = ddp.module
@@ -64,7 +66,7 @@ def unwrap_optimizer(optimizer: Any) -> Any:
 
 
 def dtype_precision(model: torch.nn.Module) -> str:
-    """ "16-true", "bf16-true" or "32-true" after the dtype of the model's floating parameters."""
+    """Return "16-true", "bf16-true" or "32-true" after the dtype of the model's floating parameters."""
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     return {torch.float16: "16-true", torch.bfloat16: "bf16-true"}.get(dtype, "32-true")
 
@@ -141,13 +143,15 @@ class LoopRun(Run):
     # ---- replays -------------------------------------------------------------------------------
     @override
     def loss_on(self, batch: Any, batch_idx: int) -> Tensor | None:
-        """The step function's loss on ``batch``, under the loop's autocast and around
-        ``DistributedDataParallel`` or Fabric's strategy wrapper (every replay calls this, with or
-        without :meth:`replay_context`)."""
+        """The step function's loss on ``batch``, under the loop's autocast.
+
+        It runs around ``DistributedDataParallel`` or Fabric's strategy wrapper (every replay calls this,
+        with or without :meth:`replay_context`).
+        """
         if self.step_fn is None:
             return super().loss_on(batch, batch_idx)
         with self._as_in_the_loop():
-            return loss_of(self.step_fn(batch))  # type: ignore[no-any-return]
+            return loss_of(self.step_fn(batch))
 
     @override
     def replay_blocker(self) -> str | None:

@@ -13,7 +13,7 @@ wrapped on the instance), inside ``fabric.clip_gradients`` before clipping (Fabr
 from __future__ import annotations
 
 import weakref
-from typing import Any
+from typing import Any, Literal
 
 from torch import Tensor
 
@@ -130,17 +130,15 @@ class Watch(BundleResults):
         """Optimizer steps counted so far (steps the ``GradScaler`` skipped included)."""
         return self.run.global_step
 
-
-
-
-
     def monitor(self, kind: type[Monitor]) -> Monitor | None:
         """The monitor of a given class, if it runs."""
         return next((m for m in self.driver.monitors if isinstance(m, kind)), None)
 
     def close(self, error: BaseException | None = None) -> None:
-        """End the run: the report (status "completed", "stopped", or "exception" with ``error``),
-        the summary, and every hook removed. Safe to call twice."""
+        """End the run: write the report and the summary, and remove every hook. Safe to call twice.
+
+        The report's status is "completed", "stopped", or "exception" with ``error``.
+        """
         if self._closed:
             return
         run = self.run
@@ -164,7 +162,7 @@ class Watch(BundleResults):
     def __enter__(self) -> Watch:
         return self
 
-    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> Literal[False]:
         self.close(exc)
         return False
 
@@ -191,14 +189,19 @@ class Watch(BundleResults):
         self.driver.batch_end(self.run, self._batch, max(self._batch_idx, 0))
 
     def _settle(self) -> None:
-        """A step whose gradients were checked but whose optimizer never stepped (the GradScaler
-        found inf/NaN and skipped ``optimizer.step``) ends here, at the next micro-batch."""
+        """End a step whose gradients were checked but whose optimizer never stepped.
+
+        The GradScaler found inf/NaN and skipped ``optimizer.step``: the step ends here, at the next
+        micro-batch.
+        """
         if self._checked:
             self._end_step()
 
     def _call_after(self, obj: Any, name: str) -> None:
-        """Wrap ``obj.name(optimizer, ...)`` (on the instance) to check gradients right after it:
-        ``GradScaler.unscale_`` and Fabric's ``unscale_gradients`` (before clipping)."""
+        """Wrap ``obj.name(optimizer, ...)`` (on the instance) to check gradients right after it.
+
+        Used for ``GradScaler.unscale_`` and Fabric's ``unscale_gradients`` (before clipping).
+        """
         original = getattr(obj, name)
         before = vars(obj).get(name)
 

@@ -28,8 +28,10 @@ from healthmon.integrations.lightning import LightningHooks
 
 
 def strictest_policy(policies: list[AlertPolicy]) -> AlertPolicy:
-    """One policy for monitors that share a driver: the strongest action ("raise" > "stop" >
-    "warn") at the lowest ``fail_on`` of those that act."""
+    """One policy for monitors that share a driver.
+
+    The strongest action ("raise" > "stop" > "warn") at the lowest ``fail_on`` of those that act.
+    """
     acting = [p for p in policies if p.on_alert != "warn"]
     if not acting:
         return AlertPolicy("warn", min((p.fail_on for p in policies), key=severity_rank, default="warning"))
@@ -85,12 +87,15 @@ class Monitor(LightningHooks):
 
     @property
     def alerts(self) -> list[Alert]:
-        """Alerts in the order detected (de-duplicated; see ``Alert.count``), of every monitor
-        sharing this monitor's driver (the run's report)."""
+        """Alerts of every monitor sharing this monitor's driver (the run's report), in the order detected.
+
+        De-duplicated; see ``Alert.count``.
+        """
         return [] if self._driver is None else self._driver.alerts
 
     @property
     def report_path(self) -> str | None:
+        """Where the run's report is written (None before the monitor joins a driver, or off rank zero)."""
         return None if self._driver is None else self._driver.report_path
 
     def config(self) -> dict[str, Any]:
@@ -107,6 +112,7 @@ class Monitor(LightningHooks):
 
     @property
     def state_key(self) -> str:
+        """The key of this monitor's state in a Lightning checkpoint (its class and cadence)."""
         return self._generate_state_key(every_n_steps=str(self.every_n_steps))
 
     # ---- the points of a step (override what the monitor needs) ----------------------------
@@ -159,7 +165,7 @@ class Monitor(LightningHooks):
             (cb for cb in callbacks if isinstance(cb, LightningHooks) and not isinstance(cb, Monitor)), None
         )
         if bundle is not None:
-            driver: Driver = bundle.driver  # type: ignore[attr-defined]
+            driver: Driver = bundle.driver  # type: ignore[attr-defined]  # the bundle (HealthMonitor) has one
             driver.add(self)
             driver.policy = strictest_policy([driver.policy, self.policy])
             driver.config[type(self).__name__] = self.config()

@@ -94,7 +94,7 @@ class CountedStep:
         index: ParamIndex,
     ) -> CountedStep:
         """Layers, dtypes and the depth profile of ``params`` (the driver's per-tensor norms ``stats``)."""
-        grads: list[Tensor] = [p.grad for p in params]  # type: ignore[misc]
+        grads = [p.grad for p in params if p.grad is not None]  # all of them: params have gradients
         judged = [not s and not g.is_sparse for s, g in zip(structural, grads, strict=True)]
         layer_index = [index.layer_of.get(id(p), 0) for p in params]
         row = {id(p): i for i, p in enumerate(stats.params)}
@@ -153,8 +153,17 @@ class CountedStep:
         found: list[Finding | None] = []
         if self.judge_zero:
             totals, zeros = counts[:, 0].tolist(), counts[:, 1].tolist()
-            kw = {"updates": self.updates, "loss": self.loss, "name_of": index.name}
-            found.append(zero.judge(self.params, zeros, totals, self.judged, **kw))  # type: ignore[arg-type]
+            found.append(
+                zero.judge(
+                    self.params,
+                    zeros,
+                    totals,
+                    self.judged,
+                    updates=self.updates,
+                    loss=self.loss,
+                    name_of=index.name,
+                )
+            )
         tensor_layers = [index.layers[li] for li in self.layer_index]
         found.append(underflow_finding(by_layer, tensor_layers, self.dtypes, limits.underflow_fraction))
         names = self.dead_names

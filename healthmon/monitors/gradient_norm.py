@@ -269,7 +269,8 @@ class GradientNormMonitor(Monitor):
         params = self._snapshot_params
         self._snapshot_params = []
         measured, self._measured = self._measured, None
-        if self._driver is None or self.driver.params is None:
+        index = self.driver.params if self._driver is not None else None
+        if index is None:
             self._sampler.disarm()
             return
         driver, step = self.driver, self._snapshot_step
@@ -280,7 +281,7 @@ class GradientNormMonitor(Monitor):
         update_norms = self._sampler.update_norms()
         if measured is None or update_norms is None or weight_norms is None:
             return
-        num_layers = len(driver.params.layers)
+        num_layers = len(index.layers)
         table = layer_update_table(update_norms, weight_norms, torch.tensor(measured.layer_index), num_layers)
         driver.defer(table, lambda v: self._on_update_sizes(measured, v[:num_layers], v[num_layers:]))
 

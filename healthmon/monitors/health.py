@@ -52,10 +52,8 @@ class HealthMonitor(BundleResults, LightningHooks):
 
     # ---- public --------------------------------------------------------------------------
 
-
-
-
     def config(self) -> dict[str, Any]:
+        """The bundle's settings, as recorded in the report: the policy and every monitor's config."""
         return bundle_config(self.driver)
 
     # ---- as a Lightning callback ------------------------------------------------------------

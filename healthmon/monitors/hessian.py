@@ -197,7 +197,7 @@ class HessianEigenMonitor(Monitor):
         self._user_probe = probe_batch
         self._probe = ProbeBatch()  # copies on the device
         self._last_step = -1
-        self._method: HVPMethod | None = None if hvp == "auto" else hvp  # type: ignore[assignment]
+        self._method: HVPMethod | None = None if hvp == "auto" else hvp
         self._warm = WarmStart()
         self._generator = torch.Generator().manual_seed(self.seed)
         self.last_estimate: SpectrumEstimate | None = None
@@ -267,8 +267,11 @@ class HessianEigenMonitor(Monitor):
         return self._probe.rows
 
     def _take_probe(self, run: Run, batch: Any, batch_idx: int) -> bool:
-        """Copy the user's probe once, or this micro-batch while the probe is incomplete; whether
-        the probe is complete."""
+        """Copy the user's probe once, or this micro-batch while the probe is incomplete.
+
+        Returns:
+            Whether the probe is complete.
+        """
         if self._user_probe is not None:
             if not self._probe.parts:
                 self._probe.add(_clone(self._user_probe, run.root_device), 0)
@@ -328,7 +331,7 @@ class HessianEigenMonitor(Monitor):
                     optimizer,
                     plan,
                     top_k=self.top_k,
-                    solver=self.solver,  # type: ignore[arg-type]
+                    solver=self.solver,  # type: ignore[arg-type]  # validated by _checks.choice
                     max_products=self.max_products,
                     negative_ratio=self.negative_ratio,
                     trace_samples=self.trace_samples,

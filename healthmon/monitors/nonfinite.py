@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -182,31 +183,8 @@ class NonFiniteMonitor(Monitor):
         weight_norms = tensor_norms([p.detach() for p in weights]).tolist() if weights else []
         corrupted_params = [weights[i] for i in nonfinite_indices(weight_norms)]
         corrupted = [driver.params.name(p) for p in corrupted_params] if driver.params else []
-        origin: Origin | None = None
-        unreproduced = ""
         signature = (loss_bad, tuple(names), tuple(corrupted))
-        known = self._diagnosed.get(signature)
-        grads_explained = False
-        if known is not None:
-            for code, message, where, hint in known:  # the same failure again: count it, no replay
-                driver.alert(run, code, message, where=where, hint=hint)
-                grads_explained = grads_explained or code == "grad.nonfinite"
-        elif corrupted_params and self._clean_step == step - 1:
-            self._alert_update(run, corrupted_params, signature, step)
-        elif corrupted_params:
-            pass  # non-finite gradients of an earlier step corrupted them: reported at that step
-        else:
-            trace = self._replay(run)
-            origin = trace.origin if trace is not None else None
-            if trace is not None and trace.loss_finite and trace.grads_finite:
-                unreproduced = (
-                    " A replay of this step from the same batch, weights and RNG state was finite: the "
-                    "NaN/Inf depends on something the replay does not reproduce (a non-deterministic "
-                    "kernel, state changed by the step itself, loss scaling)."
-                )
-            if origin is not None:
-                self._alert_origin(run, origin, names, signature)
-                grads_explained = origin.phase == "backward"
+        origin, unreproduced, grads_explained = self._diagnose(run, step, signature, names, corrupted_params)
         self._write_crash_record(run, stats.loss, names, origin)
         if loss_bad:
             driver.alert(run, "loss.nonfinite", f"The loss is {stats.loss}.{unreproduced}", value=stats.loss)
@@ -223,6 +201,48 @@ class NonFiniteMonitor(Monitor):
                 ),
                 where=names[0] if names else None,
             )
+
+    def _diagnose(
+        self,
+        run: Run,
+        step: int,
+        signature: tuple[Any, ...],
+        names: list[str],
+        corrupted_params: Sequence[torch.Tensor],
+    ) -> tuple[Origin | None, str, bool]:
+        """Explain a non-finite step: a known failure again, a corrupting update, or a replay.
+
+        Returns:
+            The origin found by a replay (or None), a note for the alerts when a replay of the
+            step was finite (else ""), and whether the alerts raised explain the gradients.
+        """
+        driver = self.driver
+        known = self._diagnosed.get(signature)
+        if known is not None:
+            grads_explained = False
+            for code, message, where, hint in known:  # the same failure again: count it, no replay
+                driver.alert(run, code, message, where=where, hint=hint)
+                grads_explained = grads_explained or code == "grad.nonfinite"
+            return None, "", grads_explained
+        if corrupted_params and self._clean_step == step - 1:
+            self._alert_update(run, corrupted_params, signature, step)
+            return None, "", False
+        if corrupted_params:
+            return None, "", False  # non-finite gradients of an earlier step corrupted them: reported then
+        trace = self._replay(run)
+        origin = trace.origin if trace is not None else None
+        unreproduced = ""
+        if trace is not None and trace.loss_finite and trace.grads_finite:
+            unreproduced = (
+                " A replay of this step from the same batch, weights and RNG state was finite: the "
+                "NaN/Inf depends on something the replay does not reproduce (a non-deterministic "
+                "kernel, state changed by the step itself, loss scaling)."
+            )
+        grads_explained = False
+        if origin is not None:
+            self._alert_origin(run, origin, names, signature)
+            grads_explained = origin.phase == "backward"
+        return origin, unreproduced, grads_explained
 
     def _watch_scaler(self, run: Run, stats: GradStep) -> None:
         """Log the loss scale and the skipped steps; alert when the scaler is in trouble."""
@@ -267,7 +287,7 @@ class NonFiniteMonitor(Monitor):
         self._remember(signature, code, message, where, origin.hint)
 
     def _alert_update(
-        self, run: Run, corrupted: list[torch.Tensor], signature: tuple[Any, ...], step: int
+        self, run: Run, corrupted: Sequence[torch.Tensor], signature: tuple[Any, ...], step: int
     ) -> None:
         """The weights are non-finite: name the optimizer step and parameter group that wrote them."""
         driver = self.driver
@@ -322,16 +342,15 @@ class NonFiniteMonitor(Monitor):
                         torch.cuda.set_rng_state_all(rng[1])
                 return run.loss_on(batch, idx)
 
-            with run.replay_context():
-                # manual optimisation steps the optimizer inside training_step: trace its forward only
-                with torch.enable_grad() if automatic else torch.no_grad():
-                    trace = trace_nonfinite(
-                        step,
-                        module=run.model,
-                        batch=batch,
-                        backward=automatic,
-                        source_lines=self._source_lines,
-                    )
+            # manual optimisation steps the optimizer inside training_step: trace its forward only
+            with run.replay_context(), torch.enable_grad() if automatic else torch.no_grad():
+                trace = trace_nonfinite(
+                    step,
+                    module=run.model,
+                    batch=batch,
+                    backward=automatic,
+                    source_lines=self._source_lines,
+                )
             if trace.origin is not None:
                 self._batch_idx = idx
                 break

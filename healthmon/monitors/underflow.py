@@ -269,7 +269,7 @@ class GradientUnderflowMonitor(Monitor):
         if index is None or not params:
             return
         structural = [id(p) in self._structural for p in params]
-        counts = gradient_counts([p.grad for p in params], structural_zeros=structural)  # type: ignore[misc]
+        counts = gradient_counts([p.grad for p in params if p.grad is not None], structural_zeros=structural)
         # per-tensor norms and the loss come from the driver's shared per-step statistics
         stats = driver.grad_step(run, optimizer)
         if stats.skipped:  # overflow the GradScaler handles: these gradients are never applied
@@ -319,8 +319,11 @@ class GradientUnderflowMonitor(Monitor):
 
     # ---- exact zeros between counting steps, from the driver's shared norms -------------------------
     def _whole_zero_from_shared_norms(self, run: Run, optimizer: torch.optim.Optimizer) -> None:
-        """A gradient whose norm is exactly 0 is entirely zero: free, as the per-tensor norms were
-        already fetched for the NaN check, so a layer killed mid-run is reported at once."""
+        """Report tensors whose gradient norm is exactly 0 (entirely zero), between counting steps.
+
+        Free, as the per-tensor norms were already fetched for the NaN check, so a layer killed mid-run
+        is reported at once.
+        """
         driver = self.driver
         stats = driver.grad_step(run, optimizer)
         if stats.skipped:
@@ -330,7 +333,10 @@ class GradientUnderflowMonitor(Monitor):
             return
         if driver.params is None or stats.loss is None or not abs(stats.loss) > self.loss_tolerance:
             return
-        eligible = [id(p) not in self._structural and not p.grad.is_sparse for p in stats.params]  # type: ignore[union-attr]
+        eligible = [
+            id(p) not in self._structural and p.grad is not None and not p.grad.is_sparse
+            for p in stats.params
+        ]
         found = self._zero.judge_norms(
             stats.params,
             stats.per_tensor_host,

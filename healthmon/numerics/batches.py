@@ -27,6 +27,7 @@ def slice_batch(batch: Any, start: int, stop: int) -> Any:
     if isinstance(batch, Tensor):
         return batch[start:stop] if batch.dim() else batch
     if isinstance(batch, Mapping):
+        # the batch's own mapping type (dict, BatchEncoding...): mypy sees only the abstract Mapping
         return type(batch)({k: slice_batch(v, start, stop) for k, v in batch.items()})  # type: ignore[call-arg]
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):
         return type(batch)(*(slice_batch(v, start, stop) for v in batch))

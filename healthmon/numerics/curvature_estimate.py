@@ -136,8 +136,8 @@ def estimate_curvature(
     )
     limit = stability_limit(optimizer) if optimizer is not None else None
     pre = None
-    if limit is not None and limit.kind == "adam" and preconditioned_sharpness:
-        p = adam_preconditioner(optimizer, op.params)  # type: ignore[arg-type]
+    if optimizer is not None and limit is not None and limit.kind == "adam" and preconditioned_sharpness:
+        p = adam_preconditioner(optimizer, op.params)
         if p is not None:
             pre = lanczos(
                 preconditioned(op, p),

@@ -74,6 +74,7 @@ class UnitRecorder:
 
     @property
     def attached(self) -> bool:
+        """Whether the forward hooks are installed."""
         return bool(self._handles)
 
     def attach(self) -> None:
@@ -88,6 +89,7 @@ class UnitRecorder:
         self._handles = []
 
     def clear(self) -> None:
+        """Forget what was recorded since the last :meth:`take`."""
         self.alive = {}
 
     def take(self) -> dict[str, Tensor]:

@@ -83,6 +83,7 @@ class LossLevel:
         self.level = EMA(0.1)
 
     def update(self, loss: float | None) -> None:
+        """Add one optimizer step's loss (None and non-finite values are ignored)."""
         if loss is None or not math.isfinite(loss):
             return
         self.level.update(loss)

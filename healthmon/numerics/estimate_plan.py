@@ -72,17 +72,22 @@ def method_tolerance(tol: float) -> float:
 def select_hvp_method(
     make_operator: Callable[[HVPMethod], HessianOperator], tol: float, generator: torch.Generator | None
 ) -> HVPMethod:
-    """The product method for a run: finite differences only where they agree within
-    :func:`method_tolerance` with the exact product (see :func:`choose_hvp_method`)."""
+    """The product method for a run (see :func:`choose_hvp_method`).
+
+    Finite differences only where they agree within :func:`method_tolerance` with the exact product.
+    """
     return choose_hvp_method(make_operator, rtol=method_tolerance(tol), generator=generator)
 
 
 def early_estimate_affordable(
     step: int, last_cost: float | None, seconds_per_step: float, total_steps: float, early_budget: float
 ) -> bool:
-    """Step 0 always; a later log-spaced estimate when the last one cost at most ``early_budget``
-    of the planned run's training time (a big model on a short run gets its step-0 estimate and
-    then the time budget's)."""
+    """Whether an early (log-spaced) estimate is affordable at ``step``.
+
+    Step 0 always; a later one when the last estimate cost at most ``early_budget`` of the planned
+    run's training time (a big model on a short run gets its step-0 estimate and then the time
+    budget's).
+    """
     if step == 0 or last_cost is None or not math.isfinite(total_steps):
         return True
     planned = seconds_per_step * total_steps

@@ -54,8 +54,11 @@ class MeasuredStep:
 
 
 def in_first_steps(spike: Any, skipped: bool) -> bool:
-    """Whether a step's update size is judged: the spike rule has no running level yet (its
-    warm-up), and the step was not skipped (a step the GradScaler skips has no update)."""
+    """Whether a step's update size is judged.
+
+    It is while the spike rule has no running level yet (its warm-up), unless the step was skipped
+    (a step the GradScaler skips has no update).
+    """
     return spike.seen < spike.warmup and not skipped
 
 
@@ -69,9 +72,11 @@ def measure_step(
     log_ratios: bool,
     judge: bool,
 ) -> MeasuredStep:
-    """What to keep of a step before its update: each parameter's layer (``layer_of`` by ``id``,
-    layer 0 when unknown), sizes, and when judged the per-layer gradient norms combined from
-    the per-tensor ones (host floats)."""
+    """What to keep of a step before its update.
+
+    Each parameter's layer (``layer_of`` by ``id``, layer 0 when unknown), sizes, and when judged
+    the per-layer gradient norms combined from the per-tensor ones (host floats).
+    """
     layer_index = [layer_of.get(id(p), 0) for p in params]
     return MeasuredStep(
         step=step,

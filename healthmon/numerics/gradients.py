@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable, Sequence
+from typing import TypeVar
 
 import torch
 from torch import Tensor
+
+GroupKey = TypeVar("GroupKey", bound=Hashable)  # what per-group norms are keyed by (layer, group index)
 
 
 def dense_values(grad: Tensor) -> Tensor:
@@ -51,7 +54,7 @@ def tensor_norms(tensors: Sequence[Tensor]) -> Tensor:
         return torch.zeros(0)
     if all(t.dtype in _NARROW_FLOATS and t.layout is torch.strided for t in tensors):
         # the common case, checked in one pass: dense real tensors that float32 can accumulate
-        norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
+        norms = torch._foreach_norm(list(tensors), 2, dtype=torch.float32)
         try:
             return torch.stack(norms)
         except RuntimeError:  # tensors on several devices: gather the norms on the first one
@@ -63,13 +66,11 @@ def tensor_norms(tensors: Sequence[Tensor]) -> Tensor:
         norms = torch._foreach_norm(dense, 2, dtype=torch.float32)
     else:  # float64 cannot be narrowed: accumulate everything in float64
         narrow = [i for i, t in enumerate(dense) if t.dtype != torch.float64]
-        norms = [None] * len(dense)
-        for i, n in zip(wide, torch._foreach_norm([dense[i] for i in wide], 2), strict=True):
-            norms[i] = n
+        by_index = dict(zip(wide, torch._foreach_norm([dense[i] for i in wide], 2), strict=True))
         if narrow:
             parts = torch._foreach_norm([dense[i] for i in narrow], 2, dtype=torch.float32)
-            for i, n in zip(narrow, parts, strict=True):
-                norms[i] = n.double()
+            by_index.update((i, n.double()) for i, n in zip(narrow, parts, strict=True))
+        norms = tuple(by_index[i] for i in range(len(dense)))
     device = norms[0].device
     return torch.stack([n if n.device == device else n.to(device) for n in norms])
 
@@ -111,13 +112,13 @@ def combined_norm(norms: Sequence[float]) -> float:
     return math.sqrt(math.fsum(n * n for n in norms))
 
 
-def combined_norms_by_group(norms: Sequence[float], groups: Sequence[Hashable]) -> dict[Hashable, float]:
+def combined_norms_by_group(norms: Sequence[float], groups: Sequence[GroupKey]) -> dict[GroupKey, float]:
     """Per-group L2 norms (layers, parameter groups) from per-tensor norms, on the host.
 
     >>> combined_norms_by_group([3.0, 4.0, 2.0], ["fc1", "fc1", "fc2"])
     {'fc1': 5.0, 'fc2': 2.0}
     """
-    squares: dict[Hashable, float] = {}
+    squares: dict[GroupKey, float] = {}
     for n, g in zip(norms, groups, strict=True):
         squares[g] = squares.get(g, 0.0) + n * n
     return {g: math.sqrt(v) for g, v in squares.items()}

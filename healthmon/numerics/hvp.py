@@ -20,7 +20,7 @@ from torch import Tensor
 HVPMethod = Literal["double_backward", "forward_over_reverse", "finite_differences"]
 LossFn = Callable[[], Tensor]
 
-HVP_METHODS: tuple[str, ...] = ("double_backward", "forward_over_reverse", "finite_differences")
+HVP_METHODS: tuple[HVPMethod, ...] = ("double_backward", "forward_over_reverse", "finite_differences")
 
 # Central differences: truncation error ~ h^2, rounding error ~ eps / h; this relative step
 # (times the weights' norm) balances them for float32 gradients (eps^(1/3) ~ 5e-3, scaled down
@@ -268,7 +268,7 @@ def time_hvp_methods(
     timings: dict[str, float] = {}
     for method in HVP_METHODS:
         try:
-            op = make_operator(method)  # type: ignore[arg-type]
+            op = make_operator(method)
             v = torch.randn(op.n, generator=g).to(dtype=op.dtype, device=op.device)
             op.matvec(v)
             start = time.perf_counter()
@@ -288,7 +288,7 @@ def choose_hvp_method(
     rtol: float = FD_AGREEMENT,
     generator: torch.Generator | None = None,
 ) -> HVPMethod:
-    """ "finite_differences" when it agrees with the exact product on this model, else "double_backward".
+    """Pick "finite_differences" if it agrees with the exact product on this model, else "double_backward".
 
     Central differences cost two plain gradients per product instead of a double backward, and
     are accurate to ~1e-4 on smooth losses; across kinks (ReLU, max-pooling) a perturbation that

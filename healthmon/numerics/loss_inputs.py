@@ -152,12 +152,11 @@ def clamp_source(node: Any) -> str | None:
                 return f"hardtanh/relu6 (min_val={bound:g})"
             return f"clamp(min={bound:g})"
         edges = [n for n, _ in node.next_functions]
-        if name in _SHAPE_NODES and edges:
-            node = edges[0]
-        elif name in _SCALAR_ARITH_NODES and len(edges) == 2 and edges[1] is None:
-            node = edges[0]
-        else:
+        through_shape = name in _SHAPE_NODES and edges
+        through_scalar_arith = name in _SCALAR_ARITH_NODES and len(edges) == 2 and edges[1] is None
+        if not (through_shape or through_scalar_arith):
             return None
+        node = edges[0]
     return None
 
 

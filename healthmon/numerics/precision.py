@@ -44,10 +44,12 @@ class DtypeFacts:
 
     @property
     def has_subnormals(self) -> bool:
+        """Whether the dtype has numbers below ``smallest_normal`` (subnormals)."""
         return self.smallest_subnormal < self.smallest_normal
 
     @property
     def flush_threshold(self) -> float:
+        """Magnitudes at or below this round to zero when cast to the dtype."""
         return self.smallest_subnormal / 2
 
 

@@ -80,8 +80,11 @@ class ProbeBatch:
     def losses(
         self, step_fn: Callable[[Any, int], Any], chunk_size: int | None, before: Callable[[], None]
     ) -> list[tuple[Callable[[], Tensor], float]]:
-        """``(loss_fn, weight)`` per chunk: ``loss_fn()`` calls ``before()`` (e.g. restore the RNG
-        state) then ``step_fn(chunk, batch_idx)`` and returns its loss (see :func:`loss_of`)."""
+        """The ``(loss_fn, weight)`` pair of each chunk.
+
+        ``loss_fn()`` calls ``before()`` (e.g. restore the RNG state) then ``step_fn(chunk, batch_idx)``
+        and returns its loss (see :func:`loss_of`).
+        """
 
         def closure(chunk: Any, idx: int) -> Callable[[], Tensor]:
             def loss() -> Tensor:

@@ -49,10 +49,12 @@ class SpectrumEstimate:
 
     @property
     def lambda_max(self) -> float:
+        """The largest Hessian eigenvalue estimated."""
         return self.top.eigenvalues[0]
 
     @property
     def lambda_min(self) -> float | None:
+        """The most negative Hessian eigenvalue estimated, or None when it was not asked for."""
         return None if self.bottom is None else self.bottom.eigenvalues[0]
 
     @property

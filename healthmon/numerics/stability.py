@@ -93,7 +93,7 @@ def adam_preconditioner(optimizer: torch.optim.Optimizer, params: Sequence[Tenso
     for p in params:
         group, state = hyper.get(id(p)), optimizer.state.get(p, {})
         v = state.get("max_exp_avg_sq", state.get("exp_avg_sq")) if group is not None else None
-        if v is None or "step" not in state:
+        if group is None or v is None or "step" not in state:
             parts.append(torch.full((p.numel(),), math.inf, dtype=p.dtype, device=p.device))
             continue
         seen = True
@@ -104,14 +104,17 @@ def adam_preconditioner(optimizer: torch.optim.Optimizer, params: Sequence[Tenso
     return torch.cat(parts) if seen else None
 
 
+class _Preconditioned:
+    """``v -> d * H(d * v)``, with the ``n``, ``dtype`` and ``device`` the solvers read off an operator."""
+
+    def __init__(self, matvec: MatVec, d: Tensor) -> None:
+        self.matvec, self.d = matvec, d
+        self.n, self.dtype, self.device = d.numel(), d.dtype, d.device
+
+    def __call__(self, v: Tensor) -> Tensor:
+        return self.d * self.matvec(self.d * v)
+
+
 def preconditioned(matvec: MatVec, precond: Tensor) -> MatVec:
     """``v -> P^-1/2 H P^-1/2 v``: symmetric, with the eigenvalues of ``P^-1 H``."""
-    d = precond.rsqrt()
-
-    def op(v: Tensor) -> Tensor:
-        return d * matvec(d * v)
-
-    op.n = precond.numel()  # type: ignore[attr-defined]
-    op.dtype = precond.dtype  # type: ignore[attr-defined]
-    op.device = precond.device  # type: ignore[attr-defined]
-    return op
+    return _Preconditioned(matvec, precond.rsqrt())

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 from healthmon._checks import positive_int
 from healthmon.numerics.eigensolvers import MatVec, operator_facts
@@ -21,7 +22,11 @@ class TraceEstimate:
 
 
 def hutchinson_trace(
-    matvec: MatVec, *, num_samples: int = 10, n: int | None = None, generator: torch.Generator | None = None
+    matvec: MatVec | Tensor,
+    *,
+    num_samples: int = 10,
+    n: int | None = None,
+    generator: torch.Generator | None = None,
 ) -> TraceEstimate:
     """Hutchinson's unbiased estimate ``mean_i z_i^T H z_i`` of ``tr(H)``, Rademacher ``z_i``.
 

@@ -24,6 +24,7 @@ class EMA:
     value: float | None = None
 
     def update(self, x: float) -> float:
+        """Fold ``x`` into the average and return the new value."""
         self.value = x if self.value is None else self.value + self.alpha * (x - self.value)
         return self.value
 
@@ -285,8 +286,10 @@ class DivergenceRule:
         return _median(self.early[: self.baseline_steps])
 
     def update(self, loss: float, norm: float | None = None) -> str | None:
-        """Feed one loss (and the step's gradient norm); returns a reason ("blew up ..." /
-        "rose steadily ...") or None."""
+        """Feed one loss (and the step's gradient norm); returns a reason or None.
+
+        The reason reads "blew up ..." or "rose steadily ...".
+        """
         if not _finite(loss):
             return None
         self.seen += 1

@@ -45,7 +45,7 @@ TOTAL, ZEROS, SUBNORMAL, FLUSHED = 0, 1, 2, 3
 _NATIVE_FOREACH = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _count(indicators: list[Tensor], acc: torch.dtype | None) -> Tensor:
+def _count(indicators: list[Tensor] | tuple[Tensor, ...], acc: torch.dtype | None) -> Tensor:
     """Number of ones in each 0/1 tensor: round(||t||_2 ** 2) (NaN when the tensor holds NaN)."""
     return torch.stack(torch._foreach_norm(indicators, 2, dtype=acc)).double().square().round()
 

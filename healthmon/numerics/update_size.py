@@ -123,6 +123,7 @@ class UpdateSampler:
 
     @property
     def armed(self) -> bool:
+        """Whether weights were sampled by :meth:`before` (:meth:`update_norms` has a reference)."""
         return bool(self._params)
 
 
@@ -181,13 +182,13 @@ def judge_update_sizes(
     Layers with a non-finite value are left to the non-finite checks.
     """
     found = []
-    loss_known = loss is not None and math.isfinite(loss) and loss != 0.0
+    loss_size = abs(loss) if loss is not None and math.isfinite(loss) and loss != 0.0 else None
     for name, du, w, g, n in zip(layers, update_norms, weight_norms, grad_norms, numels, strict=True):
         if n <= 0 or not all(map(math.isfinite, (du, w, g))):
             continue
         scale = max(w, weight_rms_floor * math.sqrt(n))
         rewritten = du > ratio_limit * scale
-        sensitivity = g * w / abs(loss) if loss_known else None  # type: ignore[arg-type]
+        sensitivity = g * w / loss_size if loss_size is not None else None
         exploded = sensitivity is not None and sensitivity > sensitivity_limit
         if rewritten or exploded:
             ratio = du / w if w > 0 else math.inf

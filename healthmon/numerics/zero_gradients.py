@@ -65,11 +65,9 @@ class StationaryWatch:
 
 
 class ZeroStreaks:
-    """Consecutive checked steps, with an optimizer update between each two, on which a tensor's
-    gradient was zero.
+    """Per tensor, the streak of checked steps on which its gradient was zero.
 
-    Args:
-        steps: zero steps needed before a tensor is reported.
+    A streak counts consecutive checked steps, with an optimizer update between each two.
     """
 
     def __init__(self, steps: int) -> None:
@@ -90,8 +88,11 @@ class ZeroStreaks:
         return count
 
     def judge(self, keys: Sequence[Hashable], hits: Sequence[int], updates: int) -> list[int]:
-        """Of the tensors ``keys`` checked this step, ``hits`` (positions) are zero: those whose
-        streak reached :attr:`steps`. Every other checked tensor's streak ends."""
+        """Positions in ``hits`` whose zero streak reached :attr:`steps`.
+
+        ``keys``: the tensors checked this step; ``hits``: the positions of those that are zero. Every
+        other checked tensor's streak ends.
+        """
         hit_keys = {keys[i] for i in hits}
         self.end(k for k in keys if k not in hit_keys)
         return [i for i in hits if self.observe(keys[i], updates) >= self.steps]
@@ -169,8 +170,11 @@ class ZeroGradientRule:
         loss: float,
         name_of: Callable[[Tensor], str],
     ) -> Finding | None:
-        """The tensors ``params`` checked this step (their zero and total entry counts; ``judged``
-        False where zeros are legitimate): ``grad.zero`` if some stayed zero long enough."""
+        """Judge the tensors ``params`` checked this step: ``grad.zero`` if some stayed zero long enough.
+
+        ``zeros`` and ``totals`` are their zero and total entry counts; ``judged`` is False where zeros
+        are legitimate.
+        """
         hits = self.streaks.judge(
             [id(p) for p in params], zero_hits(zeros, totals, judged, self.fraction), updates
         )

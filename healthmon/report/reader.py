@@ -82,7 +82,10 @@ def load_runs(path: str) -> list[RunAlerts]:
         raise ReportError(f"{path}: no such file or directory")
     if os.path.isfile(path):
         if is_event_file(path):
-            return [_from_event_files(os.path.dirname(path) or ".", [path])]
+            run = _from_event_files(os.path.dirname(path) or ".", [path])
+            if run is None:
+                raise ReportError(f"{path}: no healthmon data in its event files")
+            return [run]
         return [_from_report(path)]
     runs: list[RunAlerts] = []
     saw_events = False

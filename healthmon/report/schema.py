@@ -122,11 +122,8 @@ def alert_from_record(record: Any, field: str = "alert") -> Alert:
     return Alert.from_dict(record)
 
 
-def validate_report(data: Any, *, schema: str, version: int) -> dict[str, Any]:
-    """Check a decoded report field by field; returns it with ``alerts`` as :class:`Alert` objects.
-
-    ``schema`` and ``version`` are what this healthmon reads (a newer version is refused).
-    """
+def _check_header(data: Any, schema: str, version: int) -> None:
+    """A JSON object with this ``schema``, a version this healthmon reads, and a ``run``."""
     if not isinstance(data, dict):
         raise SchemaError("(top level)", data, "a JSON object")
     if data.get("schema") != schema:
@@ -135,23 +132,31 @@ def validate_report(data: Any, *, schema: str, version: int) -> dict[str, Any]:
         raise SchemaError("version", data.get("version"), f"a report version from 1 to {version}")
     if "run" not in data:
         raise SchemaError("run", None, "an object", missing=True)
+
+
+def _check_values(data: dict[str, Any], name: str, check: Check, expected: str) -> None:
+    """``data[name]`` (absent: empty) is an object whose every value passes ``check``."""
+    values = data.get(name, {})
+    if not isinstance(values, dict):
+        raise SchemaError(name, values, "an object")
+    for key, value in values.items():
+        if not check(value):
+            raise SchemaError(f"{name}.{key}", value, expected)
+
+
+def validate_report(data: Any, *, schema: str, version: int) -> dict[str, Any]:
+    """Check a decoded report field by field; returns it with ``alerts`` as :class:`Alert` objects.
+
+    ``schema`` and ``version`` are what this healthmon reads (a newer version is refused).
+    """
+    _check_header(data, schema, version)
     _check_fields(data["run"], "run", RUN_FIELDS)
     if "config" in data and not isinstance(data["config"], dict):
         raise SchemaError("config", data["config"], "an object")
     if "dropped_alerts" in data and not _is_count(data["dropped_alerts"]):
         raise SchemaError("dropped_alerts", data["dropped_alerts"], COUNT[1])
-    counts = data.get("counts", {})
-    if not isinstance(counts, dict):
-        raise SchemaError("counts", counts, "an object")
-    for name, n in counts.items():
-        if not _is_count(n):
-            raise SchemaError(f"counts.{name}", n, COUNT[1])
-    last = data.get("last", {})
-    if not isinstance(last, dict):
-        raise SchemaError("last", last, "an object")
-    for tag, v in last.items():
-        if not _is_number(v):
-            raise SchemaError(f"last.{tag}", v, "a number")
+    _check_values(data, "counts", _is_count, COUNT[1])
+    _check_values(data, "last", _is_number, "a number")
     if "alerts" not in data:
         raise SchemaError("alerts", None, "a list of alert records", missing=True)
     alerts = data["alerts"]

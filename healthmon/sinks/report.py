@@ -28,7 +28,7 @@ CRASH_NAME = "healthmon_crash.json"
 
 
 def _readable_like_a_new_file(path: str) -> None:
-    """mkstemp creates 0600 files; give the result the permissions a plain open() would."""
+    """Give ``path`` the permissions a plain open() would (mkstemp creates 0600 files)."""
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)

@@ -56,8 +56,10 @@ class TensorBoardSink:
 
     @classmethod
     def standalone(cls, target: Any) -> TensorBoardSink:
-        """A sink without a Trainer: through ``target``, a ``SummaryWriter`` the user holds (flushed,
-        never closed, by healthmon), or into a new ``SummaryWriter`` writing to the folder ``target``.
+        """A sink without a Trainer, through or into ``target``.
+
+        ``target`` is a ``SummaryWriter`` the user holds (flushed, never closed, by healthmon), or the
+        folder a new ``SummaryWriter`` writes to.
         """
         sink = cls.__new__(cls)
         sink.other_loggers = []
@@ -85,7 +87,7 @@ class TensorBoardSink:
             logger.log_metrics(dict(values), step)
 
     def _file_writer(self) -> Any:
-        """torch's SummaryWriter's event writer (it accepts tensorboard's own Summary protos)."""
+        """Return the event writer of torch's SummaryWriter (it accepts tensorboard's own Summary protos)."""
         if not isinstance(self.writer, TorchSummaryWriter):
             return None
         return self.writer._get_file_writer()
@@ -98,6 +100,7 @@ class TensorBoardSink:
             self.writer.add_histogram(tag, values, step)
 
     def text(self, tag: str, text: str, step: int) -> None:
+        """Write a text entry (markdown, in TensorBoard's TEXT tab)."""
         self.writer.add_text(tag, text, step)
 
     def layout(self, layout: Mapping[str, Mapping[str, list[Any]]]) -> None:
@@ -106,9 +109,11 @@ class TensorBoardSink:
             self.writer.add_custom_scalars({k: dict(v) for k, v in layout.items()})
 
     def flush(self) -> None:
+        """Write pending events to disk."""
         self.writer.flush()
 
     def close(self) -> None:
+        """Flush, and close the writer if this sink opened it."""
         self.flush()
         if self.owns_writer:
             self.writer.close()

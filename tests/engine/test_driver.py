@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -108,7 +109,7 @@ def test_the_points_of_a_step_in_order(tmp_path: Any) -> None:
 def test_the_report_and_event_files(tmp_path: Any) -> None:
     driver = Driver([Recorder()], AlertPolicy("warn"), print_summary=False)
     loop(driver, _run(tmp_path), steps=3)
-    report = json.load(open(os.path.join(str(tmp_path), "healthmon_report.json")))
+    report = json.loads(Path(os.path.join(str(tmp_path), "healthmon_report.json")).read_text())
     assert report["run"]["status"] == "completed" and report["alerts"] == []
     acc = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
     acc.Reload()

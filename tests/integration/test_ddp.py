@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -31,7 +32,7 @@ def _launch(out: str, mode: str) -> dict[int, dict[str, Any]]:
         assert os.path.exists(path), (
             f"rank {rank} wrote no result; rc={proc.returncode}\n{proc.stderr[-3000:]}"
         )
-        results[rank] = json.load(open(path))
+        results[rank] = json.loads(Path(path).read_text())
     return results
 
 
@@ -71,7 +72,7 @@ def test_alert_on_one_rank_stops_every_rank_and_reaches_rank_0(tmp_path: Any) ->
     assert all(r["weights_finite"] for r in results.values())
     rank0 = {a["code"]: a for a in results[0]["alerts"]}
     assert "loss.nonfinite" in rank0 and "[rank 1]" in rank0["loss.nonfinite"]["message"]
-    report = json.load(open(results[0]["report_path"]))
+    report = json.loads(Path(results[0]["report_path"]).read_text())
     assert "loss.nonfinite" in {a["code"] for a in report["alerts"]}
     assert report["run"]["status"] == "stopped" and report["run"]["world_size"] == 2
 

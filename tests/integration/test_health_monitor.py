@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -57,7 +58,7 @@ def test_healthy_run_raises_nothing_and_logs_the_documented_tags(tmp_path: Any) 
     # and the user's own metrics sit in the same event files
     assert "train_loss" in tags
     assert tags["healthmon/loss"][10] == pytest.approx(tags["train_loss"][10], rel=1e-6)
-    report = json.load(open(mon.report_path))
+    report = json.loads(Path(mon.report_path).read_text())
     assert report["schema"] == "healthmon.report" and report["run"]["status"] == "completed"
     assert report["run"]["global_step"] == 60 and report["counts"]["error"] == 0
 
@@ -126,7 +127,9 @@ def test_gradient_accumulation_measures_the_accumulated_gradient(tmp_path: Any) 
 
 INJECT_LINE = next(
     i
-    for i, line in enumerate(open(os.path.join(os.path.dirname(__file__), "..", "models.py")), 1)
+    for i, line in enumerate(
+        Path(os.path.join(os.path.dirname(__file__), "..", "models.py")).read_text().splitlines(), 1
+    )
     if 'output * float("nan")' in line
 )
 
@@ -145,11 +148,11 @@ def test_nan_in_forward_names_the_module_and_stop_keeps_weights_finite(tmp_path:
     assert {"loss.nonfinite", "grad.nonfinite"} <= set(codes)
     assert t.global_step <= 6 and t.should_stop
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
-    crash = json.load(open(os.path.join(t.logger.log_dir, "healthmon_crash.json")))
+    crash = json.loads(Path(os.path.join(t.logger.log_dir, "healthmon_crash.json")).read_text())
     assert crash["global_step"] == 5 and crash["first_nonfinite_module"].startswith("net.2")
     assert crash["origin"]["where"] == f"tests/models.py:{INJECT_LINE}"
     assert "net.0.weight" in crash["nonfinite_gradients"] and crash["batch_idx"] == 5
-    report = json.load(open(mon.report_path))
+    report = json.loads(Path(mon.report_path).read_text())
     assert report["run"]["status"] == "stopped"
 
 
@@ -163,7 +166,7 @@ def test_raise_policy_raises_inside_fit_before_the_step(tmp_path: Any) -> None:
     assert alert.code == "activation.nonfinite" and alert.where == f"tests/models.py:{INJECT_LINE}"
     assert "in net.0 (Linear)" in alert.message
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
-    report = json.load(open(mon.report_path))
+    report = json.loads(Path(mon.report_path).read_text())
     assert report["run"]["status"] == "exception" and "NumericalHealthError" in report["run"]["error"]
 
 
@@ -229,7 +232,8 @@ def test_without_tensorboard_logger_writes_own_event_files(tmp_path: Any) -> Non
     assert "healthmon/grad/norm" in _scalars(own)
     assert mon.report_path == os.path.join(own, "healthmon_report.json")
     metrics_csv = glob.glob(os.path.join(str(tmp_path), "csv", "*", "metrics.csv"))[0]
-    assert "healthmon/grad/norm" in open(metrics_csv).readline()  # other loggers get log_metrics
+    header = Path(metrics_csv).read_text().splitlines()[0]
+    assert "healthmon/grad/norm" in header  # other loggers get log_metrics
 
 
 def test_custom_scalars_layout_and_alert_text_are_in_the_event_files(tmp_path: Any) -> None:

@@ -1,5 +1,7 @@
-"""Manual optimisation with two optimizers (a GAN): each optimizer step has its own loss, norms and
-trend rules."""
+"""Manual optimisation with two optimizers (a GAN).
+
+Each optimizer step has its own loss, norms and trend rules.
+"""
 
 from __future__ import annotations
 
@@ -22,8 +24,11 @@ from healthmon.numerics.trends import rule_state
 
 
 class GAN(pl.LightningModule):
-    """A tiny GAN on a 2-D mixture of four Gaussians; records each optimizer step's loss and the
-    brute-force norm of that optimizer's gradients (Lightning counts each step as a global step)."""
+    """A tiny GAN on a 2-D mixture of four Gaussians.
+
+    Records each optimizer step's loss and the brute-force norm of that optimizer's gradients
+    (Lightning counts each step as a global step).
+    """
 
     def __init__(self) -> None:
         super().__init__()

@@ -79,7 +79,9 @@ def test_weights_and_buffers_are_bit_identical_with_every_monitor_on(tmp_path: A
 
 
 class MixupWithMetrics(pl.LightningModule):
-    """Mixup drawn from NumPy and Python's ``random``, a torchmetrics accuracy updated by
+    """A recipe with host randomness, torchmetrics and ``self.log``.
+
+    Mixup drawn from NumPy and Python's ``random``, a torchmetrics accuracy updated by
     ``forward``, ``self.log(on_step=True, on_epoch=True)`` (also a ``log_dict`` and a call through
     the class that a patched ``self.log`` does not see, and a direct ``self.logger.log_metrics``), a
     list of step outputs, BatchNorm, dropout.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -48,7 +49,7 @@ def test_resume_reports_alerts_once_and_continues_trends(tmp_path: Any) -> None:
     assert gn.divergence.baseline == initial_loss
     for rule in ("spike", "collapse", "divergence", "opposing"):  # trends continue, not restart
         assert rule_state(getattr(gn, rule)) == rule_state(getattr(ref, rule)), rule
-    report = json.load(open(resumed.report_path))
+    report = json.loads(Path(resumed.report_path).read_text())
     assert report["run"]["global_step"] == 30
     assert [(a["code"], a["where"]) for a in report["alerts"]] == codes
     # the same alerts (and first steps) as the run that was never interrupted

@@ -1,11 +1,14 @@
-"""Monitors attached to a Trainer on their own share one driver: one report with every monitor's
-alerts, one policy, gradient statistics computed once."""
+"""Monitors attached to a Trainer on their own share one driver.
+
+One report with every monitor's alerts, one policy, gradient statistics computed once.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import warnings
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -30,7 +33,7 @@ def fit(tmp_path: Any, callbacks: list[Any], *, max_steps: int = 20, **kwargs: A
 
 
 def report_codes(path: str) -> list[str]:
-    return [a["code"] for a in json.load(open(path))["alerts"]]
+    return [a["code"] for a in json.loads(Path(path).read_text())["alerts"]]
 
 
 @pytest.mark.parametrize("logits_first", [True, False], ids=["logits-first", "norms-first"])
@@ -42,7 +45,7 @@ def test_softmax_into_cross_entropy_fails_ci_with_two_standalone_monitors(
     assert logits.driver is norms.driver and [logits.drives, norms.drives].count(True) == 1
     assert logits.report_path == norms.report_path == os.path.join(t.logger.log_dir, "healthmon_report.json")
     assert "logits.probabilities" in report_codes(logits.report_path)
-    assert "healthmon/grad/norm" in json.load(open(logits.report_path))["last"]
+    assert "healthmon/grad/norm" in json.loads(Path(logits.report_path).read_text())["last"]
     assert cli(["check", t.logger.log_dir, "--fail-on", "error"]) == 1
     assert "logits.probabilities" in capsys.readouterr().out
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,7 +31,7 @@ def test_stop_leaves_finite_checkpoints_and_a_valid_report(tmp_path: Any) -> Non
     for path in checkpoints:
         state = torch.load(path, weights_only=False)["state_dict"]
         assert all(bool(torch.isfinite(v).all()) for v in state.values()), path
-    report = json.load(open(mon.report_path))
+    report = json.loads(Path(mon.report_path).read_text())
     assert report["run"]["status"] == "stopped" and report["run"]["global_step"] == 13
     assert {"activation.nonfinite", "loss.nonfinite", "grad.nonfinite"} <= {
         a["code"] for a in report["alerts"]

@@ -1,5 +1,7 @@
-"""healthmon.watch in a Lightning Fabric loop (fabric.backward, fabric.clip_gradients, DDP):
-the Lightning tests' bugs and codes, the user's parameter names, outputs and the observer effect."""
+"""healthmon.watch in a Lightning Fabric loop (fabric.backward, fabric.clip_gradients, DDP).
+
+The Lightning tests' bugs and codes, the user's parameter names, outputs and the observer effect.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -48,8 +51,11 @@ def fabric_loop(
     data: Any = None,
     max_norm: float | None = None,
 ) -> tuple[Any, nn.Module, list[float], list[float]]:
-    """A Fabric loop as a user writes it, watched with ``watch`` (healthmon.watch's keyword
-    arguments; None: not watched). Returns (the watch, the model, losses, clip_gradients' totals)."""
+    """A Fabric loop as a user writes it, watched with ``watch`` (None: not watched).
+
+    ``watch``: healthmon.watch's keyword arguments. Returns (the watch, the model, losses,
+    clip_gradients' totals).
+    """
     fabric = fabric or Fabric(accelerator="cpu", devices=1)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     model, optimizer = fabric.setup(model, optimizer)
@@ -98,7 +104,7 @@ def test_healthy_fabric_run_with_clip_gradients(tmp_path: Any) -> None:
     for step in (0, 10, 250):  # checked inside clip_gradients, before clipping
         assert tags["healthmon/loss"][step] == pytest.approx(losses[step], rel=1e-6)
         assert tags["healthmon/grad/norm"][step] == pytest.approx(totals[step], rel=1e-5)
-    report = json.load(open(hm.report_path))
+    report = json.loads(Path(hm.report_path).read_text())
     assert report["run"]["status"] == "completed" and report["config"]["loop"]["integration"] == "fabric"
     assert cli(["check", str(tmp_path)]) == 0
 
@@ -219,7 +225,7 @@ def test_ddp_under_fabric_norms_stop_and_raise(tmp_path: Any) -> None:
             assert os.path.exists(path), (
                 f"{mode} rank {rank}: no result; rc={proc.returncode}\n{proc.stderr[-3000:]}"
             )
-            results[mode, rank] = json.load(open(path))
+            results[mode, rank] = json.loads(Path(path).read_text())
     # norms: the user's names, only rank 0 writes, the same norms as one process on the global batch
     norms0, norms1 = results["norms", 0], results["norms", 1]
     assert norms0["names"] == ["0.bias", "0.weight", "2.bias", "2.weight"] and norms0["world_size"] == 2
@@ -247,7 +253,7 @@ def test_ddp_under_fabric_norms_stop_and_raise(tmp_path: Any) -> None:
     assert stop0["weights_finite"] and stop1["weights_finite"]
     rank0 = {a["code"]: a for a in stop0["alerts"]}
     assert "loss.nonfinite" in rank0 and "[rank 1]" in rank0["loss.nonfinite"]["message"]
-    report = json.load(open(stop0["report_path"]))
+    report = json.loads(Path(stop0["report_path"]).read_text())
     assert report["run"]["status"] == "stopped" and report["run"]["world_size"] == 2
     # raise: every rank raises, none hangs
     assert results["raise", 1]["raised"] == "activation.nonfinite"

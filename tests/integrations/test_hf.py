@@ -113,8 +113,11 @@ def test_healthy_run_with_accumulation(tmp_path: Any) -> None:
 
 
 class NoLossKwargsGPT2(GPT2LMHeadModel):
-    """A model whose forward takes no ``num_items_in_batch``: the Trainer divides its loss by the
-    micro-batches of the step itself (fewer in the last step of an epoch)."""
+    """A model whose forward takes no ``num_items_in_batch``.
+
+    The Trainer divides its loss by the micro-batches of the step itself (fewer in the last step of
+    an epoch).
+    """
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> Any:
         return super().forward(input_ids=input_ids, labels=labels)
@@ -200,8 +203,11 @@ def test_raise_writes_the_report(tmp_path: Any) -> None:
 
 
 def lightning_codes(root: Any, lr: float, steps: int) -> set[str]:
-    """The warning and error codes ``HealthMonitor`` gives the same model, data and schedule under
-    Lightning (the Trainer's defaults: AdamW without weight decay, linear warm-up, clipping at 1)."""
+    """The warning and error codes ``HealthMonitor`` gives the same run under Lightning.
+
+    The same model, data and schedule; the Trainer's defaults: AdamW without weight decay, linear
+    warm-up, clipping at 1.
+    """
     import pytorch_lightning as pl
     from torch.utils.data import DataLoader
 

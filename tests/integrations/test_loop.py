@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -54,7 +55,7 @@ def test_healthy_run_has_no_alert_and_writes_report_tags_and_check(tmp_path: Any
         losses = train(hm, opt, classify(model), 260)
     assert serious(hm) == [] and hm.global_step == 260
     assert hm.monitor(HessianEigenMonitor).estimates >= 1  # type: ignore[union-attr]
-    report = json.load(open(hm.report_path))  # type: ignore[arg-type]
+    report = json.loads(Path(hm.report_path).read_text())  # type: ignore[arg-type]
     assert report["run"]["status"] == "completed" and report["run"]["global_step"] == 260
     assert report["config"]["loop"]["integration"] == "pytorch"
     tags = scalars(str(tmp_path / "run"))
@@ -91,9 +92,11 @@ def test_a_users_summary_writer_gets_the_charts_and_stays_open(tmp_path: Any) ->
 def test_softmax_into_cross_entropy(tmp_path: Any) -> None:
     model = mlp(softmax=True)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    with pytest.warns(UserWarning, match="logits.probabilities"):
-        with healthmon.watch(model, opt, log_dir=tmp_path, summary=False) as hm:
-            train(hm, opt, classify(model), 10)
+    with (
+        pytest.warns(UserWarning, match="logits.probabilities"),
+        healthmon.watch(model, opt, log_dir=tmp_path, summary=False) as hm,
+    ):
+        train(hm, opt, classify(model), 10)
     alert = next(a for a in hm.alerts if a.code == "logits.probabilities")
     assert alert.severity == "error"
     assert cli(["check", str(tmp_path)]) != 0
@@ -114,7 +117,7 @@ def test_nan_from_log_of_zero_is_named_at_the_users_line(tmp_path: Any) -> None:
     assert len(found) == 1, [a.line() for a in hm.alerts]
     assert found[0].where == line_of(__file__, "log")
     assert hm.should_stop and all(torch.isfinite(p).all() for p in model.parameters())
-    assert json.load(open(hm.report_path))["run"]["status"] == "stopped"  # type: ignore[arg-type]
+    assert json.loads(Path(hm.report_path).read_text())["run"]["status"] == "stopped"  # type: ignore[arg-type]
 
 
 def test_learning_rate_100x_too_high_diverges(tmp_path: Any) -> None:
@@ -208,7 +211,7 @@ def test_gradients_ready_measures_before_clipping(tmp_path: Any) -> None:
 def test_gradient_accumulation_counts_optimizer_steps(tmp_path: Any) -> None:
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    kw = dict(log_dir=tmp_path, summary=False, log_every_n_steps=1, accumulate_grad_batches=3)
+    kw = {"log_dir": tmp_path, "summary": False, "log_every_n_steps": 1, "accumulate_grad_batches": 3}
     with healthmon.watch(model, opt, **kw) as hm:
         losses = train(hm, opt, classify(model), 4, accumulate=3)
     assert hm.global_step == 4 and serious(hm) == []
@@ -273,8 +276,11 @@ def test_weights_and_buffers_are_bit_identical_with_every_monitor_on(tmp_path: A
 
 # ---- policies, lifecycle, arguments ---------------------------------------------------------------
 def nan_from_step(model: nn.Module, step: int, watch: dict[str, Any]) -> Any:
-    """A loss that turns NaN from optimizer step ``step`` on (read from the watch, like a
-    LightningModule reads ``self.global_step``: replays of earlier steps stay finite)."""
+    """A loss that turns NaN from optimizer step ``step`` on.
+
+    The step is read from the watch, like a LightningModule reads ``self.global_step``: replays of
+    earlier steps stay finite.
+    """
 
     def loss_fn(batch: Any) -> torch.Tensor:
         x, y = batch
@@ -290,13 +296,18 @@ def test_raise_policy_raises_from_the_step_and_reports_the_exception(tmp_path: A
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     holder: dict[str, Any] = {}
-    with pytest.raises(NumericalHealthError) as info:
+
+    def watched_training() -> None:
         with healthmon.watch(model, opt, log_dir=tmp_path, on_alert="raise", summary=False) as hm:
             holder["hm"] = hm
             train(hm, opt, nan_from_step(model, 2, holder), 6)
+
+    with pytest.raises(NumericalHealthError) as info:
+        watched_training()
+    hm = holder["hm"]
     assert info.value.alert.step == 2 and info.value.alert.where == line_of(__file__, "nan")
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    report = json.load(open(hm.report_path))  # type: ignore[arg-type]
+    report = json.loads(Path(hm.report_path).read_text())
     assert report["run"]["status"] == "exception"
     assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
 
@@ -406,7 +417,7 @@ def test_amp_with_a_grad_scaler_is_bit_identical_with_and_without_the_watch(tmp_
         def clip(model: nn.Module = model) -> None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
 
-        kw = dict(log_dir=tmp_path / str(watched), monitors=every_check_every_step(), summary=False)
+        kw = {"log_dir": tmp_path / str(watched), "monitors": every_check_every_step(), "summary": False}
         hm = healthmon.watch(model, opt, scaler=scaler, **kw) if watched else None
         train(hm, opt, loss_fn, 12, data=batches(seed=3), scaler=scaler, clip=clip)
         if hm is not None:

@@ -1,11 +1,15 @@
-"""fp16 mixed precision with a real GradScaler that really overflows: the scaler working is not an
-alert, a scaler in trouble is, and the logged loss is the loss ``training_step`` returned."""
+"""fp16 mixed precision with a real GradScaler that really overflows.
+
+The scaler working is not an alert, a scaler in trouble is, and the logged loss is the loss
+``training_step`` returned.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import warnings
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,9 +29,12 @@ def fp16() -> MixedPrecision:
 
 
 class SummedLoss(DigitsClassifier):
-    """Cross-entropy summed over the batch, times ``factor``: at the scaler's initial scale 2**16
-    its float16 gradients overflow until the scale has backed off (with a huge ``factor``, at
-    every scale). Records what ``training_step`` returned and brute-force gradient facts."""
+    """Cross-entropy summed over the batch, times ``factor``.
+
+    At the scaler's initial scale 2**16 its float16 gradients overflow until the scale has backed
+    off (with a huge ``factor``, at every scale). Records what ``training_step`` returned and
+    brute-force gradient facts.
+    """
 
     def __init__(self, factor: float, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -75,7 +82,7 @@ def test_overflowing_scaler_is_healthy_and_logs_the_users_loss(tmp_path: Any) ->
     assert t.global_step == 120 and not t.should_stop
     assert not os.path.exists(os.path.join(t.logger.log_dir, "healthmon_crash.json"))
     assert mon.monitor(NonFiniteMonitor).replays == 0  # no replay of the batch either
-    assert json.load(open(mon.report_path))["run"]["status"] == "completed"
+    assert json.loads(Path(mon.report_path).read_text())["run"]["status"] == "completed"
     tags = scalars(t.logger.log_dir)
     # the logged loss is what training_step returned (not scale x loss), skipped steps included
     assert tags["healthmon/loss"] == model.returned

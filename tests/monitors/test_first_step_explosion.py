@@ -194,7 +194,7 @@ def test_judge_update_sizes_limits_and_floors() -> None:
 
 
 def test_a_learning_rate_too_large_for_an_mlp_says_so(tmp_path: Any) -> None:
-    """lr 10 with SGD momentum on digits (the quickstart's sick run): an ordinary gradient, a huge step."""
+    """At lr 10 with SGD momentum on digits (the quickstart's sick run): an ordinary gradient, a huge step."""
     torch.manual_seed(0)
     model = DigitsClassifier(hidden=(64, 64), lr=10.0, momentum=0.9)
     mon = HealthMonitor(summary=False)

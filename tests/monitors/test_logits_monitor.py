@@ -164,10 +164,7 @@ class _NLLClassifier(DigitsClassifier):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
         scores = self(x)
-        if self.log_softmax:
-            loss = F.nll_loss(F.log_softmax(scores, dim=1), y)
-        else:
-            loss = F.nll_loss(scores, y)
+        loss = F.nll_loss(F.log_softmax(scores, dim=1), y) if self.log_softmax else F.nll_loss(scores, y)
         self.log("train_loss", loss)
         return loss
 

@@ -272,8 +272,10 @@ def test_float16_adam_with_a_representable_eps_is_healthy(tmp_path: Any) -> None
 
 
 class EveryStepDistance(DistanceToCentre):
-    """The same bug at every step, with the gradients sanitised after healthmon saw them (weights stay "
-    "finite)."""
+    """The same bug at every step, with the gradients sanitised after healthmon saw them.
+
+    The weights stay finite.
+    """
 
     def on_before_optimizer_step(self, optimizer: Any) -> None:
         for p in self.parameters():

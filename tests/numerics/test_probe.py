@@ -78,8 +78,11 @@ def test_loss_of_accepts_a_tensor_or_a_dict_and_rejects_the_rest() -> None:
 
 
 def test_weighted_chunks_give_the_hessian_of_the_whole_probe_mean_loss() -> None:
-    """Two micro-batches of different sizes, cut into chunks: the operator's dense matrix is the
-    exact (torch.func.hessian) Hessian of the mean loss over all probe rows."""
+    """Two micro-batches of different sizes, cut into chunks.
+
+    The operator's dense matrix is the exact (torch.func.hessian) Hessian of the mean loss over all
+    probe rows.
+    """
     model = _tiny()
     (xa, ya), (xb, yb) = _data(5, 0), _data(3, 1)
     probe = ProbeBatch()

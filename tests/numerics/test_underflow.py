@@ -141,8 +141,10 @@ def test_counts_columns_named():
 
 
 def test_float16_cast_of_tiny_float32_gradient_flushes_and_is_estimated():
-    """A float32 gradient cast to float16: the part below the flush threshold becomes 0, and the
-    estimate (zeros of a tensor that holds subnormals) recovers exactly those zeros."""
+    """A float32 gradient cast to float16: the part below the flush threshold becomes 0.
+
+    The estimate (zeros of a tensor that holds subnormals) recovers exactly those zeros.
+    """
     f = dtype_facts(torch.float16)
     g32 = torch.logspace(-12, -3, 1000, dtype=torch.float32)  # no zeros in float32
     g16 = g32.half()

@@ -76,7 +76,7 @@ def test_rule_counts_and_norms_paths_share_streaks():
     names = {id(w): "w", id(b): "b", id(emb): "emb"}.__getitem__
     name_of = lambda p: names(id(p))  # noqa: E731
     # step 0 (counting): w and b entirely zero, emb's zeros are structural
-    counts = dict(zeros=[4.0, 2.0, 0.0], totals=[4.0, 2.0, 6.0], judged=[True, True, False])
+    counts = {"zeros": [4.0, 2.0, 0.0], "totals": [4.0, 2.0, 6.0], "judged": [True, True, False]}
     assert rule.judge([w, b, emb], **counts, updates=0, loss=1.0, name_of=name_of) is None
     # steps 1 and 2 (norms): b's norm is nonzero at step 1, so only w reaches 3 zero steps
     assert (

@@ -99,7 +99,12 @@ def build_transformer_lm(sick: bool) -> tuple[Recorded, DataLoader, dict[str, An
     vocab, length = 32, 24
     tokens = markov_tokens(2048, length, vocab)
     model = TinyLM(vocab=vocab, length=length, lr=3e-3 * (100 if sick else 1), warmup=30)
-    options = dict(max_steps=200, precision="bf16-mixed", gradient_clip_val=1.0, accumulate_grad_batches=2)
+    options = {
+        "max_steps": 200,
+        "precision": "bf16-mixed",
+        "gradient_clip_val": 1.0,
+        "accumulate_grad_batches": 2,
+    }
     return model, loader(tokens, batch_size=16), options
 
 

@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -48,7 +49,7 @@ def _images(doc: str) -> list[bytes]:
 
 def test_scalars_are_the_values_logged(runs: dict[str, Any]) -> None:
     scalars = read_scalars(runs["healthy_logdir"])
-    last = json.load(open(runs["healthy_report"]))["last"]
+    last = json.loads(Path(runs["healthy_report"]).read_text())["last"]
     assert {"healthmon/loss", "healthmon/grad/norm"} <= set(scalars)
     for tag in ("healthmon/loss", "healthmon/grad/norm", "healthmon/grad/layer/net.0"):
         steps = [s for s, _ in scalars[tag]]
@@ -90,7 +91,7 @@ def test_report_is_self_contained(runs: dict[str, Any]) -> None:
 
 
 def test_user_text_is_escaped(tmp_path: Any, runs: dict[str, Any]) -> None:
-    report = json.load(open(runs["sick_report"]))
+    report = json.loads(Path(runs["sick_report"]).read_text())
     evil = "<script>alert('x')</script>&"
     report["alerts"][0]["where"] = evil
     report["alerts"][0]["message"] = evil

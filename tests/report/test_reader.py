@@ -69,3 +69,14 @@ def test_a_report_that_is_not_json_names_the_line(tmp_path: Any) -> None:
     path.write_text(json.dumps({"schema": "other"}))
     with pytest.raises(ReportError, match="not a healthmon report"):
         load_runs(str(path))
+
+
+def test_an_event_file_without_healthmon_data_is_refused_clearly(tmp_path: Any) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(tmp_path)) as writer:
+        writer.add_scalar("other/x", 1.0, 0)
+    (event_file,) = (str(p) for p in tmp_path.iterdir())
+    for target in (event_file, str(tmp_path)):
+        with pytest.raises(ReportError, match="no healthmon data in its event files"):
+            load_runs(target)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -44,9 +45,9 @@ def test_round_trip(tmp_path: Any) -> None:
 def test_a_failed_write_leaves_the_previous_report_intact(tmp_path: Any) -> None:
     path = str(tmp_path / "r.json")
     write_json_atomic(path, _report())
-    before = open(path).read()
+    before = Path(path).read_text()
     with pytest.raises(RuntimeError, match="disk full"):
         write_json_atomic(path, {**_report(), "last": {"x": Explodes()}})
-    assert open(path).read() == before
+    assert Path(path).read_text() == before
     assert os.listdir(tmp_path) == ["r.json"]  # no temp file left behind
     json.loads(before)

@@ -110,38 +110,14 @@ def lanczos(
         generator: for the random start vector (pass a seeded one for reproducibility; the global
             RNG is not touched).
     """
-    check_solver_args(k, tol, max_products)
-    if which not in ("largest", "smallest"):
-        raise ValueError(f"`which`: expected 'largest' or 'smallest', got {which!r}.")
-    if not (isinstance(random_weight, (int, float)) and random_weight >= 0):
-        raise ValueError(f"`random_weight`: expected a number >= 0, got {random_weight!r}.")
+    _check_lanczos_args(k, tol, max_products, which, random_weight)
     matvec, n, dtype, device, op_dtype = operator_facts(matvec, n)
     cap = min(basis_capacity(op_dtype, k=k, max_memory_factor=max_memory_factor, max_basis=max_basis), n)
     q_buf = torch.empty(cap, n, dtype=dtype, device=device)  # one basis vector per row
     t = torch.zeros(0, 0, dtype=torch.float64)
     m = 0
-    products = 0
 
-    start = torch.randn(n, generator=generator, dtype=dtype).to(device)
-    if v0 is not None:
-        warm = v0.reshape(n, -1).to(dtype=dtype, device=device).sum(1)
-        norm = torch.linalg.vector_norm(warm)
-        if bool(torch.isfinite(norm)) and float(norm) > 0 and random_weight > 0:
-            # the random part filtered once by H: its weight is then relative within H's range
-            # (a Hessian is nearly low-rank; a plain random vector would put ~all its norm in
-            # the null space and leave a new top direction a component of ~1/sqrt(n))
-            start = matvec(start).reshape(n)
-            products += 1
-            filtered = torch.linalg.vector_norm(start)
-            if bool(torch.isfinite(filtered)) and float(filtered) > 0:
-                start = warm / norm + random_weight * start / filtered
-            else:
-                start = warm / norm
-        elif bool(torch.isfinite(norm)) and float(norm) > 0:
-            start = warm / norm
-        del warm
-    f = start
-    del start
+    f, products = _start_vector(matvec, n, dtype, device, v0, random_weight, generator)
     beta = float(torch.linalg.vector_norm(f))
     tiny = torch.finfo(dtype).eps * 100
     wnorm = beta
@@ -193,6 +169,50 @@ def lanczos(
     res = _scaled(beta * s[-1, :wanted].abs(), theta[:wanted], scale)
     y = q_buf[:m].T @ s[:, :wanted].to(dtype=dtype, device=device)
     return _lanczos_result(theta, y, res, tol, products, verified=False)
+
+
+def _check_lanczos_args(k: int, tol: float, max_products: int, which: str, random_weight: float) -> None:
+    """Raise ValueError, naming the argument, for arguments :func:`lanczos` cannot work with."""
+    check_solver_args(k, tol, max_products)
+    if which not in ("largest", "smallest"):
+        raise ValueError(f"`which`: expected 'largest' or 'smallest', got {which!r}.")
+    if not (isinstance(random_weight, (int, float)) and random_weight >= 0):
+        raise ValueError(f"`random_weight`: expected a number >= 0, got {random_weight!r}.")
+
+
+def _start_vector(
+    matvec: MatVec,
+    n: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    v0: Tensor | None,
+    random_weight: float,
+    generator: torch.Generator | None,
+) -> tuple[Tensor, int]:
+    """The first Krylov vector (not normalised) and the products it cost (0 or 1).
+
+    A Gaussian vector; with a finite, nonzero warm start ``v0`` (its columns summed), the unit
+    warm vector plus ``random_weight`` times the Gaussian vector filtered once by ``H`` and
+    normalised (the unit warm vector alone when ``random_weight`` is 0 or the filtered vector
+    vanishes).
+    """
+    start = torch.randn(n, generator=generator, dtype=dtype).to(device)
+    if v0 is None:
+        return start, 0
+    warm = v0.reshape(n, -1).to(dtype=dtype, device=device).sum(1)
+    norm = torch.linalg.vector_norm(warm)
+    if not (bool(torch.isfinite(norm)) and float(norm) > 0):
+        return start, 0
+    if not random_weight > 0:
+        return warm / norm, 0
+    # the random part filtered once by H: its weight is then relative within H's range
+    # (a Hessian is nearly low-rank; a plain random vector would put ~all its norm in
+    # the null space and leave a new top direction a component of ~1/sqrt(n))
+    start = matvec(start).reshape(n)
+    filtered = torch.linalg.vector_norm(start)
+    if bool(torch.isfinite(filtered)) and float(filtered) > 0:
+        return warm / norm + random_weight * start / filtered, 1
+    return warm / norm, 1
 
 
 def _ritz(t: Tensor, which: str) -> tuple[Tensor, Tensor]:

@@ -45,6 +45,7 @@ class EigenResult:
 
     @property
     def all_converged(self) -> bool:
+        """Whether every Ritz pair met the tolerance."""
         return all(self.converged)
 
 

@@ -43,6 +43,13 @@ _PASS_NODES = VIEW_NODES | {"ClampBackward0", "ClampBackward1", "ClampMinBackwar
 _SCALAR_NODES = frozenset({"AddBackward0", "SubBackward0", "MulBackward0", "DivBackward0"})
 _MAX_NODES = frozenset({"MaxBackward0", "MaxBackward1", "AmaxBackward0", "LogsumexpBackward0"})
 _MAX_WALK = 12
+# nodes whose output is of a known kind, whatever their inputs
+_LEAF_KINDS = {
+    "SoftmaxBackward0": SOFTMAX,
+    "SigmoidBackward0": SIGMOID,
+    "LogSoftmaxBackward0": LOG_SOFTMAX,
+    **dict.fromkeys(_MAX_NODES, MAX),
+}
 
 
 def _parents(node: Any) -> list[Any]:
@@ -57,14 +64,8 @@ def graph_kind(node: Any, depth: int = 0) -> str | None:
     if name in _PASS_NODES:
         parents = _parents(node)
         return graph_kind(parents[0], depth + 1) if parents else None
-    if name == "SoftmaxBackward0":
-        return SOFTMAX
-    if name == "SigmoidBackward0":
-        return SIGMOID
-    if name == "LogSoftmaxBackward0":
-        return LOG_SOFTMAX
-    if name in _MAX_NODES:
-        return MAX
+    if name in _LEAF_KINDS:
+        return _LEAF_KINDS[name]
     parents = _parents(node)
     if name == "ExpBackward0":
         inner = graph_kind(parents[0], depth + 1) if parents else None
@@ -75,17 +76,25 @@ def graph_kind(node: Any, depth: int = 0) -> str | None:
         inner = graph_kind(parents[0], depth + 1) if parents else None
         return LOG_NAIVE if inner in PROBABILITIES else None
     if name in _SCALAR_NODES and len(parents) == 2:
-        first, second = parents
-        if name == "SubBackward0" and first is not None:
-            # x - max(x); a detached subtrahend (x - x.max().detach()) is indistinguishable from a
-            # constant here, so it counts as a shift too: no alert without evidence.
-            if second is None or graph_kind(second, depth + 1) == MAX:
-                inner = graph_kind(first, depth + 1)
-                return SHIFTED if second is not None or inner is None else inner
-        if name == "DivBackward0" and first is not None and second is not None:
-            return div_kind(graph_kind(first, depth + 1), graph_kind(second, depth + 1))
-        if second is None and first is not None:  # an op with a Python number
-            return graph_kind(first, depth + 1)
+        return _arithmetic_kind(name, parents[0], parents[1], depth)
+    return None
+
+
+def _arithmetic_kind(name: str, first: Any, second: Any, depth: int) -> str | None:
+    """The kind of ``first (+ - * /) second`` (node ``name``; ``second`` None: a Python number)."""
+    # x - max(x); a detached subtrahend (x - x.max().detach()) is indistinguishable from a
+    # constant here, so it counts as a shift too: no alert without evidence.
+    if (
+        name == "SubBackward0"
+        and first is not None
+        and (second is None or graph_kind(second, depth + 1) == MAX)
+    ):
+        inner = graph_kind(first, depth + 1)
+        return SHIFTED if second is not None or inner is None else inner
+    if name == "DivBackward0" and first is not None and second is not None:
+        return div_kind(graph_kind(first, depth + 1), graph_kind(second, depth + 1))
+    if second is None and first is not None:  # an op with a Python number
+        return graph_kind(first, depth + 1)
     return None
 
 

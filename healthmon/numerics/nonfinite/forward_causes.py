@@ -111,7 +111,7 @@ class _Call:
 
 
 def _log(c: _Call) -> Cause | None:
-    """log of exact zeros (from a softmax/sigmoid that underflowed?) or of negatives."""
+    """Find a log of exact zeros (from a softmax/sigmoid that underflowed?) or of negatives."""
     name, x, producer = c.name, c.x, c.producer
     if name in ("log", "log2", "log10") and isinstance(x, Tensor):
         zeros, neg = count_true(x == 0), count_true(x < 0)
@@ -153,7 +153,7 @@ def _log1p(c: _Call) -> Cause | None:
 
 
 def _root(c: _Call) -> Cause | None:
-    """sqrt of negatives (a variance by subtraction?) or rsqrt of zeros."""
+    """Find a sqrt of negatives (a variance by subtraction?) or an rsqrt of zeros."""
     name, x, producer = c.name, c.x, c.producer
     if name in ("sqrt", "rsqrt") and isinstance(x, Tensor):
         neg = count_true(x < 0)
@@ -227,7 +227,7 @@ def _division(c: _Call) -> Cause | None:
 
 
 def _exp_overflow(c: _Call) -> Cause | None:
-    """exp overflow: the largest input against the limit of the dtype."""
+    """Find an exp overflow: the largest input against the limit of the dtype."""
     name, x, finfo, dt = c.name, c.x, c.finfo, c.dt
     if name in ("exp", "exp2", "expm1", "cosh", "sinh") and isinstance(x, Tensor):
         top = float(x.detach().max())
@@ -282,7 +282,7 @@ def _masked_softmax(c: _Call) -> Cause | None:
 
 
 def _inf_minus_inf(c: _Call) -> Cause | None:
-    """inf - inf."""
+    """Find an inf - inf."""
     name, new = c.name, c.new
     if name in ("sub", "rsub", "add", "radd", "isub", "iadd") and NAN in new:
         return (

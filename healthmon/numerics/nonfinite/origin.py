@@ -109,4 +109,5 @@ class OriginTrace:
 
     @property
     def origin(self) -> Origin | None:
+        """The forward origin, else the backward origin, else None."""
         return self.forward or self.backward

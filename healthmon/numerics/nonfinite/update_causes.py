@@ -83,15 +83,15 @@ def explain_update(optimizer: Any, group: dict[str, Any], params: Sequence[Tenso
             )
     for p in params:
         for key, value in optimizer.state.get(p, {}).items():
-            if isinstance(value, Tensor) and value.is_floating_point() and value.numel() > 1:
-                if not bool(torch.isfinite(value).all()):
-                    return UpdateCause(
-                        f"the optimizer state '{key}' holds NaN/Inf (it overflowed in "
-                        f"{dtype_name(value.dtype)} "
-                        "or absorbed an earlier non-finite gradient).",
-                        "Keep the optimizer state in float32 (mixed precision with float32 master weights), "
-                        "and reset the state after a non-finite step.",
-                    )
+            is_state_tensor = isinstance(value, Tensor) and value.is_floating_point() and value.numel() > 1
+            if is_state_tensor and not bool(torch.isfinite(value).all()):
+                return UpdateCause(
+                    f"the optimizer state '{key}' holds NaN/Inf (it overflowed in "
+                    f"{dtype_name(value.dtype)} "
+                    "or absorbed an earlier non-finite gradient).",
+                    "Keep the optimizer state in float32 (mixed precision with float32 master weights), "
+                    "and reset the state after a non-finite step.",
+                )
     dtypes = sorted({dtype_name(p.dtype) for p in params})
     return UpdateCause(
         f"the update overflowed the weights' dtype ({', '.join(dtypes)}) although the gradients were finite.",

@@ -47,7 +47,7 @@ def test_start_block_keeps_a_finite_warm_start_and_pads_it() -> None:
 
 
 @pytest.mark.parametrize(
-    "k,tol,max_products,match",
+    ("k", "tol", "max_products", "match"),
     [
         (0, 1e-3, 10, r"`k`: expected an integer >= 1, got 0\."),
         (True, 1e-3, 10, r"`k`: expected an integer >= 1, got True\."),

@@ -436,7 +436,7 @@ def _intercept(fn: Callable, grad: bool) -> tuple[LogitsInterceptor, list]:
 
 
 @pytest.mark.parametrize("grad", [True, False], ids=["autograd", "no_grad"])
-@pytest.mark.parametrize("fn,codes", FIRING, ids=[f.__name__ for f, _ in FIRING])
+@pytest.mark.parametrize(("fn", "codes"), FIRING, ids=[f.__name__ for f, _ in FIRING])
 def test_pattern_fires_at_the_users_line(fn: Callable, codes: set[str], grad: bool) -> None:
     mode, findings = _intercept(fn, grad)
     assert {f.code for f in findings} == codes
@@ -474,7 +474,7 @@ def saturated_bce(x, y, t):
 
 @pytest.mark.parametrize("grad", [True, False], ids=["autograd", "no_grad"])
 @pytest.mark.parametrize(
-    "fn,codes,prob",
+    ("fn", "codes", "prob"),
     [
         (saturated_log_softmax, {"logits.naive_log_softmax"}, lambda x: F.softmax(x * 1000, -1)),
         (saturated_bce, {"logits.sigmoid_bce"}, lambda x: torch.sigmoid(x * 1000)),

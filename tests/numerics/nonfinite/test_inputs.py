@@ -18,7 +18,7 @@ def test_the_batch_is_named_with_its_path_and_sample_indices() -> None:
     assert o is not None and o.phase == "input" and o.source_kind == "batch"
     assert o.source == "batch['x']" and o.samples == [1, 4] and o.bad_samples == 2 and o.batch_size == 6
     assert "in 2 of its 6 samples (indices 1, 4)" in o.cause
-    assert dict((p, t is x) for t, p in batch_names(batch))["batch['x']"]
+    assert {p: t is x for t, p in batch_names(batch)}["batch['x']"]
 
 
 def test_a_nan_weight_is_named_as_a_corrupted_parameter() -> None:
