@@ -23,6 +23,7 @@ from healthmon.engine.escalation import Escalation
 from healthmon.engine.output import RunOutput
 from healthmon.engine.run import Run
 from healthmon.engine.step_stats import GradStep, ParamIndex, StepStatistics
+from healthmon.numerics.findings import Finding
 
 if TYPE_CHECKING:
     from healthmon.monitors.base import Monitor
@@ -178,6 +179,21 @@ class Driver:
             value=value,
         )
         return self.escalation.record(alert, self.output.text)
+
+    def report(
+        self, run: Run, finding: Finding, *, where: str | None = None, step: int | None = None
+    ) -> Alert:
+        """Record a finding of the numerics as an alert (``where`` overrides the finding's own)."""
+        times = f" ({finding.count} calls this step)" if finding.count > 1 else ""
+        return self.alert(
+            run,
+            finding.code,
+            finding.message + times,
+            where=finding.where if where is None else where,
+            hint=finding.hint,
+            value=finding.value,
+            step=step,
+        )
 
     def write_crash_record(self, record: Mapping[str, Any]) -> str | None:
         """Write ``record`` as the crash file beside the report (rank zero); its path, or None."""

@@ -239,7 +239,7 @@ class GradientNormMonitor(Monitor):
         # several optimizers: say which one, and keep their alerts apart (de-duplication key)
         where = f"optimizer {optimizer_index}" if len(run.optimizers) > 1 else None
         for found in judge_trends(self.rules(optimizer_index), norm, loss, where):
-            self.driver.alert(run, found.code, found.message, where=where, value=found.value)
+            self.driver.report(run, found, where=where)
 
     # ---- the update across optimizer.step: ratios on logged steps, first-step explosions -------
     def _arm_update_measure(self, stats: Any, *, logged: bool) -> None:
@@ -313,15 +313,7 @@ class GradientNormMonitor(Monitor):
             sensitivity_limit=self.sensitivity_limit,
             recurrent=is_recurrent(self._layer_module(found[0].layer)),
         )
-        self.driver.alert(
-            self._current_run,
-            "grad.explosion",
-            finding.message,
-            where=finding.where,
-            hint=finding.hint,
-            value=finding.value,
-            step=step,
-        )
+        self.driver.report(self._current_run, finding, step=step)
 
     def _layer_module(self, name: str) -> torch.nn.Module | None:
         """The LightningModule's submodule ``name``, None when it is not one."""

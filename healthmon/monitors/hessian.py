@@ -368,7 +368,7 @@ class HessianEigenMonitor(Monitor):
             if found.code == SKIPPED:
                 self._skip(run, found.message)
             else:
-                self.driver.alert(run, found.code, found.message, hint=found.hint, value=found.value)
+                self.driver.report(run, found)
 
     def _skip(self, run: Run, reason: str) -> None:
         self.driver.alert(

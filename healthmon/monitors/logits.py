@@ -162,8 +162,7 @@ class LogitsCheck(Monitor):
         step = run.global_step
         self.driver.log(run, {TAG_CHECKS: float(mode.checks), TAG_FINDINGS: float(len(findings))}, step)
         for f in findings:
-            times = f" ({f.count} calls this step)" if f.count > 1 else ""
-            self.driver.alert(run, f.code, f.message + times, where=f.where, hint=f.hint, value=f.value)
+            self.driver.report(run, f)
 
     @override
     def monitor_state(self) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from healthmon.engine.driver import Driver
 from healthmon.engine.run import Run
 from healthmon.engine.step_stats import GradStep
 from healthmon.monitors.base import Monitor
+from healthmon.numerics.findings import Finding
 from healthmon.numerics.gradients import nonfinite_indices, tensor_norms
 from healthmon.numerics.loss_scale import LossScaleRule
 from healthmon.numerics.nonfinite import Origin, OriginTrace, explain_update, trace_nonfinite
@@ -123,7 +124,7 @@ class NonFiniteMonitor(Monitor):
         self._window: list[tuple[Any, int, tuple[Any, Any] | None]] = []
         self._crash_written = False
         self._clean_step = -1  # last global step whose loss and gradients were checked finite
-        self._diagnosed: dict[tuple[Any, ...], list[tuple[str, str, str | None, str | None]]] = {}
+        self._diagnosed: dict[tuple[Any, ...], list[Finding]] = {}  # failure -> its alerts
 
     @override
     def config(self) -> dict[str, Any]:
@@ -220,9 +221,9 @@ class NonFiniteMonitor(Monitor):
         known = self._diagnosed.get(signature)
         if known is not None:
             grads_explained = False
-            for code, message, where, hint in known:  # the same failure again: count it, no replay
-                driver.alert(run, code, message, where=where, hint=hint)
-                grads_explained = grads_explained or code == "grad.nonfinite"
+            for finding in known:  # the same failure again: count it, no replay
+                driver.report(run, finding)
+                grads_explained = grads_explained or finding.code == "grad.nonfinite"
             return None, "", grads_explained
         if corrupted_params and self._clean_step == step - 1:
             self._alert_update(run, corrupted_params, signature, step)
@@ -266,10 +267,10 @@ class NonFiniteMonitor(Monitor):
             value=stats.loss_scale,
         )
 
-    def _remember(
-        self, signature: tuple[Any, ...], code: str, message: str, where: str | None, hint: str | None
-    ) -> None:
-        self._diagnosed.setdefault(signature, []).append((code, message, where, hint))
+    def _report(self, run: Run, signature: tuple[Any, ...], finding: Finding) -> None:
+        """Raise ``finding`` and remember it as what this failure (``signature``) looks like."""
+        self.driver.report(run, finding)
+        self._diagnosed.setdefault(signature, []).append(finding)
 
     def _alert_origin(self, run: Run, origin: Origin, names: list[str], signature: tuple[Any, ...]) -> None:
         """Turn the replay's origin into one alert, by where the NaN/Inf came from."""
@@ -283,8 +284,7 @@ class NonFiniteMonitor(Monitor):
             message += f" {len(names)} parameter gradient(s) hold NaN/Inf: {_shown(names)}."
         else:
             code, where = "activation.nonfinite", origin.where or origin.module
-        self.driver.alert(run, code, message, where=where, hint=origin.hint)
-        self._remember(signature, code, message, where, origin.hint)
+        self._report(run, signature, Finding(code, message, where=where, hint=origin.hint))
 
     def _alert_update(
         self, run: Run, corrupted: Sequence[torch.Tensor], signature: tuple[Any, ...], step: int
@@ -309,8 +309,9 @@ class NonFiniteMonitor(Monitor):
                     f"tensor(s) non-finite ({_shown(names)}). Cause: {cause.cause}"
                 )
                 where = f"{opt_name} param group {gi}"
-                driver.alert(run, "update.nonfinite", message, where=where, hint=cause.hint)
-                self._remember(signature, "update.nonfinite", message, where, cause.hint)
+                self._report(
+                    run, signature, Finding("update.nonfinite", message, where=where, hint=cause.hint)
+                )
 
     def _replay(self, run: Run) -> OriginTrace | None:
         """Run this step's batches again, from the same RNG states, under the op-level tracer.

@@ -303,7 +303,7 @@ class GradientUnderflowMonitor(Monitor):
 
     def _raise(self, run: Run, found: Finding | None, step: int | None = None) -> None:
         if found is not None:
-            self.driver.alert(run, found.code, found.message, where=found.where, value=found.value, step=step)
+            self.driver.report(run, found, step=step)
 
     def _log_due(self, run: Run, step: int) -> bool:
         """Write scalars about every ``log_every_n_steps`` (the driver's, else the Trainer's) steps.

@@ -10,31 +10,14 @@ estimate's numbers); the monitor logs the values and turns the findings into ale
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 from healthmon.numerics.eigensolvers import EigenResult
+from healthmon.numerics.findings import Finding
 from healthmon.numerics.spectrum import SpectrumEstimate
 from healthmon.numerics.stability import StabilityLimit
 
 #: The code of a finding that says why a test could not run (the monitor's ``monitor.skipped``).
 SKIPPED = "monitor.skipped"
-
-
-@dataclass(frozen=True)
-class CurvatureFinding:
-    """One verdict on an estimate.
-
-    Attributes:
-        code: ``hessian.sharpness``, ``hessian.negative_curvature`` or :data:`SKIPPED`.
-        message: one sentence (for :data:`SKIPPED`, the reason the test did not run).
-        hint: the fix, when there is one.
-        value: the eigenvalue that fired.
-    """
-
-    code: str
-    message: str
-    hint: str | None = None
-    value: float | None = None
 
 
 def spectrum_values(
@@ -73,7 +56,7 @@ def judge_sharpness(
     *,
     preconditioned: bool,
     probe_rows: int,
-) -> CurvatureFinding | None:
+) -> Finding | None:
     """The sharpness test: above the stability limit, a skip reason, or None (stable).
 
     A Ritz value is a lower bound on the true ``lambda_max``, so a finding is sound even when
@@ -88,9 +71,9 @@ def judge_sharpness(
     """
     lam = est.lambda_max
     if limit is None or limit.kind == "unknown":
-        return CurvatureFinding(SKIPPED, "sharpness: no known stability limit for this optimizer")
+        return Finding(SKIPPED, "sharpness: no known stability limit for this optimizer")
     if limit.kind == "sgd" and lam > limit.limit:
-        return CurvatureFinding(
+        return Finding(
             "hessian.sharpness",
             f"The top Hessian eigenvalue lambda_max = {lam:.4g} is above the stability limit "
             f"{limit.limit:.4g} ({limit.formula}, lr={limit.lr:.3g}, 2/lr = {limit.two_over_lr:.4g}) "
@@ -102,7 +85,7 @@ def judge_sharpness(
         )
     if limit.kind == "adam" and pre is not None and pre.eigenvalues[0] > limit.limit:
         ps = pre.eigenvalues[0]
-        return CurvatureFinding(
+        return Finding(
             "hessian.sharpness",
             f"The preconditioned sharpness lambda_max(P^-1 H) = {ps:.4g} is above Adam's stability "
             f"limit {limit.limit:.4g} ({limit.formula}, lr={limit.lr:.3g}).",
@@ -110,16 +93,16 @@ def judge_sharpness(
             value=ps,
         )
     if limit.kind == "adam" and not preconditioned:
-        return CurvatureFinding(SKIPPED, "sharpness: Adam-type optimizer and preconditioned=False")
+        return Finding(SKIPPED, "sharpness: Adam-type optimizer and preconditioned=False")
     return None
 
 
-def judge_negative_curvature(est: SpectrumEstimate, negative_ratio: float) -> CurvatureFinding | None:
+def judge_negative_curvature(est: SpectrumEstimate, negative_ratio: float) -> Finding | None:
     """A saddle: ``lambda_min < 0`` with ``|lambda_min| >= negative_ratio * lambda_max`` (converged top)."""
     lam, low = est.lambda_max, est.lambda_min
     if low is None or not (low < 0 and lam > 0 and est.top.all_converged and -low >= negative_ratio * lam):
         return None
-    return CurvatureFinding(
+    return Finding(
         "hessian.negative_curvature",
         f"The Hessian has a negative eigenvalue {low:.4g}, {-low / lam:.2g} of lambda_max "
         f"{lam:.4g}: the weights are near a saddle point.",
@@ -135,7 +118,7 @@ def judge_curvature(
     preconditioned: bool,
     negative_ratio: float,
     probe_rows: int,
-) -> list[CurvatureFinding]:
+) -> list[Finding]:
     """The sharpness finding (or skip), then the negative-curvature one, each when there is one."""
     found = [
         judge_sharpness(est, limit, pre, preconditioned=preconditioned, probe_rows=probe_rows),

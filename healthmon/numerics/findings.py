@@ -1,9 +1,14 @@
 """Finding: a condition the numerics judged, ready for a monitor to raise as an alert.
 
-The gradient rules (:mod:`healthmon.numerics.zero_gradients`, :mod:`healthmon.numerics.underflow`,
-:mod:`healthmon.numerics.dead_units`, :mod:`healthmon.numerics.depth_decay`,
-:mod:`healthmon.numerics.stale_updates`) decide from host numbers and return findings; the monitor
-that measured the numbers turns each into an alert (``Driver.alert``) at the step they were measured.
+Every rule in ``numerics/`` returns its verdicts as findings: the gradient rules
+(:mod:`~healthmon.numerics.zero_gradients`, :mod:`~healthmon.numerics.underflow`,
+:mod:`~healthmon.numerics.dead_units`, :mod:`~healthmon.numerics.depth_decay`,
+:mod:`~healthmon.numerics.stale_updates`), the trend rules
+(:mod:`~healthmon.numerics.gradient_trends`), the first-step rule
+(:mod:`~healthmon.numerics.first_step`), the curvature verdicts
+(:mod:`~healthmon.numerics.curvature_findings`) and the logits interceptor
+(:mod:`healthmon.numerics.logits`). The monitor that measured the numbers turns each into an
+alert (:meth:`~healthmon.monitors.base.Monitor.raise_finding`) at the step they were measured.
 This module is pure Python: no Lightning, no logging.
 """
 
@@ -19,11 +24,15 @@ class Finding:
     Attributes:
         code: the alert code (``grad.zero``, ``grad.underflow``, ...).
         message: what was measured, in one or two sentences.
-        where: the parameter, layer or module it is about.
+        where: the parameter, layer, module or ``file.py:LINE`` it is about.
         value: the measured number that decided (a fraction, orders of magnitude).
+        hint: the fix for this very case; None takes the alert registry's hint for ``code``.
+        count: how many occurrences the finding stands for (calls at one line in one step).
     """
 
     code: str
     message: str
     where: str | None = None
     value: float | None = None
+    hint: str | None = None
+    count: int = 1

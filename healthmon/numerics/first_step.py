@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from healthmon.numerics.findings import Finding
 from healthmon.numerics.gradients import combined_norms_by_group
 from healthmon.numerics.update_size import OversizedStep, judge_update_sizes
 
@@ -135,23 +136,6 @@ def first_step_hint(worst: OversizedStep, *, recurrent: bool) -> str:
     return HINT_EXPLODED if worst.exploded else HINT_LEARNING_RATE
 
 
-@dataclass(frozen=True)
-class FirstStepFinding:
-    """The ``grad.explosion`` of a first step: the worst layer, worded.
-
-    Attributes:
-        where: the worst layer's name.
-        message: what its update and gradient were, the limits, and the other layers.
-        hint: the fix for the likely cause (:func:`first_step_hint`).
-        value: the update ratio when the step rewrote the layer, else the loss sensitivity.
-    """
-
-    where: str
-    message: str
-    hint: str
-    value: float | None
-
-
 def first_step_finding(
     found: Sequence[OversizedStep],
     step: int,
@@ -159,7 +143,7 @@ def first_step_finding(
     ratio_limit: float,
     sensitivity_limit: float,
     recurrent: bool,
-) -> FirstStepFinding:
+) -> Finding:
     """Word the worst of ``found`` (non-empty, worst first); ``recurrent``: its layer is an RNN."""
     worst = found[0]
     what = []
@@ -183,7 +167,8 @@ def first_step_finding(
         if len(found) > 1
         else ""
     )
-    return FirstStepFinding(
+    return Finding(
+        "grad.explosion",
         where=worst.layer,
         message=f"Optimizer step {step}, layer {worst.layer}: {'; '.join(what)} (first-step limits, before "
         f"any running level exists: update {ratio_limit:g}x the weights, sensitivity "

@@ -8,28 +8,13 @@ so they can be tested without a Trainer.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from typing import Any
 
+from healthmon.numerics.findings import Finding
 from healthmon.numerics.trends import CollapseRule, DivergenceRule, OpposingTrendRule, SpikeRule
 
 #: The rule names, in the order they judge a step.
 RULES = ("spike", "collapse", "divergence", "opposing")
-
-
-@dataclass(frozen=True)
-class TrendFinding:
-    """One rule that fired on a step.
-
-    Attributes:
-        code: ``grad.explosion``, ``grad.vanishing``, ``loss.divergence`` or ``grad.norm_rising``.
-        message: one sentence: the measured values and why they count.
-        value: the measured number (the norm, or the loss), None for a trend.
-    """
-
-    code: str
-    message: str
-    value: float | None = None
 
 
 def trend_rules(
@@ -46,7 +31,7 @@ def trend_rules(
 
 def judge_trends(
     rules: Mapping[str, Any], norm: float, loss: float | None, where: str | None = None
-) -> Iterator[TrendFinding]:
+) -> Iterator[Finding]:
     """Feed one step's gradient norm and loss to the rules, yielding what fires.
 
     A generator: each rule is updated only when the previous finding has been consumed, so a
@@ -61,27 +46,27 @@ def judge_trends(
     of = f" ({where})" if where else ""
     ratio = rules["spike"].update(norm, loss)
     if ratio is not None:
-        yield TrendFinding(
+        yield Finding(
             "grad.explosion",
             f"Gradient norm{of} {norm:.3g} is {ratio:.3g}x its running level, and {rules['spike'].reason}.",
-            norm,
+            value=norm,
         )
     drop = rules["collapse"].update(norm, loss)
     if drop is not None:
-        yield TrendFinding(
+        yield Finding(
             "grad.vanishing",
             f"Gradient norm{of} {norm:.3g} collapsed {drop:.1f} orders of magnitude below its peak "
             "while the loss is still high.",
-            norm,
+            value=norm,
         )
     if loss is None:
         return
     reason = rules["divergence"].update(loss, norm)
     if reason is not None:
-        yield TrendFinding("loss.divergence", f"The loss{of} {reason}.", loss)
+        yield Finding("loss.divergence", f"The loss{of} {reason}.", value=loss)
     trend = rules["opposing"].update(norm, loss)
     if trend is not None:
-        yield TrendFinding(
+        yield Finding(
             "grad.norm_rising",
             f"Over the last {rules['opposing'].window} steps the gradient norm{of} rose "
             f"(correlation {trend[0]:.2f}) while the loss fell ({trend[1]:.2f}).",

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from healthmon.numerics.gradient_trends import RULES, TrendFinding, judge_trends, trend_rules
+from healthmon.numerics.findings import Finding
+from healthmon.numerics.gradient_trends import RULES, judge_trends, trend_rules
 from healthmon.numerics.trends import rule_state
 
 
@@ -36,11 +37,11 @@ def test_an_explosion_is_worded_with_its_ratio_and_reason() -> None:
         list(judge_trends(rules, 1.0 + 0.01 * (i % 2), 2.0))
     found = list(judge_trends(rules, 1e6, 50.0))
     assert found == [
-        TrendFinding(
+        Finding(
             "grad.explosion",
             "Gradient norm 1e+06 is 9.98e+05x its running level, and 9.9e+05x above the largest norm "
             "seen so far (1.01).",
-            1e6,
+            value=1e6,
         )
     ]
 
@@ -60,7 +61,7 @@ def test_the_rules_are_fed_lazily_in_order() -> None:
 
 def test_a_collapse_without_a_loss_feeds_only_the_norm_rules() -> None:
     rules = _rules()
-    found: list[TrendFinding] = []
+    found: list[Finding] = []
     for i in range(40):
         found += judge_trends(rules, 1.0 if i < 5 else 1e-6, None, "optimizer 1")
     assert found and found[0].code == "grad.vanishing" and found[0].value == 1e-6
@@ -71,7 +72,7 @@ def test_a_collapse_without_a_loss_feeds_only_the_norm_rules() -> None:
 
 def test_divergence_names_the_optimizer() -> None:
     rules = _rules()
-    found: list[TrendFinding] = []
+    found: list[Finding] = []
     for i in range(20):
         found += judge_trends(rules, 1.0, 1.0 if i < 12 else 100.0, "optimizer 0")
     assert found[0].code == "loss.divergence" and found[0].value == 100.0
@@ -80,7 +81,7 @@ def test_divergence_names_the_optimizer() -> None:
 
 def test_a_norm_rising_while_the_loss_falls_is_an_opposing_trend() -> None:
     rules = _rules()
-    found: list[TrendFinding] = []
+    found: list[Finding] = []
     for i in range(200):
         found += judge_trends(rules, 1.01**i, 2.0 - 0.005 * i)
     assert [f.code for f in found] == ["grad.norm_rising"]

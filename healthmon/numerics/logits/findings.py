@@ -18,31 +18,10 @@ from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from healthmon.alerts import call_hint
+from healthmon.numerics.findings import Finding
 from healthmon.numerics.logits.kinds import graph_kind
 from healthmon.numerics.logits.values import saturated_fraction
 from healthmon.numerics.source_lines import SourceLineFinder
-
-
-@dataclass(frozen=True)
-class Finding:
-    """One unstable formula seen during interception.
-
-    Attributes:
-        code: the alert code (``logits.probabilities``, ``logits.naive_log_softmax``, ...).
-        message: one sentence: what was computed and why it is unstable.
-        where: the user's source line, ``path/file.py:LINE`` (relative to the working directory
-            when inside it), or None when no frame outside the skipped packages was found.
-        hint: the exact fix for this call.
-        value: the measured number, when there is one (e.g. the fraction of saturated entries).
-        count: how many calls at this line fired during the interception window.
-    """
-
-    code: str
-    message: str
-    where: str | None
-    hint: str
-    value: float | None = None
-    count: int = 1
 
 
 @dataclass
@@ -143,6 +122,6 @@ class EvidenceBook:
                     self._record(p.code, p.where, p.message(v), p.hint, v if p.report_value else None)
         found, self._found = self._found, {}
         return [
-            Finding(code, message, where, hint, value, count)
+            Finding(code, message, where=where, value=value, hint=hint, count=count)
             for (code, where), (message, hint, value, count) in found.items()
         ]
