@@ -9,6 +9,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+#: How to clip gradients, in every loop healthmon runs in (used by several hints).
+CLIP_HOW = "(Lightning: Trainer(gradient_clip_val=1.0); a plain loop: torch.nn.utils.clip_grad_norm_)"
+
 Severity = Literal["info", "warning", "error"]
 OnAlert = Literal["warn", "raise", "stop"]
 
@@ -58,7 +61,7 @@ CODES: dict[str, CodeInfo] = _codes(
         "error",
         "A gradient holds NaN or Inf (where: the user's file.py:LINE when the backward of an operation "
         "there produced it, else the first such parameter).",
-        "Clip gradients (Trainer(gradient_clip_val=1.0)), lower the learning rate, or use loss "
+        "Clip gradients " + CLIP_HOW + ", lower the learning rate, or use loss "
         "scaling / bf16 instead of plain fp16.",
         "Overflow and underflow",
     ),
@@ -145,7 +148,7 @@ CODES: dict[str, CodeInfo] = _codes(
         "warning",
         "The gradient norm spiked far above its running level, or (first steps) one step's update or"
         " gradient was far too large for a layer's weights.",
-        "Lower the learning rate or clip gradients (Trainer(gradient_clip_val=1.0)).",
+        "Lower the learning rate or clip gradients " + CLIP_HOW + ".",
         "Too high a learning rate usually causes explosion",
     ),
     CodeInfo(

@@ -17,22 +17,24 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from healthmon.alerts import CLIP_HOW
 from healthmon.numerics.findings import Finding
 from healthmon.numerics.gradients import combined_norms_by_group
 from healthmon.numerics.update_size import OversizedStep, judge_update_sizes
 
 HINT_RECURRENT = (
-    "Clip gradients (Trainer(gradient_clip_val=1.0)) and check the recurrent weights' "
+    "Clip gradients " + CLIP_HOW + " and check the recurrent weights' "
     "initialisation: a recurrent matrix with spectral radius well above 1 explodes "
     "through time (use an orthogonal init or a gain of at most 1)."
 )
 HINT_EXPLODED = (
-    "Clip gradients (Trainer(gradient_clip_val=1.0)) and check this layer's initialisation "
+    "Clip gradients " + CLIP_HOW + " and check this layer's initialisation "
     "and inputs (unnormalised features, a scale far from 1); then lower the learning rate."
 )
 HINT_LEARNING_RATE = (
     "Lower the learning rate (or warm it up from a small value); clipping "
-    "(Trainer(gradient_clip_val=1.0)) also bounds the step."
+    + CLIP_HOW
+    + " also bounds the step."
 )
 
 

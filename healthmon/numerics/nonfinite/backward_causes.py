@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from healthmon.alerts import CLIP_HOW
 from healthmon.numerics.nonfinite.operations import TracedOp, argument
 from healthmon.numerics.nonfinite.values import NAN, count_true, largest_finite, nonfinite_kinds, number_text
 from healthmon.numerics.precision import dtype_name
@@ -142,7 +143,7 @@ def explain_backward(
             f"the gradient overflows the {dt} maximum {number_text(torch.finfo(bad[0].dtype).max)} "
             f"in the backward of this operation (largest incoming gradient {number_text(top or 0.0)}): "
             "exploding gradients.",
-            "Lower the learning rate, clip gradients (Trainer(gradient_clip_val=1.0)), normalise the "
+            "Lower the learning rate, clip gradients " + CLIP_HOW + ", normalise the "
             "activations; in float16 use loss scaling or bf16.",
         )
     return (
