@@ -192,3 +192,25 @@ class LogSpacedSteps:
 
     def __repr__(self) -> str:
         return f"log_spaced(base={self.base}, until={self.until})"
+
+
+class LogCadence:
+    """When to write scalars: every ``every`` steps, and whenever that many have passed unlogged.
+
+    Checks that run on their own cadence (or an optimizer that steps on odd global steps) would
+    otherwise never land on a multiple of ``every``; the first step asked always logs.
+
+    >>> log = LogCadence()
+    >>> [step for step in (0, 3, 7, 10, 13, 25) if log.due(step, every=10)]
+    [0, 10, 25]
+    """
+
+    def __init__(self) -> None:
+        self.last: int | None = None
+
+    def due(self, step: int, every: int) -> bool:
+        """Whether ``step`` writes scalars (and remember it when it does)."""
+        if self.last is None or step % every == 0 or step - self.last >= every:
+            self.last = step
+            return True
+        return False

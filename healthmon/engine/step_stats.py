@@ -22,6 +22,7 @@ from healthmon.numerics.gradients import (
     reduce_sharded_norms,
     tensor_norms,
 )
+from healthmon.schedules import LogCadence
 
 
 def layer_of(param_name: str) -> str:
@@ -120,7 +121,7 @@ class StepStatistics:
         self._cache: dict[int, GradStep] = {}
         self._cache_step = -1
         self._deferred: list[tuple[Tensor, Callable[[list[float]], None]]] = []
-        self._last_logged: dict[int, int] = {}
+        self._log_cadence: dict[int, LogCadence] = {}
 
     def setup(self, run: Run) -> None:
         """Index the parameters and find the scaler; once per fit."""
@@ -129,7 +130,7 @@ class StepStatistics:
         self._loss_sum = None
         self._cache.clear()
         self._cache_step = -1
-        self._last_logged.clear()
+        self._log_cadence.clear()
 
     def is_log_step(self, run: Run, optimizer_index: int | None = None) -> bool:
         """Whether scalars are written at this step.
@@ -138,15 +139,14 @@ class StepStatistics:
         optimizer has not logged for that many steps (under manual optimisation each optimizer
         step is a global step, so a second optimizer may never step on a multiple).
         """
-        every = self.log_every_n_steps or max(int(run.log_every_n_steps), 1)
-        step = run.global_step
+        every = self.log_every(run)
         if optimizer_index is None:
-            return step % every == 0
-        last = self._last_logged.get(optimizer_index)
-        if step % every == 0 or last is None or step - last >= every:
-            self._last_logged[optimizer_index] = step
-            return True
-        return False
+            return run.global_step % every == 0
+        return self._log_cadence.setdefault(optimizer_index, LogCadence()).due(run.global_step, every)
+
+    def log_every(self, run: Run) -> int:
+        """The logging interval: the monitors' ``log_every_n_steps``, else the loop's."""
+        return self.log_every_n_steps or max(int(run.log_every_n_steps), 1)
 
     def add_loss(self, loss: Tensor, *, scaled: bool = True) -> None:
         """Accumulate the (accumulation-normalised) loss handed to backward; no host sync.

@@ -36,7 +36,7 @@ from healthmon.engine.driver import Driver
 from healthmon.engine.run import Run
 from healthmon.engine.step_stats import GradStep
 from healthmon.monitors.base import Monitor
-from healthmon.numerics.findings import Finding
+from healthmon.numerics.findings import Finding, listed
 from healthmon.numerics.gradients import nonfinite_indices, tensor_norms
 from healthmon.numerics.loss_scale import LossScaleRule
 from healthmon.numerics.nonfinite import Origin, OriginTrace, explain_update, trace_nonfinite
@@ -48,8 +48,7 @@ TAG_SKIPPED = tags.AMP_SKIPPED_STEPS
 
 
 def _shown(names: list[str]) -> str:
-    more = f" and {len(names) - MAX_NAMES} more" if len(names) > MAX_NAMES else ""
-    return ", ".join(names[:MAX_NAMES]) + more
+    return listed(names, MAX_NAMES)
 
 
 class NonFiniteMonitor(Monitor):

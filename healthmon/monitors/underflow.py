@@ -66,6 +66,7 @@ from healthmon.numerics.findings import Finding
 from healthmon.numerics.stale_updates import learning_rate
 from healthmon.numerics.underflow import gradient_counts, log10_magnitudes, to_float32_exact
 from healthmon.numerics.zero_gradients import ZeroGradientRule
+from healthmon.schedules import LogCadence
 
 TAG_HIST = tags.GRAD_LOG10_ABS.prefix
 
@@ -172,7 +173,7 @@ class GradientUnderflowMonitor(Monitor):
         self._step_hooks: list[Any] = []
         self._updates = 0  # optimizer steps taken with a nonzero learning rate
         self._alive_step = -1
-        self._last_log = -1
+        self._log_cadence = LogCadence()
 
     @override
     def config(self) -> dict[str, Any]:
@@ -306,16 +307,12 @@ class GradientUnderflowMonitor(Monitor):
             self.driver.report(run, found, step=step)
 
     def _log_due(self, run: Run, step: int) -> bool:
-        """Write scalars about every ``log_every_n_steps`` (the driver's, else the Trainer's) steps.
+        """Write scalars about every ``log_every_n_steps`` (the driver's, else the loop's) steps.
 
         Decisions are made on every monitored step; writing a few dozen scalars costs more than
         counting, so the writes follow the logging cadence even when the two cadences do not align.
         """
-        every = self.driver.stats.log_every_n_steps or run.log_every_n_steps
-        if self._last_log < 0 or step - self._last_log >= every or step % every == 0:
-            self._last_log = step
-            return True
-        return False
+        return self._log_cadence.due(step, self.driver.stats.log_every(run))
 
     # ---- exact zeros between counting steps, from the driver's shared norms -------------------------
     def _whole_zero_from_shared_norms(self, run: Run, optimizer: torch.optim.Optimizer) -> None:

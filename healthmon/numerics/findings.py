@@ -14,6 +14,7 @@ This module is pure Python: no Lightning, no logging.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 
@@ -36,3 +37,13 @@ class Finding:
     value: float | None = None
     hint: str | None = None
     count: int = 1
+
+
+def listed(names: Sequence[str], limit: int) -> str:
+    """The first ``limit`` names, and how many more there are (alert messages stay one line).
+
+    >>> listed(["a", "b", "c"], 2), listed(["a"], 2)
+    ('a, b and 1 more', 'a')
+    """
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more

@@ -25,7 +25,7 @@ from collections.abc import Callable, Hashable, Iterable, Sequence
 
 from torch import Tensor
 
-from healthmon.numerics.findings import Finding
+from healthmon.numerics.findings import Finding, listed
 
 #: Orders of magnitude below the run's peak global gradient norm that make a stationary point.
 STATIONARY_ORDERS = 3.0
@@ -125,9 +125,7 @@ def zero_finding(
         steps: zero steps with updates between them that were required.
         loss: the loss of the step (NaN when unknown).
     """
-    shown = ", ".join(names[:MAX_NAMES]) + (
-        f" and {len(names) - MAX_NAMES} more" if len(names) > MAX_NAMES else ""
-    )
+    shown = listed(names, MAX_NAMES)
     what = "entirely zero" if fraction >= 1.0 else f"at least {fraction:.0%} zeros"
     loss_text = "unknown" if math.isnan(loss) else f"{loss:.3g}"
     return Finding(
