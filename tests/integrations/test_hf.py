@@ -12,6 +12,7 @@ import inspect
 import json
 import os
 import sys
+import warnings
 from typing import Any
 
 import pytest
@@ -283,3 +284,13 @@ def test_clipping_left_to_the_trainer_logs_its_preclip_norm(tmp_path: Any, monke
     assert all(abs(preclip[s] - v) <= 1e-6 * v for s, v in grad_norm.items())
     norms = scalars(log_dir, "healthmon/grad/norm")
     assert max(grad_norm.values()) > 0.5 and all(v <= 0.5 + 1e-4 for v in norms.values())
+
+
+def test_pure_fp16_weights_without_loss_scaling(tmp_path: Any) -> None:
+    """``model.half()`` trained without a GradScaler: the same code Lightning's ``16-true`` gives."""
+    callback = HFHealthCallback(summary=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit(tmp_path, callback=callback, model=tiny_gpt2().half(), steps=30, max_grad_norm=0.0)
+    codes = {a.code for a in callback.alerts}
+    assert "grad.underflow" in codes, loud(callback)
