@@ -252,6 +252,7 @@ class Driver:
         """Training ended normally: monitors conclude and every rank's alerts are gathered."""
         for m in self.monitors:
             m.on_training_end(run)
+        self.stats.flush_deferred()  # the last step's deferred findings, before alerts are gathered
         self.escalation.gather(run, self.output.text)
 
     def end(self, run: Run, error: BaseException | None = None) -> None:
