@@ -340,9 +340,9 @@ class HFHealthCallback(BundleResults, TrainerCallback):
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             run.model_loss = False
             return
-        handed = (
-            loss.detach().float() if self._loss_normalised else loss.detach().float() / self._micro_batches()
-        )
+        handed = loss.detach().float()
+        if not self._loss_normalised and (micro_batches := self._micro_batches()) > 1:
+            handed = handed / micro_batches  # (a division by one, exact, would cost a tensor op)
         scale = scale_tensor(run.scaler)
         if scale is not None:  # the loss reaching backward is scaled under fp16 AMP
             handed = handed * scale.to(handed.device)

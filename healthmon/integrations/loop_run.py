@@ -116,6 +116,9 @@ class LoopRun(Run):
         #: fabric.clip_gradients.
         self.clipping = "unknown"
         self.autocast: tuple[str, bool, torch.dtype] | None = None
+        # kept, not looked up each step (a walk over every module): the optimizers hold the same
+        # parameter objects, so the loop cannot replace them while it trains
+        self._first_param: Tensor | None = next(iter(self.model.parameters()), None)
         if fabric is not None:
             self.world_size = int(fabric.world_size)
             self.is_global_zero = bool(fabric.is_global_zero)
@@ -129,6 +132,13 @@ class LoopRun(Run):
             self.precision = "16-mixed" if scaler is not None else dtype_precision(self.model)
             wrapped = model is not self.model
             self.strategy = type(model).__name__ if wrapped else ("ddp" if distributed() else "single_device")
+
+    @property
+    @override
+    def root_device(self) -> torch.device:
+        """The device of the model's first parameter (read from the parameter kept at the start)."""
+        param = self._first_param
+        return param.device if param is not None else torch.device("cpu")
 
     # ---- what the loop tells -------------------------------------------------------------------
     def capture_autocast(self) -> None:
