@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from engine.runs import FolderRun
+from engine.runs import FolderRun, PointRecorder
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from healthmon.alerts import AlertPolicy, NumericalHealthError
@@ -24,41 +24,19 @@ from healthmon.monitors.base import Monitor
 from healthmon.tags import LOSS
 
 
-class Recorder(Monitor):
-    """Records the points it is called at; alerts when told to."""
+class Recorder(PointRecorder):
+    """Records the points it is called at; logs the loss and alerts when told to."""
 
-    def __init__(self, alert_at: int | None = None, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.calls: list[str] = []
+    def __init__(self, alert_at: int | None = None) -> None:
+        super().__init__()
         self.alert_at = alert_at
 
-    def on_setup(self, run: Run) -> None:
-        self.calls.append("setup")
-
-    def on_start(self, run: Run) -> None:
-        self.calls.append("start")
-
-    def on_batch_start(self, run: Run, batch: Any, batch_idx: int) -> None:
-        self.calls.append("batch_start")
-
-    def on_loss(self, run: Run, loss: torch.Tensor) -> None:
-        self.calls.append("loss")
-
     def on_optimizer_step(self, run: Run, optimizer: Any) -> None:
-        self.calls.append("optimizer_step")
+        super().on_optimizer_step(run, optimizer)
         stats = self.driver.grad_step(run, optimizer)
         self.driver.log(run, {LOSS: stats.loss or 0.0})
         if run.global_step == self.alert_at:
             self.driver.alert(run, "loss.nonfinite", "seeded alert")
-
-    def on_batch_end(self, run: Run, batch: Any, batch_idx: int) -> None:
-        self.calls.append("batch_end")
-
-    def on_end(self, run: Run, error: BaseException | None) -> None:
-        self.calls.append("end" if error is None else "end:error")
-
-    def on_teardown(self, run: Run) -> None:
-        self.calls.append("teardown")
 
 
 class Quiet(Monitor):
@@ -100,8 +78,9 @@ def test_the_points_of_a_step_in_order(tmp_path: Any) -> None:
     rec, quiet = Recorder(), Quiet()
     driver = Driver([quiet, rec], AlertPolicy("warn"), print_summary=False)
     loop(driver, _run(tmp_path), steps=2)
-    step = ["batch_start", "loss", "optimizer_step", "batch_end"]
-    assert rec.calls == ["setup", "start", *step, *step, "end", "teardown"]
+    step = ["batch_start", "loss", "optimizer_step@{}", "batch_end"]
+    calls = [c.format(i) for i in range(2) for c in step]
+    assert rec.calls == ["setup", "start", *calls, "training_end", "end", "teardown"]
     assert quiet not in driver._per_step["on_optimizer_step"] and rec in driver._per_step["on_loss"]
     assert quiet.driver is driver is rec.driver
 
@@ -124,7 +103,9 @@ def test_raise_policy_raises_at_the_step_and_reports_the_exception(tmp_path: Any
         with pytest.raises(NumericalHealthError):
             loop(driver, _run(tmp_path), steps=4)
     assert rec.calls[-2:] == ["end:error", "teardown"]
-    assert rec.calls.count("optimizer_step") == 2  # the failing step raised before its update
+    assert (
+        sum(c.startswith("optimizer_step") for c in rec.calls) == 2
+    )  # the failing step raised before its update
 
 
 def test_stop_policy_drops_the_step(tmp_path: Any) -> None:

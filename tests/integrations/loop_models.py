@@ -96,3 +96,16 @@ def line_of(path: str, marker: str) -> str:
             if line.rstrip().endswith(f"# BUG: {marker}"):
                 return f"{os.path.relpath(path)}:{i}"
     raise AssertionError(marker)
+
+
+class BatchNormDropout(nn.Module):
+    """BatchNorm buffers and dropout draws: what a replay must leave exactly as it found them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 10)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)

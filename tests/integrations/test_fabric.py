@@ -21,7 +21,7 @@ from lightning.fabric.plugins import MixedPrecision
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
-from loop_models import batches, line_of, mlp, scalars
+from loop_models import BatchNormDropout, batches, line_of, mlp, scalars
 
 import healthmon
 from healthmon.cli import main as cli
@@ -169,17 +169,6 @@ def test_fp16_true_without_loss_scaling_underflows(tmp_path: Any) -> None:
     hm, *_ = fabric_loop(quiet(tmp_path, monitors=monitors), mlp(64, 64), 4, lr=0.01, fabric=fabric)
     assert hm.run.precision == "16-true"
     assert "grad.underflow" in {a.code for a in hm.alerts}, [a.line() for a in hm.alerts]
-
-
-class BatchNormDropout(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 10)
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
 
 
 def test_weights_and_buffers_are_bit_identical_with_every_monitor_on(tmp_path: Any) -> None:

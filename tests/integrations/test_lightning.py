@@ -13,14 +13,13 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from engine.runs import PointRecorder
 from models import DigitsClassifier, digits_loader, trainer
 from pytorch_lightning.callbacks import Callback
 
 from healthmon.alerts import AlertPolicy
 from healthmon.engine.driver import Driver
-from healthmon.engine.run import Run
 from healthmon.integrations.lightning import LightningHooks, LightningRun, active_scaler
-from healthmon.monitors.base import Monitor
 from healthmon.sinks.report import REPORT_NAME
 
 
@@ -96,43 +95,8 @@ def test_loss_on_replays_the_training_step_exactly(tmp_path: Path) -> None:
     assert torch.equal(replayed, F.cross_entropy(model(x), y))
 
 
-class Recorder(Monitor):
-    """Records the points of the hook sequence the driver calls."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[str] = []
-
-    def on_setup(self, run: Run) -> None:
-        self.calls.append("setup")
-
-    def on_start(self, run: Run) -> None:
-        self.calls.append("start")
-
-    def on_batch_start(self, run: Run, batch: Any, batch_idx: int) -> None:
-        self.calls.append("batch_start")
-
-    def on_loss(self, run: Run, loss: torch.Tensor) -> None:
-        self.calls.append("loss")
-
-    def on_optimizer_step(self, run: Run, optimizer: Any) -> None:
-        self.calls.append(f"optimizer_step@{run.global_step}")
-
-    def on_batch_end(self, run: Run, batch: Any, batch_idx: int) -> None:
-        self.calls.append("batch_end")
-
-    def on_training_end(self, run: Run) -> None:
-        self.calls.append("training_end")
-
-    def on_end(self, run: Run, error: BaseException | None) -> None:
-        self.calls.append("end")
-
-    def on_teardown(self, run: Run) -> None:
-        self.calls.append("teardown")
-
-
 class Hooks(LightningHooks):
-    def __init__(self, recorder: Recorder) -> None:
+    def __init__(self, recorder: PointRecorder) -> None:
         self.driver = Driver([recorder], AlertPolicy(), print_summary=False)
 
     def attach(self, trainer: pl.Trainer) -> Driver | None:
@@ -140,7 +104,7 @@ class Hooks(LightningHooks):
 
 
 def test_lightning_hooks_drive_the_one_hook_sequence(tmp_path: Path) -> None:
-    recorder = Recorder()
+    recorder = PointRecorder()
     hooks = Hooks(recorder)
     fit = trainer(tmp_path, [hooks], max_steps=2, accumulate_grad_batches=2)
     fit.fit(DigitsClassifier(), digits_loader(32, n=256))

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
-from loop_models import batches, line_of, mlp, scalars, train
+from loop_models import BatchNormDropout, batches, line_of, mlp, scalars, train
 
 import healthmon
 from healthmon import NumericalHealthError
@@ -220,17 +220,6 @@ def test_gradient_accumulation_counts_optimizer_steps(tmp_path: Any) -> None:
 
 
 # ---- the observer effect ------------------------------------------------------------------------
-class BatchNormDropout(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 10)
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
 def every_check_every_step() -> list[Any]:
     return [
         NonFiniteMonitor(),
