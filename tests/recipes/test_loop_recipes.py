@@ -10,6 +10,7 @@ step; each sick twin is caught with the code Lightning's twin gives.
 from __future__ import annotations
 
 import functools
+import math
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -110,10 +111,11 @@ def plain_loop(build: Callable[[bool], Any], root: Any, *, sick: bool, stop_on: 
     return result
 
 
-def fp16_loop(root: Any, *, sick: bool, stop_on: str | None, clip: float = 200.0) -> Trained:
+def fp16_loop(root: Any, *, sick: bool, stop_on: str | None, clip: float = 50.0) -> Trained:
     """fp16 autocast, a real ``GradScaler`` whose first steps overflow, clipping after ``gradients_ready``.
 
-    The loss is summed over the batch (large gradients: clipping at 200 acts in the first steps).
+    The loss is summed over the batch (large gradients: clipping at 50 acts in the first steps).
+    ``healthmon/grad/norm`` is the norm before clipping: the one ``clip_grad_norm_`` returns.
     """
     torch.manual_seed(0)
     model, data, options = build_fp16_scaler(sick)
@@ -122,6 +124,7 @@ def fp16_loop(root: Any, *, sick: bool, stop_on: str | None, clip: float = 200.0
     steps = options["max_steps"]
     result = watch(model, optimizer, root, steps, scaler=scaler)
     skipped = 0
+    norms: dict[int, float] = {}  # the pre-clip norm clip_grad_norm_ returned, by step
     with result.hm as hm:
         batches = forever(data)
         for i in range(steps):
@@ -131,7 +134,7 @@ def fp16_loop(root: Any, *, sick: bool, stop_on: str | None, clip: float = 200.0
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
             hm.gradients_ready()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            norms[hm.global_step] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
             scale = scaler.get_scale()
             scaler.step(optimizer)
             scaler.update()
@@ -141,6 +144,11 @@ def fp16_loop(root: Any, *, sick: bool, stop_on: str | None, clip: float = 200.0
                 break
     if not sick:
         assert skipped > 0, "the GradScaler never overflowed: the recipe tests nothing"
+        assert any(clip < v < math.inf for v in norms.values()), "clipping never acted"
+        ours = logged(str(root), "healthmon/grad/norm")
+        finite = {s: v for s, v in norms.items() if math.isfinite(v)}
+        assert set(ours) == set(finite)  # the skipped steps log no norm
+        assert all(abs(ours[s] - v) <= 1e-5 * v for s, v in finite.items())
     return result
 
 
