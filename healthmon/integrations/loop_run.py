@@ -119,6 +119,7 @@ class LoopRun(Run):
         # kept, not looked up each step (a walk over every module): the optimizers hold the same
         # parameter objects, so the loop cannot replace them while it trains
         self._first_param: Tensor | None = next(iter(self.model.parameters()), None)
+        self._replaying = False  # inside replay_context: loss_on runs under the loop's autocast
         if fabric is not None:
             self.world_size = int(fabric.world_size)
             self.is_global_zero = bool(fabric.is_global_zero)
@@ -153,14 +154,16 @@ class LoopRun(Run):
     # ---- replays -------------------------------------------------------------------------------
     @override
     def loss_on(self, batch: Any, batch_idx: int) -> Tensor | None:
-        """The step function's loss on ``batch``, under the loop's autocast.
+        """The step function's loss on ``batch``, around ``DistributedDataParallel`` or Fabric's wrapper.
 
-        It runs around ``DistributedDataParallel`` or Fabric's strategy wrapper (every replay calls this,
-        with or without :meth:`replay_context`).
+        Every replay calls this. Inside :meth:`replay_context` (the replays of a step) it runs under
+        the loop's autocast; outside it (the Hessian's products, called from ``hm.step``, possibly
+        inside the user's ``torch.autocast``) with autocast off, in float32, as Lightning calls
+        ``training_step`` there: fp16 autocast's kernels cannot be differentiated twice.
         """
         if self.step_fn is None:
             return super().loss_on(batch, batch_idx)
-        with self._as_in_the_loop():
+        with self._as_in_the_loop(autocast=self._replaying):
             return loss_of(self.step_fn(batch))
 
     @override
@@ -174,18 +177,22 @@ class LoopRun(Run):
     def replay_context(self) -> Iterator[None]:
         """Every state restored; the loop's autocast; under Fabric, around the strategy's wrapper."""
         with isolated(self.model), self._as_in_the_loop():
-            yield
+            self._replaying = True
+            try:
+                yield
+            finally:
+                self._replaying = False
 
     @contextlib.contextmanager
-    def _as_in_the_loop(self) -> Iterator[None]:
+    def _as_in_the_loop(self, *, autocast: bool = True) -> Iterator[None]:
         with contextlib.ExitStack() as stack:
             if self.wrapper is not None:
                 stack.enter_context(loop_fabric.direct_forward(self.wrapper))
             if self.ddp is not None:
                 stack.enter_context(direct_ddp(self.ddp))
-            if self.autocast is not None:
+            if self.autocast is not None:  # the loop's autocast, or autocast off
                 device, enabled, dtype = self.autocast
-                stack.enter_context(torch.autocast(device, dtype=dtype, enabled=enabled))
+                stack.enter_context(torch.autocast(device, dtype=dtype, enabled=enabled and autocast))
             yield
 
     # ---- output --------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from __future__ import annotations
 import weakref
 from typing import Any, Literal
 
+import torch
 from torch import Tensor
 
 from healthmon.engine.driver import Driver
@@ -91,7 +92,10 @@ class Watch(BundleResults):
         run.capture_autocast()
         self._batch_idx += 1
         self._batch = batch
-        self.driver.batch_start(run, batch, self._batch_idx)
+        # outside the user's autocast, as Lightning's batch start is outside the precision plugin's:
+        # the Hessian's products there are float32 (fp16 autocast cannot be differentiated twice)
+        with torch.autocast(run.root_device.type, enabled=False):
+            self.driver.batch_start(run, batch, self._batch_idx)
         output = fn(batch)
         loss = loss_of(output)
         if isinstance(loss, Tensor):

@@ -90,6 +90,32 @@ def test_the_step_functions_loss_replayed_under_the_loops_autocast() -> None:
     assert torch.equal(loss, expected)
 
 
+def test_the_hessians_loss_is_float32_outside_autocast_as_under_lightning() -> None:
+    # Lightning's Hessian estimate calls training_step outside the precision plugin's autocast; the
+    # loop's must too: fp16 autocast's kernels cannot be differentiated twice (the monitor was skipped)
+    model = nn.Linear(3, 2)
+    dtypes: list[torch.dtype] = []
+
+    def step(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        logits = model(x)
+        dtypes.append(logits.dtype)
+        return F.cross_entropy(logits, y)
+
+    run = LoopRun(model, [], step_fn=step)
+    with torch.autocast("cpu", dtype=torch.float16):
+        run.capture_autocast()
+    x, y = torch.randn(4, 3), torch.tensor([0, 1, 1, 0])
+    with torch.autocast("cpu", dtype=torch.float16):  # the Hessian runs in hm.step, in the user's autocast
+        loss = run.loss_on((x, y), 0)
+    (grad,) = torch.autograd.grad(loss, model.weight, create_graph=True)
+    (hvp,) = torch.autograd.grad(grad, model.weight, torch.ones_like(grad))  # twice differentiable
+    assert dtypes == [torch.float32] and hvp.dtype == torch.float32
+    with run.replay_context():
+        run.loss_on((x, y), 0)
+    assert dtypes[-1] == torch.float16  # the replays of the step keep the loop's autocast
+
+
 def test_the_writer_is_the_users_or_a_folder(tmp_path: Path) -> None:
     writer = SummaryWriter(str(tmp_path / "user"))
     through = LoopRun(nn.Linear(2, 2), [], writer=writer).open_writer()
