@@ -108,6 +108,7 @@ HESSIAN_SECONDS = HESSIAN("seconds")  # wall time of the estimate
 HESSIAN_RESIDUAL = HESSIAN("residual")  # relative residual of the top eigenpairs
 HESSIAN_CONVERGED = HESSIAN("converged")  # 1 if every eigenpair converged
 HESSIAN_TRACE = HESSIAN("trace")  # Hutchinson estimate of tr(H) (trace_samples > 0)
+HESSIAN_CLIP_FACTOR = HESSIAN("clip_factor")  # clipping's scale of a step on the probe (clipping on)
 HESSIAN_PRECONDITIONED = HESSIAN("preconditioned_sharpness")  # Adam-type: lambda_max of P^-1 H
 HESSIAN_PRECONDITIONED_LIMIT = HESSIAN("preconditioned_limit")  # Adam-type: its stability limit
 
@@ -131,6 +132,7 @@ ALL_TAGS: frozenset[str] = frozenset(
         HESSIAN_LAMBDA_MAX,
         HESSIAN_LAMBDA_MIN,
         HESSIAN_TWO_OVER_LR,
+        HESSIAN_CLIP_FACTOR,
         HESSIAN_STABILITY_LIMIT,
         HESSIAN_CONDITION,
         HESSIAN_PRODUCTS,

@@ -47,6 +47,8 @@ class Run:
         batches_per_epoch: micro-batches in an epoch (``inf`` when unknown or streamed).
         log_every_n_steps: the loop's logging cadence, used when the monitors set none.
         clips_gradients: gradients are clipped between the hooks' measurement and the step.
+        clip_norm: the global-norm threshold of that clipping when the loop says it (None:
+            no clipping, clipping by value, or a threshold healthmon cannot see).
         total_steps: the planned number of optimizer steps (``inf`` when unknown).
         scaler: the enabled ``GradScaler`` of fp16 mixed precision, or None.
         precision: the precision setting, for the report ("32-true", "16-mixed", ...).
@@ -67,6 +69,7 @@ class Run:
         self.batches_per_epoch = math.inf
         self.log_every_n_steps = 50
         self.clips_gradients = False
+        self.clip_norm: float | None = None
         self.total_steps = math.inf
         self.scaler: Any = None
         self.precision = "32-true"

@@ -283,6 +283,7 @@ class HFHealthCallback(BundleResults, TrainerCallback):
         """Clip after the monitors instead of before them (see the module docstring)."""
         assert self.run is not None
         max_norm = float(args.max_grad_norm or 0)
+        self.run.clip_norm = max_norm if max_norm > 0 else None  # the sharpness test scales by it
         if max_norm > 0 and distributed_type() not in OWN_CLIPPING:
             self._saved_max_grad_norm, self._clip_norm = args.max_grad_norm, max_norm
             args.max_grad_norm = 0.0

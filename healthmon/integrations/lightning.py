@@ -52,6 +52,8 @@ class LightningRun(Run):
         self.strategy = type(trainer.strategy).__name__
         self.automatic_optimization = bool(getattr(pl_module, "automatic_optimization", True))
         self.clips_gradients = bool(trainer.gradient_clip_val) if self.automatic_optimization else False
+        by_norm = getattr(trainer, "gradient_clip_algorithm", "norm") in (None, "norm")
+        self.clip_norm = float(trainer.gradient_clip_val) if self.clips_gradients and by_norm else None
         self.refresh()
 
     def refresh(self) -> None:

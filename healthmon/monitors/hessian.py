@@ -51,6 +51,7 @@ from healthmon.numerics.estimate_plan import (
 from healthmon.numerics.hvp import HVP_METHODS, HessianOperator, HVPMethod, mean_over_ranks
 from healthmon.numerics.probe import ProbeBatch
 from healthmon.numerics.spectrum import SpectrumEstimate
+from healthmon.numerics.stability import clip_factor
 from healthmon.schedules import BudgetClock, LogSpacedSteps, LogThenEvery, log_then_every
 
 __all__ = ["BudgetClock", "HessianEigenMonitor", "LogThenEvery", "log_then_every"]
@@ -340,6 +341,8 @@ class HessianEigenMonitor(Monitor):
                     warm=self._warm if self.warm_start else None,
                     generator=self._generator,
                 )
+                # clipping scales the step the estimate is about: measure by how much, on the probe
+                clip = clip_factor(op.gradient_norm(), run.clip_norm) if run.clip_norm else 1.0
                 op.release()
         except ESTIMATE_ERRORS as err:  # NaN/Inf: NonFiniteMonitor reports the cause
             self._skip(run, failure_reason(err))
@@ -349,14 +352,16 @@ class HessianEigenMonitor(Monitor):
         if self.budgeted:
             self._clock.spent(run.global_step, result.spectrum.seconds)
         self._warm.keep(result.spectrum, result.pre)
-        self._report(run, result)
+        self._report(run, result, clip)
 
-    def _report(self, run: Run, result: CurvatureEstimate) -> None:
+    def _report(self, run: Run, result: CurvatureEstimate, clip: float) -> None:
         values = spectrum_values(result.spectrum, result.limit, result.pre, result.products)
+        if run.clip_norm:
+            values["clip_factor"] = clip
         self.driver.log(run, {TAG + name: v for name, v in values.items()}, run.global_step)
-        self._judge(run, result)
+        self._judge(run, result, clip)
 
-    def _judge(self, run: Run, result: CurvatureEstimate) -> None:
+    def _judge(self, run: Run, result: CurvatureEstimate, clip: float) -> None:
         for found in judge_curvature(
             result.spectrum,
             result.limit,
@@ -364,6 +369,7 @@ class HessianEigenMonitor(Monitor):
             preconditioned=self.preconditioned,
             negative_ratio=self.negative_ratio,
             probe_rows=self._probe.rows,
+            clip=clip,
         ):
             if found.code == SKIPPED:
                 self._skip(run, found.message)

@@ -56,6 +56,7 @@ def judge_sharpness(
     *,
     preconditioned: bool,
     probe_rows: int,
+    clip: float = 1.0,
 ) -> Finding | None:
     """The sharpness test: above the stability limit, a skip reason, or None (stable).
 
@@ -68,27 +69,36 @@ def judge_sharpness(
         pre: the preconditioned sharpness solve (Adam-type), or None.
         preconditioned: whether the preconditioned sharpness was asked for.
         probe_rows: samples in the probe (named in the message).
+        clip: the factor gradient clipping scales a step on the probe by
+            (:func:`~healthmon.numerics.stability.clip_factor`; 1 without clipping): the
+            sharpness that counts is ``clip`` times the measured one.
     """
     lam = est.lambda_max
+    clipped = (
+        f" Gradient clipping scales a step on the probe by {clip:.3g}, so the sharpness that counts "
+        f"is {clip:.3g} x the measured one."
+        if clip < 1.0
+        else ""
+    )
     if limit is None or limit.kind == "unknown":
         return Finding(SKIPPED, "sharpness: no known stability limit for this optimizer")
-    if limit.kind == "sgd" and lam > limit.limit:
+    if limit.kind == "sgd" and clip * lam > limit.limit:
         return Finding(
             "hessian.sharpness",
             f"The top Hessian eigenvalue lambda_max = {lam:.4g} is above the stability limit "
             f"{limit.limit:.4g} ({limit.formula}, lr={limit.lr:.3g}, 2/lr = {limit.two_over_lr:.4g}) "
             f"on a probe of {probe_rows} samples: gradient descent oscillates and diverges "
-            "along its eigenvector.",
-            hint=f"Lower the learning rate below {limit.lr * limit.limit / lam:.3g} (where the limit "
-            "meets lambda_max), or add warm-up.",
+            f"along its eigenvector.{clipped}",
+            hint=f"Lower the learning rate below {limit.lr * limit.limit / (clip * lam):.3g} (where the "
+            "limit meets lambda_max), or add warm-up.",
             value=lam,
         )
-    if limit.kind == "adam" and pre is not None and pre.eigenvalues[0] > limit.limit:
+    if limit.kind == "adam" and pre is not None and clip * pre.eigenvalues[0] > limit.limit:
         ps = pre.eigenvalues[0]
         return Finding(
             "hessian.sharpness",
             f"The preconditioned sharpness lambda_max(P^-1 H) = {ps:.4g} is above Adam's stability "
-            f"limit {limit.limit:.4g} ({limit.formula}, lr={limit.lr:.3g}).",
+            f"limit {limit.limit:.4g} ({limit.formula}, lr={limit.lr:.3g}).{clipped}",
             hint="Lower the learning rate, add warm-up, or raise Adam's eps.",
             value=ps,
         )
@@ -118,10 +128,11 @@ def judge_curvature(
     preconditioned: bool,
     negative_ratio: float,
     probe_rows: int,
+    clip: float = 1.0,
 ) -> list[Finding]:
     """The sharpness finding (or skip), then the negative-curvature one, each when there is one."""
     found = [
-        judge_sharpness(est, limit, pre, preconditioned=preconditioned, probe_rows=probe_rows),
+        judge_sharpness(est, limit, pre, preconditioned=preconditioned, probe_rows=probe_rows, clip=clip),
         judge_negative_curvature(est, negative_ratio),
     ]
     return [f for f in found if f is not None]

@@ -247,6 +247,26 @@ class HessianOperator:
 
     __call__ = matvec
 
+    def gradient_norm(self) -> float:
+        """The L2 norm of the probe loss's gradient at the current weights (one more gradient).
+
+        With gradient clipping it says how much a step on the probe would be scaled down, which
+        the stability test must take into account (:func:`~healthmon.numerics.stability.clip_factor`).
+        """
+
+        def run() -> Tensor:
+            total: Tensor | None = None
+            for fn, w in self.chunks:
+                grads = torch.autograd.grad(fn() * w, self.params, allow_unused=True)
+                part = self._flat([None if g is None else g.detach() for g in grads])
+                total = part if total is None else total + part
+            assert total is not None
+            return total
+
+        flat = self._evaluate(run)
+        flat = flat if self.reduce is None else self.reduce(flat)
+        return float(torch.linalg.vector_norm(flat.double()))
+
     def flatten(self, tensors: Sequence[Tensor | None]) -> Tensor:
         """Concatenate per-parameter tensors (None as zeros) into one flat vector."""
         return self._flat(tensors)

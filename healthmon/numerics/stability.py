@@ -118,3 +118,21 @@ class _Preconditioned:
 def preconditioned(matvec: MatVec, precond: Tensor) -> MatVec:
     """``v -> P^-1/2 H P^-1/2 v``: symmetric, with the eigenvalues of ``P^-1 H``."""
     return _Preconditioned(matvec, precond.rsqrt())
+
+
+def clip_factor(grad_norm: float | None, max_norm: float | None) -> float:
+    """How much clipping by global norm scales a step down: ``min(1, max_norm / grad_norm)``.
+
+    A clipped step moves ``lr * c * g``: the iteration is that of a learning rate ``c * lr``,
+    so the stability limit on the sharpness grows by ``1 / c``. Adam-type optimizers see it
+    differently but with the same result: their second moment is built from clipped gradients,
+    so the preconditioner measured from the optimizer state is ``c`` times the unclipped one and
+    ``lambda_max(P^-1 H)`` reads ``1 / c`` too high. Either way the sharpness to compare with the
+    limit is ``c`` times the measured one.
+
+    >>> clip_factor(10.0, 1.0), clip_factor(0.5, 1.0), clip_factor(10.0, None)
+    (0.1, 1.0, 1.0)
+    """
+    if max_norm is None or grad_norm is None or not math.isfinite(grad_norm) or grad_norm <= max_norm:
+        return 1.0
+    return max_norm / grad_norm

@@ -18,7 +18,7 @@ from healthmon.numerics.curvature_findings import (
 from healthmon.numerics.eigensolvers import EigenResult
 from healthmon.numerics.hvp import HessianOperator
 from healthmon.numerics.spectrum import SpectrumEstimate, estimate_spectrum
-from healthmon.numerics.stability import StabilityLimit, stability_limit
+from healthmon.numerics.stability import StabilityLimit, clip_factor, stability_limit
 from healthmon.numerics.trace import TraceEstimate
 
 
@@ -148,3 +148,32 @@ def test_a_real_estimate_is_judged_by_its_exact_curvature() -> None:
     found = judge_sharpness(est, stability_limit(torch.optim.SGD(model.parameters(), lr=lr)), None,
                             preconditioned=True, probe_rows=64)  # fmt: skip
     assert found is not None and found.value == pytest.approx(exact[-1].item(), rel=1e-10)
+
+
+def test_clipping_scales_the_sharpness_that_counts() -> None:
+    """A clipped step moves lr * c * g: lambda_max above 2/lr but below 2/(c lr) is stable."""
+    clip = clip_factor(grad_norm=4.0, max_norm=2.0)  # c = 0.5
+    assert clip == 0.5
+    assert judge_sharpness(_est(30.0), SGD, None, preconditioned=True, probe_rows=8) is not None
+    assert judge_sharpness(_est(30.0), SGD, None, preconditioned=True, probe_rows=8, clip=clip) is None
+    found = judge_sharpness(_est(30.0), SGD, None, preconditioned=True, probe_rows=8, clip=0.9)
+    assert found is not None and "clipping scales a step on the probe by 0.9" in found.message
+    assert found.hint is not None and "below 0.0741" in found.hint  # lr * 20 / (0.9 * 30)
+    # Adam: v of clipped gradients makes lambda_max(P^-1 H) read 1/c too high
+    pre = _eig(50000.0)
+    assert judge_sharpness(_est(1.0), ADAM, pre, preconditioned=True, probe_rows=8) is not None
+    assert judge_sharpness(_est(1.0), ADAM, pre, preconditioned=True, probe_rows=8, clip=0.5) is None
+
+
+def test_the_probe_gradient_norm_is_the_norm_of_the_concatenated_gradient() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    x = torch.randn(6, 3)
+
+    def loss() -> torch.Tensor:
+        return model(x).pow(2).mean()
+
+    op = HessianOperator(model, [(loss, 1.0)])
+    grads = torch.autograd.grad(loss(), list(model.parameters()))
+    exact = torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in grads]).double())
+    assert op.gradient_norm() == pytest.approx(float(exact), rel=1e-6)
