@@ -318,3 +318,27 @@ def test_a_given_probe_batch_is_used_as_it_is(tmp_path) -> None:
     trainer(tmp_path, [mon], max_steps=2).fit(model, digits_loader(64, n=256))
     assert mon._probe_rows == 8
     assert [a.step for a in mon.alerts if a.code == "hessian.sharpness"][:1] == [0]
+
+
+@pytest.mark.parametrize("clipped", [False, True])
+def test_clipping_scales_the_sharpness_that_counts(tmp_path, clipped: bool) -> None:
+    """lambda_max = 1.5 x 2/lr: unstable for the plain step, stable for a step clipped to half."""
+    torch.manual_seed(0)
+    probe = DigitsClassifier(hidden=(32,), activation=nn.Tanh)
+    lam = _initial_lambda_max(probe, 256)
+    x, y = digits()
+    grads = torch.autograd.grad(F.cross_entropy(probe(x[:256]), y[:256]), list(probe.parameters()))
+    g0 = float(torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in grads])))
+    lr = 1.5 * 2 / lam
+    torch.manual_seed(0)
+    model = DigitsClassifier(hidden=(32,), activation=nn.Tanh, lr=lr)
+    mon = HessianEigenMonitor(every_n_steps=5)
+    options = {"gradient_clip_val": 0.5 * g0} if clipped else {}
+    trainer(tmp_path, [mon], max_steps=1, **options).fit(model, digits_loader(256, n=256, shuffle=False))
+    sharp = [a for a in mon.alerts if a.code == "hessian.sharpness"]
+    if clipped:
+        assert mon.driver.last["healthmon/hessian/clip_factor"] == pytest.approx(0.5, rel=1e-4)
+        assert not sharp  # 0.5 x 1.5 x 2/lr is below 2/lr
+    else:
+        assert "healthmon/hessian/clip_factor" not in mon.driver.last
+        assert sharp and sharp[0].step == 0
