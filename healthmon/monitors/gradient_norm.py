@@ -31,6 +31,7 @@ from healthmon.numerics.first_step import (
     update_ratios,
 )
 from healthmon.numerics.gradient_trends import RULES, judge_trends, trend_rules
+from healthmon.numerics.scale_invariance import NormalisedLayers
 from healthmon.numerics.trends import load_rule_state, rule_state
 from healthmon.numerics.update_size import (
     SENSITIVITY_LIMIT,
@@ -145,6 +146,9 @@ class GradientNormMonitor(Monitor):
         self._snapshot_params: list[Tensor] = []
         self._clip_on = False
         self._snapshot_step = 0
+        # the layers whose output goes straight into a normalisation, seen in the first forward pass
+        self._watch: NormalisedLayers | None = None
+        self.scale_invariant_layers: frozenset[str] | None = None
 
     def _reset_rules(self) -> None:
         self._rules: dict[int, dict[str, Any]] = {}
@@ -206,6 +210,31 @@ class GradientNormMonitor(Monitor):
         self._clip_on = run.clips_gradients
         for optimizer in run.optimizers:
             self._hooks.append(optimizer.register_step_post_hook(self._after_step))
+
+    # ---- the scale-invariant layers: watched in the first micro-batch's own forward pass ------
+    @override
+    def on_batch_start(self, run: Run, batch: Any, batch_idx: int) -> None:
+        if self.scale_invariant_layers is None and self._watch is None:
+            self._watch = NormalisedLayers(run.model)
+            self._watch.attach()
+
+    @override
+    def on_loss(self, run: Run, loss: Tensor) -> None:
+        self._stop_watching()
+
+    def _stop_watching(self) -> None:
+        """Remove the forward hooks; keep the layers seen when a forward pass was watched.
+
+        The first-step rule judges those layers' updates by their sensitivity only: the loss does
+        not depend on their scale, so a step many times their weights is no rewrite
+        (:mod:`~healthmon.numerics.scale_invariance`). The hooks only look at the training step's
+        own forward pass, so the run is unchanged.
+        """
+        watch, self._watch = self._watch, None
+        if watch is None:
+            return
+        watch.detach()
+        self.scale_invariant_layers = frozenset(layer or "(root)" for layer in watch.layers)
 
     @override
     def on_optimizer_step(self, run: Run, optimizer: Any) -> None:
@@ -301,6 +330,7 @@ class GradientNormMonitor(Monitor):
             weights,
             ratio_limit=self.update_ratio_limit,
             sensitivity_limit=self.sensitivity_limit,
+            scale_invariant=self.scale_invariant_layers or (),
         )
         if found:
             self._alert_oversized(measured.step, found)
@@ -325,11 +355,13 @@ class GradientNormMonitor(Monitor):
     @override
     def on_batch_end(self, run: Run, batch: Any, batch_idx: int) -> None:
         # The step was skipped (AMP inf) if these are still set.
+        self._stop_watching()  # no loss was backpropagated (manual optimization): keep what was seen
         self._snapshot_params, self._measured = [], None
         self._sampler.disarm()
 
     @override
     def on_teardown(self, run: Run) -> None:
+        self._stop_watching()
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()

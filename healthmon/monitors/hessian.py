@@ -16,6 +16,13 @@ for every loss evaluation (dropout masks and mixup draws identical across produc
 BatchNorm statistics, train/eval modes, RNG streams, torchmetrics states and ``self.log``
 aggregates are exactly as before: the trained weights are bit-identical with and without
 the monitor. The loss is evaluated in float32 outside autocast.
+
+Which parameters: the Hessian is restricted to the parameters whose scale matters. A layer whose
+output goes straight into a normalisation (BatchNorm in training mode, GroupNorm, LayerNorm, ...)
+is scale-invariant: its curvature grows as ``1/||w||^2`` for small weights, and a large step along
+it only grows ``||w||`` (the effective learning rate ``lr/||w||^2`` falls by itself), so it says
+nothing about divergence. Those layers are found once, at the first estimate, by one forward pass
+of the probe (:mod:`~healthmon.numerics.scale_invariance`) and left out (named in the message).
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ from healthmon.numerics.estimate_plan import (
 )
 from healthmon.numerics.hvp import HVP_METHODS, HessianOperator, HVPMethod, mean_over_ranks
 from healthmon.numerics.probe import ProbeBatch
+from healthmon.numerics.scale_invariance import scale_invariant_parameters
 from healthmon.numerics.spectrum import SpectrumEstimate
 from healthmon.numerics.stability import clip_factor
 from healthmon.schedules import BudgetClock, LogSpacedSteps, LogThenEvery, log_then_every
@@ -203,6 +211,9 @@ class HessianEigenMonitor(Monitor):
         self._generator = torch.Generator().manual_seed(self.seed)
         self.last_estimate: SpectrumEstimate | None = None
         self.estimates = 0
+        # found at the first estimate: the scale-invariant parameters' names, and the rest (None: all)
+        self.scale_invariant: list[str] | None = None
+        self._params: list[str] | None = None
 
     @override
     def config(self) -> dict[str, Any]:
@@ -296,14 +307,37 @@ class HessianEigenMonitor(Monitor):
         )
 
     # ---- the estimate ---------------------------------------------------------------------------
-    def _operator(self, run: Run, method: HVPMethod) -> HessianOperator:
+    def _operator(self, run: Run, method: HVPMethod, *, restricted: bool = True) -> HessianOperator:
         # Each probe batch weighs by its share of the rows: the products are those of the mean loss
         # over all probe samples (mean-reduced losses). NumPy/Python draws are replayed like torch's.
         host_rng = HostRandomState(run.model)
         losses = self._probe.losses(run.loss_on, self.probe_chunk_size, before=host_rng.restore)
         return HessianOperator(
-            run.model, losses, method=method, reduce=mean_over_ranks, cache_graph=len(losses) == 1
+            run.model,
+            losses,
+            params=self._params if restricted else None,
+            method=method,
+            reduce=mean_over_ranks,
+            cache_graph=len(losses) == 1,
         )
+
+    def _find_scale_invariant(self, run: Run) -> None:
+        """Leave the scale-invariant parameters out of the operator (once, at the first estimate).
+
+        The parameters of a layer whose output goes straight into a normalisation (BatchNorm in
+        training mode, GroupNorm, LayerNorm, ...) do not change the loss when scaled: their
+        curvature grows as ``1/||w||^2`` for tiny weights, and a large step along it only grows
+        ``||w||``, lowering their effective learning rate by itself. The stability limit is about
+        the directions where the step's size matters: the others. One forward pass of the probe
+        (inside :func:`isolated`) finds them (:mod:`~healthmon.numerics.scale_invariance`).
+        """
+        host_rng = HostRandomState(run.model)
+        loss_fn = self._probe.losses(run.loss_on, self.probe_chunk_size, before=host_rng.restore)[0][0]
+        invariant = scale_invariant_parameters(run.model, loss_fn)  # with gradients: loss_of wants them
+        trainable = [name for name, p in run.model.named_parameters() if p.requires_grad]
+        kept = [name for name in trainable if name not in invariant]
+        self.scale_invariant = sorted(name for name in trainable if name in invariant)
+        self._params = kept if kept and len(kept) < len(trainable) else None
 
     def _estimate(self, run: Run) -> None:
         optimizer = run.optimizers[0] if run.optimizers else None
@@ -312,6 +346,8 @@ class HessianEigenMonitor(Monitor):
             return
         try:
             with isolated(run.model), torch.enable_grad():
+                if self.scale_invariant is None:
+                    self._find_scale_invariant(run)
                 if self._method is None:
                     self._method = select_hvp_method(
                         lambda m: self._operator(run, m), self.tol, self._generator
@@ -342,7 +378,7 @@ class HessianEigenMonitor(Monitor):
                     generator=self._generator,
                 )
                 # clipping scales the step the estimate is about: measure by how much, on the probe
-                clip = clip_factor(op.gradient_norm(), run.clip_norm) if run.clip_norm else 1.0
+                clip = clip_factor(self._gradient_norm(run, op), run.clip_norm) if run.clip_norm else 1.0
                 op.release()
         except ESTIMATE_ERRORS as err:  # NaN/Inf: NonFiniteMonitor reports the cause
             self._skip(run, failure_reason(err))
@@ -353,6 +389,13 @@ class HessianEigenMonitor(Monitor):
             self._clock.spent(run.global_step, result.spectrum.seconds)
         self._warm.keep(result.spectrum, result.pre)
         self._report(run, result, clip)
+
+    def _gradient_norm(self, run: Run, op: HessianOperator) -> float:
+        """The whole probe gradient's norm (clipping scales by it), also when ``op`` is restricted."""
+        if self._params is None:
+            return op.gradient_norm()
+        assert self._method is not None
+        return self._operator(run, self._method, restricted=False).gradient_norm()
 
     def _report(self, run: Run, result: CurvatureEstimate, clip: float) -> None:
         values = spectrum_values(result.spectrum, result.limit, result.pre, result.products)
@@ -370,6 +413,7 @@ class HessianEigenMonitor(Monitor):
             negative_ratio=self.negative_ratio,
             probe_rows=self._probe.rows,
             clip=clip,
+            left_out=len(self.scale_invariant or ()) if self._params is not None else 0,
         ):
             if found.code == SKIPPED:
                 self._skip(run, found.message)

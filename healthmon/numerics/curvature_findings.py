@@ -57,6 +57,7 @@ def judge_sharpness(
     preconditioned: bool,
     probe_rows: int,
     clip: float = 1.0,
+    left_out: int = 0,
 ) -> Finding | None:
     """The sharpness test: above the stability limit, a skip reason, or None (stable).
 
@@ -72,8 +73,16 @@ def judge_sharpness(
         clip: the factor gradient clipping scales a step on the probe by
             (:func:`~healthmon.numerics.stability.clip_factor`; 1 without clipping): the
             sharpness that counts is ``clip`` times the measured one.
+        left_out: how many scale-invariant parameter tensors the Hessian left out (named in the
+            message): those feeding a normalisation, whose step size does not decide stability.
     """
     lam = est.lambda_max
+    restricted = (
+        f" (Hessian on the parameters whose scale matters: {left_out} scale-invariant tensor(s) feeding "
+        "a normalisation left out)"
+        if left_out
+        else ""
+    )
     clipped = (
         f" Gradient clipping scales a step on the probe by {clip:.3g}, so the sharpness that counts "
         f"is {clip:.3g} x the measured one."
@@ -87,7 +96,7 @@ def judge_sharpness(
             "hessian.sharpness",
             f"The top Hessian eigenvalue lambda_max = {lam:.4g} is above the stability limit "
             f"{limit.limit:.4g} ({limit.formula}, lr={limit.lr:.3g}, 2/lr = {limit.two_over_lr:.4g}) "
-            f"on a probe of {probe_rows} samples: gradient descent oscillates and diverges "
+            f"on a probe of {probe_rows} samples{restricted}: gradient descent oscillates and diverges "
             f"along its eigenvector.{clipped}",
             hint=f"Lower the learning rate below {limit.lr * limit.limit / (clip * lam):.3g} (where the "
             "limit meets lambda_max), or add warm-up.",
@@ -98,7 +107,7 @@ def judge_sharpness(
         return Finding(
             "hessian.sharpness",
             f"The preconditioned sharpness lambda_max(P^-1 H) = {ps:.4g} is above Adam's stability "
-            f"limit {limit.limit:.4g} ({limit.formula}, lr={limit.lr:.3g}).{clipped}",
+            f"limit {limit.limit:.4g} ({limit.formula}, lr={limit.lr:.3g}){restricted}.{clipped}",
             hint="Lower the learning rate, add warm-up, or raise Adam's eps.",
             value=ps,
         )
@@ -129,10 +138,19 @@ def judge_curvature(
     negative_ratio: float,
     probe_rows: int,
     clip: float = 1.0,
+    left_out: int = 0,
 ) -> list[Finding]:
     """The sharpness finding (or skip), then the negative-curvature one, each when there is one."""
     found = [
-        judge_sharpness(est, limit, pre, preconditioned=preconditioned, probe_rows=probe_rows, clip=clip),
+        judge_sharpness(
+            est,
+            limit,
+            pre,
+            preconditioned=preconditioned,
+            probe_rows=probe_rows,
+            clip=clip,
+            left_out=left_out,
+        ),
         judge_negative_curvature(est, negative_ratio),
     ]
     return [f for f in found if f is not None]

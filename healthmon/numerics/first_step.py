@@ -10,7 +10,7 @@ gradient, or a learning rate too large. Pure torch and Python; the monitor turns
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,8 +108,12 @@ def judge_measured_step(
     *,
     ratio_limit: float,
     sensitivity_limit: float,
+    scale_invariant: Collection[str] = (),
 ) -> list[OversizedStep]:
-    """The oversized layers of a measured step, worst first (see :func:`judge_update_sizes`)."""
+    """The oversized layers of a measured step, worst first (see :func:`judge_update_sizes`).
+
+    ``scale_invariant``: the layers judged by their sensitivity only (their output is normalised).
+    """
     present = measured.present
     layer_numel = [0] * len(layers)
     for i, n in zip(measured.layer_index, measured.numels, strict=True):
@@ -123,6 +127,7 @@ def judge_measured_step(
         measured.loss,
         ratio_limit=ratio_limit,
         sensitivity_limit=sensitivity_limit,
+        scale_invariant=scale_invariant,
     )
 
 

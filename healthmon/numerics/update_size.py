@@ -26,7 +26,7 @@ so small models are exact) and scales the sampled squared update to the tensor's
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -172,6 +172,7 @@ def judge_update_sizes(
     ratio_limit: float = UPDATE_RATIO_LIMIT,
     weight_rms_floor: float = WEIGHT_RMS_FLOOR,
     sensitivity_limit: float = SENSITIVITY_LIMIT,
+    scale_invariant: Collection[str] = (),
 ) -> list[OversizedStep]:
     """Layers whose one step was far too large, worst first (host floats, no history needed).
 
@@ -179,7 +180,12 @@ def judge_update_sizes(
     ``max(||w||, weight_rms_floor * sqrt(numel))`` (the step rewrote it), or when its loss
     sensitivity ||g|| * ||w|| / |loss| exceeds ``sensitivity_limit`` (the gradient exploded;
     the only sign under Adam-type optimizers, whose first update is about ``lr`` per entry).
-    Layers with a non-finite value are left to the non-finite checks.
+    Layers with a non-finite value are left to the non-finite checks. The layers named in
+    ``scale_invariant`` (their output goes straight into a normalisation,
+    :mod:`~healthmon.numerics.scale_invariance`) are judged by their sensitivity only: the loss
+    does not depend on their scale, so a step many times their (small) weights only grows
+    ``||w||``, which lowers their effective learning rate by itself; their sensitivity does not
+    depend on the scale.
     """
     found = []
     loss_size = abs(loss) if loss is not None and math.isfinite(loss) and loss != 0.0 else None
@@ -187,7 +193,7 @@ def judge_update_sizes(
         if n <= 0 or not all(map(math.isfinite, (du, w, g))):
             continue
         scale = max(w, weight_rms_floor * math.sqrt(n))
-        rewritten = du > ratio_limit * scale
+        rewritten = du > ratio_limit * scale and name not in scale_invariant
         sensitivity = g * w / loss_size if loss_size is not None else None
         exploded = sensitivity is not None and sensitivity > sensitivity_limit
         if rewritten or exploded:

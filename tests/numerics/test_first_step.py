@@ -89,6 +89,27 @@ def test_judge_measured_step_sums_the_sizes_of_a_layers_tensors() -> None:
     assert found[0].exploded and found[0].sensitivity == pytest.approx(5e5)
 
 
+def test_scale_invariant_layers_are_judged_by_their_sensitivity_only() -> None:
+    # "b" feeds a normalisation: an update 11000x its weights only grows them, no rewrite
+    m = MeasuredStep(0, False, True, [1, 0], [4, 4], {1: 1.0, 0: 1.0}, 1.0)
+    found = judge_measured_step(
+        m,
+        ["a", "b"],
+        [11.0, 11.0],
+        [1.0, 1e-3],
+        ratio_limit=10.0,
+        sensitivity_limit=1e5,
+        scale_invariant={"b"},
+    )
+    assert [f.layer for f in found] == ["a"]
+    # an exploded gradient is still one: ||g|| * ||w|| does not depend on the weights' scale
+    m = MeasuredStep(0, False, True, [0], [4], {0: 1e9}, 2.0)
+    found = judge_measured_step(
+        m, ["b"], [11.0], [1e-3], ratio_limit=10.0, sensitivity_limit=1e5, scale_invariant={"b"}
+    )
+    assert found[0].exploded and not found[0].rewritten
+
+
 def test_recurrent_layers_are_recognised() -> None:
     assert is_recurrent(nn.RNN(2, 2)) and is_recurrent(nn.LSTM(2, 2)) and is_recurrent(nn.GRUCell(2, 2))
     assert not is_recurrent(nn.Linear(2, 2)) and not is_recurrent(None)

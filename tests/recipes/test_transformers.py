@@ -349,15 +349,20 @@ HF_RECIPES = [
 
 # A known false alarm, kept visible until the rule handles it: every convolution of MobileNetV2 feeds a
 # BatchNorm, so the loss is invariant to each conv weight's scale; Hugging Face's init (normal, std
-# 0.02) leaves those weights tiny (||w|| 0.13 in the stem), and the curvature along them, which
-# scales as 1/||w||^2, is lambda_max ~ 6e6 at step 0 against SGD's limit 136 (lr 0.01). The top
-# eigenvector lies in those conv weights, orthogonal to them; the steps along it grow ||w|| and the
-# curvature falls by itself (lambda_max 188 at step 64), and the loss falls steadily. The first
-# step's update is also 39x the stem convs' weights (grad.explosion at step 0).
+# 0.02) leaves those weights tiny (||w|| 0.18 in the stem), and the curvature along them, which
+# scales as 1/||w||^2, is lambda_max ~ 5e6 at step 0 against SGD's limit 136 (lr 0.01). The monitors
+# now find those convs (healthmon.numerics.scale_invariance): the first-step rule no longer flags
+# their update (26x the stem conv's weights, grad.explosion before), and the Hessian leaves their
+# weights out. What remains: the Hessian restricted to the other parameters still has lambda_max
+# 2283 at step 0, along the BatchNorm scales and shifts of the early layers (which feed ReLU6 -> conv
+# -> BatchNorm, so they are nearly scale-invariant too), and that curvature exists only while the
+# convs' weights are tiny (BatchNorm's eps is comparable to their outputs' variance): after one
+# step (the convs' weights 25x larger) it is 356, after two 87, after ten 34, and the loss falls.
 SCALE_INVARIANT_SHARPNESS = pytest.mark.xfail(
     strict=True,
-    reason="hessian.sharpness (and grad.explosion at step 0) on BatchNorm-normalised convs whose "
-    "weights are tiny: sharpness along scale-invariant weights does not predict divergence",
+    reason="hessian.sharpness at step 0: with the scale-invariant conv weights left out, the curvature "
+    "of the BatchNorm parameters is still above the limit while those conv weights are tiny (BatchNorm's "
+    "eps regime), and falls below it within two steps",
 )
 HEALTHY = [
     pytest.param(r, marks=SCALE_INVARIANT_SHARPNESS)
