@@ -86,7 +86,10 @@ class GradientNormMonitor(Monitor):
     ``update_ratio_limit`` times the layer's weights (their norm, floored at an RMS entry of
     1e-2 so zero-initialised parameters are not judged against 0), or ||g|| * ||w|| / |loss|
     exceeds ``sensitivity_limit`` (a gradient explosion that an Adam-type optimizer's normalised
-    first update would hide). The update is measured on those steps and on logged steps (for
+    first update would hide). A layer whose output goes straight into a normalisation (a conv
+    before BatchNorm: scale-invariant, seen in the first training forward pass) is judged by its
+    sensitivity only: a step many times its weights only grows them. The update is measured on
+    those steps and on logged steps (for
     the ratio charts) only, on sampled entries (up to 4096 a tensor; small tensors whole), never
     on a full copy of the weights.
 

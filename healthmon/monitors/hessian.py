@@ -96,7 +96,8 @@ class HessianEigenMonitor(Monitor):
     Alerts:
         ``hessian.sharpness``: SGD-type: ``lambda_max > 2/lr`` (momentum: ``(2 + 2 beta)/lr``);
         Adam-type: the preconditioned sharpness ``lambda_max(P^-1 H)`` above
-        ``(2 + 2 beta1)/((1 - beta1) lr)``. A Ritz value is a lower bound on the true
+        ``(2 + 2 beta1)/((1 - beta1) lr)``; the Hessian of the parameters whose scale matters
+        (scale-invariant ones left out, see the module docstring). A Ritz value is a lower bound on the true
         ``lambda_max``, so the alert is sound even when the estimate has not converged.
         ``hessian.negative_curvature``: ``lambda_min < 0`` and ``|lambda_min| >=
         negative_ratio * lambda_max`` (top estimate converged).
@@ -324,12 +325,8 @@ class HessianEigenMonitor(Monitor):
     def _find_scale_invariant(self, run: Run) -> None:
         """Leave the scale-invariant parameters out of the operator (once, at the first estimate).
 
-        The parameters of a layer whose output goes straight into a normalisation (BatchNorm in
-        training mode, GroupNorm, LayerNorm, ...) do not change the loss when scaled: their
-        curvature grows as ``1/||w||^2`` for tiny weights, and a large step along it only grows
-        ``||w||``, lowering their effective learning rate by itself. The stability limit is about
-        the directions where the step's size matters: the others. One forward pass of the probe
-        (inside :func:`isolated`) finds them (:mod:`~healthmon.numerics.scale_invariance`).
+        See "Which parameters" in the module docstring: one forward pass of the probe, inside
+        :func:`isolated`, finds them (:mod:`~healthmon.numerics.scale_invariance`).
         """
         host_rng = HostRandomState(run.model)
         loss_fn = self._probe.losses(run.loss_on, self.probe_chunk_size, before=host_rng.restore)[0][0]
@@ -363,6 +360,9 @@ class HessianEigenMonitor(Monitor):
                     negative_every=self.negative_every,
                 )
                 op = self._operator(run, self._method)
+                warm = (self._warm.top, self._warm.bottom, self._warm.precond)
+                if any(v is not None and v.shape[0] != op.n for v in warm):
+                    self._warm = WarmStart()  # a checkpoint's vectors over another parameter set
                 result = estimate_curvature(
                     op,
                     optimizer,
