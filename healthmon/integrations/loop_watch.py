@@ -22,7 +22,6 @@ from healthmon.engine.driver import Driver
 from healthmon.engine.run import loss_of
 from healthmon.integrations import loop_fabric
 from healthmon.integrations.loop_run import LoopRun, unwrap_optimizer
-from healthmon.monitors.base import Monitor
 from healthmon.monitors.bundle import BundleResults, bundle_config
 
 #: Torch optimizers under an open watch (a second watch would check every step twice).
@@ -133,10 +132,6 @@ class Watch(BundleResults):
     def global_step(self) -> int:
         """Optimizer steps counted so far (steps the ``GradScaler`` skipped included)."""
         return self.run.global_step
-
-    def monitor(self, kind: type[Monitor]) -> Monitor | None:
-        """The monitor of a given class, if it runs."""
-        return next((m for m in self.driver.monitors if isinstance(m, kind)), None)
 
     def close(self, error: BaseException | None = None) -> None:
         """End the run: write the report and the summary, and remove every hook. Safe to call twice.
