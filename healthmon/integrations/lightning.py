@@ -57,9 +57,17 @@ class LightningRun(Run):
         self.refresh()
 
     def refresh(self) -> None:
-        """Read the step and epoch (once per hook: ``trainer.global_step`` walks five objects)."""
+        """Read the step (once per hook: ``trainer.global_step`` walks five objects)."""
         self.global_step = int(self.trainer.global_step)
-        self.current_epoch = int(self.trainer.current_epoch)
+
+    @property  # read when needed (report, crash record), not at every hook
+    def current_epoch(self) -> int:
+        """The trainer's epoch."""
+        return int(self.trainer.current_epoch)
+
+    @current_epoch.setter
+    def current_epoch(self, value: int) -> None:
+        pass  # read from the trainer
 
     @property
     def optimizers(self) -> list[Any]:

@@ -93,7 +93,10 @@ class Watch(BundleResults):
         self._batch = batch
         # outside the user's autocast, as Lightning's batch start is outside the precision plugin's:
         # the Hessian's products there are float32 (fp16 autocast cannot be differentiated twice)
-        with torch.autocast(run.root_device.type, enabled=False):
+        if run.autocast is not None and run.autocast[1]:
+            with torch.autocast(run.autocast[0], enabled=False):
+                self.driver.batch_start(run, batch, self._batch_idx)
+        else:  # no autocast to leave: no context manager on every step
             self.driver.batch_start(run, batch, self._batch_idx)
         output = fn(batch)
         loss = loss_of(output)
