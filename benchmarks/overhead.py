@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import grad_norm
+from timing import CLOCKS, clock_cost
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -46,7 +47,6 @@ PER_STEP_HOOKS = (
     "on_train_batch_end",
 )
 
-CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.thread_time}
 clock: Callable[[], float] = time.perf_counter
 
 
@@ -137,22 +137,13 @@ def token_loader(batch: int = 16, seq: int = 128, vocab: int = 512, n: int = 512
     return DataLoader(TensorDataset(tokens), batch_size=batch, shuffle=True, drop_last=True)
 
 
-def clock_cost() -> float:
-    """Seconds one reading of the clock takes (subtracted from each timed hook call)."""
-    n = 20000
-    start = clock()
-    for _ in range(n):
-        clock()
-    return (clock() - start) / n
-
-
 def timed_health_monitor(spent: list[float]) -> HealthMonitor:
     """A default HealthMonitor that adds up, per step in ``spent``, the time spent inside its hooks.
 
     The hooks timed: the per-step Lightning hooks and the optimizer step hooks of its monitors.
     """
     monitor = HealthMonitor(summary=False)
-    cost = clock_cost()
+    cost = clock_cost(clock)
 
     def timed(fn: Callable[..., Any], new_step: bool = False) -> Callable[..., Any]:
         def call(*args: Any, **kwargs: Any) -> Any:

@@ -28,11 +28,11 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from timing import CLOCKS, Pair, clock_cost, paired_ratios
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
 
 from healthmon.integrations.hf import HFHealthCallback
 
-CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.thread_time}
 clock: Callable[[], float] = time.perf_counter
 
 #: The callback's per-step Trainer events (the forward hooks are timed apart).
@@ -71,15 +71,6 @@ class Tokens(torch.utils.data.Dataset):  # type: ignore[type-arg]
         return {"input_ids": self.tokens[i], "labels": self.tokens[i]}
 
 
-def clock_cost() -> float:
-    """Seconds one reading of the clock takes (subtracted from each timed call)."""
-    n = 20000
-    start = clock()
-    for _ in range(n):
-        clock()
-    return (clock() - start) / n
-
-
 def timed_callback(spent: list[float], inner: list[float]) -> HFHealthCallback:
     """A default HFHealthCallback adding up, per step, the time inside it (``spent``) and its driver.
 
@@ -87,7 +78,7 @@ def timed_callback(spent: list[float], inner: list[float]) -> HFHealthCallback:
     ``spent - inner`` is the callback's own (the adapter's) cost.
     """
     callback = HFHealthCallback(summary=False)
-    cost = clock_cost()
+    cost = clock_cost(clock)
 
     def timed(fn: Callable[..., Any], into: list[float], new_step: bool = False) -> Callable[..., Any]:
         def call(*args: Any, **kwargs: Any) -> Any:
@@ -171,17 +162,14 @@ def main() -> None:
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    pairs: list[tuple[tuple[float, float], tuple[float, float]]] = []
+    pairs: list[Pair] = []
     for r in range(args.repeats):
         result: dict[str, tuple[float, float]] = {}
         for variant in ("plain", "healthmon") if r % 2 == 0 else ("healthmon", "plain"):
             times = run(args.steps, variant)
             result[variant] = (statistics.median(times), statistics.fmean(times))
         pairs.append((result["plain"], result["healthmon"]))
-    plain_median = statistics.median(p[0][0] for p in pairs)
-    plain_mean = statistics.median(p[0][1] for p in pairs)
-    steady = statistics.median(w[0] / p[0] for p, w in pairs)
-    amortised = statistics.median(w[1] / p[1] for p, w in pairs)
+    plain_median, plain_mean, steady, amortised = paired_ratios(pairs)
     what = "thread CPU time" if args.clock == "cpu" else "wall time"
     print(
         f"HF Trainer, GPT-2 2x64 (vocab 256, seq 64), batch 8, AdamW: {args.steps} steps x "

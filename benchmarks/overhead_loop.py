@@ -19,19 +19,17 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from timing import CLOCKS, Pair, clock_cost, paired_ratios
 from torch import nn
 
 import healthmon
 from healthmon.monitors.bundle import default_monitors
-
-CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.thread_time}
 
 
 def digits_batches(batch: int = 64) -> Iterator[Any]:
@@ -45,15 +43,6 @@ def digits_batches(batch: int = 64) -> Iterator[Any]:
         for i in range(0, len(x) - batch + 1, batch):
             idx = order[i : i + batch]
             yield x[idx], y[idx]
-
-
-def clock_cost(clock: Callable[[], float]) -> float:
-    """Seconds one reading of the clock takes (subtracted from each timed call)."""
-    n = 20000
-    start = clock()
-    for _ in range(n):
-        clock()
-    return (clock() - start) / n
 
 
 def timed(
@@ -153,16 +142,14 @@ def main() -> None:
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     clock = CLOCKS[args.clock]
-    pairs: list[tuple[tuple[float, float], tuple[float, float]]] = []
+    pairs: list[Pair] = []
     for r in range(args.repeats):
         result: dict[bool, tuple[float, float]] = {}
         for watched in (False, True) if r % 2 == 0 else (True, False):
             times = run(args.steps, watched, clock)
             result[watched] = (statistics.median(times), statistics.fmean(times))
         pairs.append((result[False], result[True]))
-    plain_median = statistics.median(p[0][0] for p in pairs)
-    steady = statistics.median(w[0] / p[0] for p, w in pairs)
-    amortised = statistics.median(w[1] / p[1] for p, w in pairs)
+    plain_median, _, steady, amortised = paired_ratios(pairs)
     what = "thread CPU time" if args.clock == "cpu" else "wall time"
     print(
         f"plain loop, MLP 64-512-512-10, digits, batch 64, SGD: {args.steps} steps x "
