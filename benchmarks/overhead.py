@@ -8,6 +8,7 @@ median step times (steady state) and of mean step times (amortised: periodic che
     python benchmarks/overhead.py                     # both models, default sizes
     python benchmarks/overhead.py --models mlp --mlp-steps 300 --repeats 2   # quick look
     python benchmarks/overhead.py --clock cpu         # thread CPU time: robust on a shared machine
+    python benchmarks/overhead.py --accelerator gpu   # the same runs on one CUDA GPU
 
 Models: (a) MLP 64-512-512-10 on scikit-learn digits, batch 64, SGD, 1000 steps;
 (b) a small transformer language model (4 layers, d_model 256, seq 128, batch 16) on synthetic
@@ -48,6 +49,7 @@ PER_STEP_HOOKS = (
 )
 
 clock: Callable[[], float] = time.perf_counter
+accelerator = "cpu"
 
 
 class StepTimer(pl.Callback):
@@ -182,7 +184,8 @@ def run(
         callbacks.append(timed_health_monitor(spent if spent is not None else []))
     with tempfile.TemporaryDirectory() as root:
         trainer = pl.Trainer(
-            accelerator="cpu",
+            accelerator=accelerator,
+            devices=1,
             max_steps=steps,
             callbacks=callbacks,
             logger=TensorBoardLogger(root),
@@ -221,7 +224,8 @@ def measure(
     plain_med = statistics.median(m for m, _, _ in per_run["plain"])
     plain_mean = statistics.median(m for _, m, _ in per_run["plain"])
     what = "thread CPU time" if clock is time.thread_time else "wall time"
-    print(f"\n{name}: {steps} steps x {repeats} interleaved repeats, 1 torch thread, {what}")
+    device = torch.cuda.get_device_name() if accelerator == "gpu" else "CPU"
+    print(f"\n{name}: {steps} steps x {repeats} interleaved repeats on {device}, 1 torch thread, {what}")
     print(f"  plain step: median {1e3 * plain_med:.3f} ms, mean {1e3 * plain_mean:.3f} ms")
     print(
         f"  {'ratio (median of paired runs)':<30} {'steady (median)':>16} {'amortised (mean)':>17}"
@@ -263,9 +267,11 @@ def main() -> None:
     parser.add_argument(
         "--clock", choices=sorted(CLOCKS), default="wall", help="wall time, or this thread's CPU time"
     )
+    parser.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu")
     args = parser.parse_args()
-    global clock
+    global clock, accelerator
     clock = CLOCKS[args.clock]
+    accelerator = args.accelerator
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)

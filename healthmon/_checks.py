@@ -90,6 +90,16 @@ def fraction(value: Any, name: str) -> float:
     return float(value)
 
 
+def optional_fraction(value: Any, name: str) -> float | None:
+    """None, or a number in (0, 1]."""
+    if value is None:
+        return None
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 < value <= 1.0
+    if not ok:
+        raise ValueError(f"`{name}`: expected None or a number in (0, 1], got {value!r}.")
+    return float(value)
+
+
 def choice(value: Any, name: str, allowed: Iterable[str]) -> str:
     allowed = tuple(allowed)
     if value not in allowed:

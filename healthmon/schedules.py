@@ -3,16 +3,22 @@
 * :data:`Cadence` - what every monitor's ``every_n_steps`` accepts: an int period or a callable.
 * :class:`LogThenEvery` - log-spaced steps early in the run, then a fixed period.
 * :class:`BudgetClock` - the next step at which an expensive estimate fits a share of training time.
+* :class:`CheckBudget` - which steps get the per-step gradient checks, within a share of step time.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 Cadence = int | Callable[[int], bool]
+
+#: The share of step time the per-step gradient checks may take by default (see :class:`CheckBudget`).
+DEFAULT_OVERHEAD_BUDGET = 0.01
 
 
 def _positive_int(value: Any, name: str, *, minimum: int = 1) -> int:
@@ -83,15 +89,26 @@ def log_then_every(every: int = 2000, *, base: int = 4) -> Callable[[int], bool]
 
 
 class BudgetClock:
-    """When the next Hessian estimate is due so that estimates take ``budget`` of training time.
+    """When the next Hessian estimate is due so that estimates take at most ``budget`` of training time.
 
-    Training time is measured between batch starts, minus the estimates' own time. The decision
-    is made in steps, at known points (after ``calibration`` timed steps, and right after each
-    estimate): ``next = step + ceil(cost / (budget * seconds_per_step))``. The first estimate
-    comes right after calibration when the whole run can afford it (``budget * total_steps``
-    covers a cold estimate), else once the elapsed time does. ``agree`` maps a
-    proposed interval to the one every DDP rank uses (the largest), so all ranks estimate at the
-    same step.
+    Training time is measured between batch starts, minus the estimates' own time. The budget is
+    cumulative: :attr:`spent_total`, the seconds of every estimate after step 0 (the step-0
+    estimate is promised whatever it costs), stays within ``budget`` x the training time so far,
+    the next estimate coming once the training time covers what was spent plus one more estimate
+    of the last one's cost. The decision is made in steps, at known points (after
+    ``calibration`` timed steps, and right after each estimate):
+    ``next = step + ceil((spent_total + cost - budget * train_seconds) / (budget * seconds_per_step))``,
+    at least one step; ``agree`` maps a proposed interval to the one every DDP rank uses (the
+    largest), so all ranks estimate at the same step. Before any estimate, ``cost`` is that of a
+    cold estimate, about ``COLD_COST_STEPS`` training steps.
+
+    >>> clock = BudgetClock(0.1, calibration=2)
+    >>> clock.train_seconds, clock.timed_steps = 2.0, 2    # 1 s a step
+    >>> clock.spent(2, 0.5)                                 # an estimate of 0.5 s at step 2
+    >>> clock.next_step        # (0.5 spent + 0.5 next - 0.1 * 2 s earned) / 0.1 s a step
+    10
+    >>> clock.spent(3, 0.5); clock.next_step                # (1.0 + 0.5 - 0.2) / 0.1
+    16
     """
 
     COLD_COST_STEPS = 150  # a first (cold) estimate costs about this many training steps
@@ -112,6 +129,7 @@ class BudgetClock:
         self.total_steps = math.inf  # the run's planned optimizer steps (Lightning's estimate)
         self.train_seconds = 0.0
         self.timed_steps = 0
+        self.spent_total = 0.0  # seconds of the estimates after step 0
         self._last: float | None = None
         self._estimating = 0.0
         self.last_cost: float | None = None  # seconds of the latest estimate (early ones too)
@@ -124,20 +142,30 @@ class BudgetClock:
             self.timed_steps += 1
         self._last, self._estimating = now, 0.0
         if self.next_step is None and self.timed_steps >= self.calibration:
-            if self.last_cost is not None:  # an estimate ran before calibration ended
-                self.next_step = step + self._interval(self.last_cost)
-            elif self.budget * self.total_steps >= self.COLD_COST_STEPS:
-                self.next_step = step  # a long run affords its first estimate right away
-            else:
-                self.next_step = step + self._interval(self.COLD_COST_STEPS * self.seconds_per_step)
+            cold = self.COLD_COST_STEPS * self.seconds_per_step
+            cost = self.last_cost if self.last_cost is not None else cold
+            self.next_step = step + self._interval(cost)
         return self.next_step is not None and step >= self.next_step
 
     def spent(self, step: int, seconds: float) -> None:
-        """An estimate at ``step`` took ``seconds``: schedule the next one."""
+        """An estimate at ``step`` took ``seconds`` (all of it, set-up included): schedule the next one."""
         self._estimating += seconds
         self.last_cost = seconds
+        if step > 0:
+            self.spent_total += seconds
         if self.timed_steps >= self.calibration:  # else: planned once the step time is known
             self.next_step = step + self._interval(seconds)
+
+    def early_affordable(self, early_budget: float) -> bool:
+        """Whether one more early estimate fits ``early_budget`` of the planned run's training time.
+
+        Cumulative: the estimates after step 0 plus one more of the last one's cost. Always
+        true when the run's length is unknown or no estimate ran yet.
+        """
+        planned = self.seconds_per_step * self.total_steps
+        if self.last_cost is None or not math.isfinite(planned):
+            return True
+        return self.spent_total + self.last_cost <= early_budget * planned
 
     @property
     def seconds_per_step(self) -> float:
@@ -145,7 +173,8 @@ class BudgetClock:
         return self.train_seconds / max(self.timed_steps, 1)
 
     def _interval(self, cost: float) -> int:
-        return self.agree(max(1, math.ceil(cost / (self.budget * max(self.seconds_per_step, 1e-9)))))
+        owed = self.spent_total + cost - self.budget * self.train_seconds
+        return self.agree(max(1, math.ceil(owed / (self.budget * max(self.seconds_per_step, 1e-9)))))
 
     def state(self) -> dict[str, Any]:
         """The clock's state, for a checkpoint."""
@@ -154,6 +183,7 @@ class BudgetClock:
             "train_seconds": self.train_seconds,
             "timed_steps": self.timed_steps,
             "last_cost": self.last_cost,
+            "spent_total": self.spent_total,
         }
 
     def load(self, state: dict[str, Any]) -> None:
@@ -162,6 +192,7 @@ class BudgetClock:
         self.train_seconds = float(state.get("train_seconds", 0.0))
         self.timed_steps = int(state.get("timed_steps", 0))
         self.last_cost = state.get("last_cost")
+        self.spent_total = float(state.get("spent_total", 0.0))
 
 
 class LogSpacedSteps:
@@ -210,7 +241,103 @@ class LogCadence:
 
     def due(self, step: int, every: int) -> bool:
         """Whether ``step`` writes scalars (and remember it when it does)."""
-        if self.last is None or step % every == 0 or step - self.last >= every:
+        if self.would_log(step, every):
             self.last = step
             return True
         return False
+
+    def would_log(self, step: int, every: int) -> bool:
+        """Whether :meth:`due` would say yes at ``step`` (nothing is remembered)."""
+        return self.last is None or step % every == 0 or step - self.last >= every
+
+
+class CheckBudget:
+    """Which optimizer steps get the full gradient checks, so that they take at most ``budget`` of a step.
+
+    Why: the checks (one fused norm over every gradient, the trend rules, the logged scalars) cost
+    a fixed time, about 0.1 ms a step on a CPU. On a large model that is nothing; on a model whose
+    step takes 2 ms it is 5%. The first ``calibration`` optimizer steps are all checked (the trend
+    rules' warm-ups and the first steps' sizes see every step) while the time between optimizer
+    steps and a check's own cost are measured. Then, and again every ``calibration`` steps, the
+    stride is planned: the smallest power of two (at most ``max_stride``) at which the checks
+    cost at most ``budget`` of the median step. Steps off the stride are not checked (the loss
+    still is, see :class:`~healthmon.engine.step_stats.StepStatistics`). ``budget=None``, or
+    :meth:`every_step`: every step is checked.
+
+    >>> clock = iter(range(0, 10**6, 10))          # a step every 10 time units, checks cost 1
+    >>> checks = CheckBudget(0.02, calibration=4, now=lambda: next(clock) * 1.0)
+    >>> for step in range(8):
+    ...     checks.step_started()
+    ...     if checks.checks(step):
+    ...         checks.spent(1.0)
+    ...     checks.plan(step)
+    >>> checks.stride, [s for s in range(8, 24) if checks.checks(s)]
+    (8, [8, 16])
+    """
+
+    def __init__(
+        self,
+        budget: float | None,
+        *,
+        calibration: int = 20,
+        max_stride: int = 64,
+        now: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.budget = budget
+        self.calibration = _positive_int(calibration, "calibration")
+        self.max_stride = _positive_int(max_stride, "max_stride")
+        self.now = now
+        self.stride = 1
+        self.enabled = budget is not None
+        self._intervals: deque[float] = deque(maxlen=64)  # seconds between optimizer steps, checks excluded
+        self._costs: deque[float] = deque(maxlen=16)  # seconds of recent checks
+        self._last: float | None = None
+        self._spent = 0.0  # check seconds since the last step started
+        self._planned_at = -1
+
+    def every_step(self) -> None:
+        """Check every step from now on (distributed runs, a ``GradScaler``: see the driver)."""
+        self.enabled = False
+        self.stride = 1
+
+    def checks(self, step: int) -> bool:
+        """Whether ``step`` gets the full checks."""
+        return self.stride == 1 or step < self.calibration or step % self.stride == 0
+
+    def step_started(self) -> None:
+        """Call once per optimizer step, before its checks: times the step that just ended."""
+        if not self.enabled:
+            return
+        now = self.now()
+        if self._last is not None:
+            self._intervals.append(max(now - self._last - self._spent, 0.0))
+        self._last, self._spent = now, 0.0
+
+    def spent(self, seconds: float) -> None:
+        """A check took ``seconds``."""
+        self._costs.append(seconds)
+        self._spent += seconds
+
+    def plan(self, step: int) -> None:
+        """Re-plan the stride at the end of calibration and every ``calibration`` steps after."""
+        if not self.enabled or step + 1 < self.calibration or step - self._planned_at < self.calibration:
+            return
+        self._planned_at = step
+        if not self._intervals or not self._costs:
+            return
+        allowed = self.budget * statistics.median(self._intervals)  # type: ignore[operator]
+        cost = statistics.fmean(self._costs)
+        stride = 1
+        while stride < self.max_stride and cost / stride > allowed:
+            stride *= 2
+        self.stride = stride
+
+    @property
+    def seconds_per_check(self) -> float | None:
+        """The mean cost of the recent checks (None before the first)."""
+        return statistics.fmean(self._costs) if self._costs else None
+
+    @property
+    def seconds_per_step(self) -> float | None:
+        """The median time between optimizer steps, checks excluded (None before two steps)."""
+        return statistics.median(self._intervals) if self._intervals else None

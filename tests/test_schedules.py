@@ -35,38 +35,32 @@ def test_an_estimate_before_calibration_is_priced_once_step_times_are_known() ->
     clock.total_steps = 1000
     assert clock.due(0) is False
     clock.spent(0, 3.0)  # a 3 s estimate at step 0, before any step time is known
-    assert clock.next_step is None
+    assert clock.next_step is None and clock.spent_total == 0.0  # step 0 is outside the budget
     t[0] += 4.0  # 3 s estimate + 1 s step
     clock.due(1)
     t[0] += 1.0
-    clock.due(2)  # calibrated: 1 s per step; 3 s at 10% -> 30 steps on
-    assert clock.seconds_per_step == 1.0 and clock.next_step == 2 + 30
+    clock.due(2)  # calibrated: 1 s per step, 2 s trained; one more 3 s estimate at 10%
+    assert clock.seconds_per_step == 1.0 and clock.next_step == 2 + 28  # (3 - 0.1 * 2) / 0.1
 
 
-def test_budget_clock_schedules_in_steps_from_measured_costs() -> None:
+def test_budget_clock_keeps_the_estimates_after_step_0_within_the_budget() -> None:
     t = [0.0]
     clock = BudgetClock(0.1, calibration=2, now=lambda: t[0])
-    clock.total_steps = 1000  # 10% of 1000 steps cannot pay for a cold estimate up front
+    clock.total_steps = 1000
     due = []
     for step in range(3):  # 1 s per step; nothing is due before calibration ends
         due.append(clock.due(step))
         t[0] += 1.0
     assert due == [False, False, False]
-    # after 2 timed steps of 1 s: a cold estimate (150 steps) at 10% of the time -> 1500 steps on
-    assert clock.next_step == 2 + 1500
-    clock.spent(1502, 5.0)  # an estimate that took 5 s: the next one 50 steps later
-    assert clock.next_step == 1552
+    # no estimate yet: a cold one (150 step-times) is earned at 10% of the 1 s steps
+    assert clock.next_step == 2 + 1498  # (150 - 0.1 * 2) / 0.1
+    clock.spent(1500, 5.0)  # 5 s spent: the next 5 s estimate once 10% of training time covers 10 s
+    assert clock.spent_total == 5.0 and clock.next_step == 1500 + 98  # (5 + 5 - 0.2) / 0.1
     t[0] += 5.0  # the estimate's own time does not count as training time
-    assert clock.due(1503) is False and clock.seconds_per_step == 1.0
+    assert clock.due(1501) is False and clock.seconds_per_step == 1.0
     agreed = BudgetClock(0.1, calibration=1, agree=lambda steps: steps * 2, now=lambda: t[0])
     agreed.total_steps = 1000
     agreed.due(0)
     t[0] += 1.0
     agreed.due(1)
-    assert agreed.next_step == 1 + 2 * 1500  # the DDP agreement decides
-
-    long_run = BudgetClock(0.02, calibration=1, now=lambda: t[0])
-    long_run.total_steps = 100_000  # 2% of 100k steps affords the first estimate right away
-    long_run.due(0)
-    t[0] += 1.0
-    assert long_run.due(1) is True and long_run.next_step == 1
+    assert agreed.next_step == 1 + 2 * 1499  # the DDP agreement decides

@@ -9,10 +9,16 @@ driver as their way out: :meth:`alert`, :meth:`log`, :meth:`grad_step`, :meth:`d
 
 Order of a step: ``batch_start`` -> ``before_backward`` (per micro-batch) ->
 ``before_optimizer_step`` (per optimizer, after unscaling, before clipping) -> ``batch_end``.
+
+Checked steps: the monitors' ``on_optimizer_step`` runs on the steps the
+:class:`~healthmon.schedules.CheckBudget` selects (every step, unless that would cost more than
+``overhead_budget`` of the step time), on the steps a monitor's own ``every_n_steps`` asks for,
+on log steps, and on any step whose loss is NaN/Inf. Other steps fetch only the loss.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -41,15 +47,21 @@ class Driver:
         policy: AlertPolicy,
         *,
         log_every_n_steps: int | None = None,
+        overhead_budget: float | None = None,
         write_report: bool = True,
         print_summary: bool = True,
     ) -> None:
         self.monitors: list[Monitor] = []
-        self.stats = StepStatistics(log_every_n_steps)
+        self.stats = StepStatistics(log_every_n_steps, overhead_budget)
         self.escalation = Escalation(policy)
         self.output = RunOutput(write_report=write_report, print_summary=print_summary)
         self.run: Run | None = None
         self._per_step: dict[str, list[Monitor]] = {hook: [] for hook in PER_STEP}
+        self._own_cadence: list[Monitor] = []  # step checkers with an every_n_steps of their own
+        self._unchecked: dict[str, list[Monitor]] = {hook: [] for hook in PER_STEP}
+        self._light = False  # this batch's optimizer step will not be checked
+        self._light_next = False  # the next optimizer step will not be checked (one optimizer)
+        self._one_optimizer = False  # the run has exactly one optimizer (read at start)
         for m in monitors:
             self.add(m)
 
@@ -65,6 +77,9 @@ class Driver:
             self._per_step[hook] = [
                 m for m in self.monitors if getattr(type(m), hook) is not getattr(Monitor, hook)
             ]
+        self._own_cadence = [m for m in self._per_step["on_optimizer_step"] if m.every_n_steps is not None]
+        for hook in PER_STEP:
+            self._unchecked[hook] = [m for m in self._per_step[hook] if hook in m.unchecked_points]
         monitor.bind(self)
         if self.run is not None:  # joined after setup (a standalone monitor after the bundle)
             monitor.on_setup(self.run)
@@ -211,14 +226,34 @@ class Driver:
 
     def start(self, run: Run) -> None:
         """The loop is about to take its first step: monitors read the loop's settings."""
+        self._one_optimizer = len(run.optimizers) == 1
+        self._light = self._light_next = False
         for m in self.monitors:
             m.on_start(run)
         self.output.start()
 
     def batch_start(self, run: Run, batch: Any, batch_idx: int) -> None:
-        """A micro-batch begins: the monitors that watch batch starts see it."""
-        for m in self._per_step["on_batch_start"]:
+        """A micro-batch begins: the monitors that watch batch starts see it.
+
+        When the coming optimizer step will not be checked, only the monitors that name a point
+        in their ``unchecked_points`` are called at this batch's points.
+        """
+        self._light = self._light_next
+        for m in self._points("on_batch_start"):
             m.on_batch_start(run, batch, batch_idx)
+
+    def _points(self, hook: str) -> list[Monitor]:
+        return self._unchecked[hook] if self._light else self._per_step[hook]
+
+    def _unchecked_next(self, run: Run) -> bool:
+        """Whether the next optimizer step is sure not to be checked (decided at this one's end).
+
+        One optimizer, past calibration, off the stride, not a log step, no monitor's own cadence.
+        """
+        stats, step = self.stats, run.global_step + 1
+        if stats.budget.stride == 1 or not self._one_optimizer or stats.checked_next(step, run):
+            return False
+        return not any(m.due_at(step) for m in self._own_cadence)
 
     def before_backward(self, run: Run, loss: Tensor, *, scaled: bool = True) -> None:
         """The loss of one micro-batch, as handed to backward (scaled under fp16 AMP).
@@ -227,22 +262,49 @@ class Driver:
         plain loop hands healthmon the loss its step function returned).
         """
         self.stats.add_loss(loss, scaled=scaled)
-        for m in self._per_step["on_loss"]:
+        for m in self._points("on_loss"):
             m.on_loss(run, loss)
 
     def before_optimizer_step(self, run: Run, optimizer: Any) -> None:
-        """Gradients are complete and unscaled, not yet clipped: the monitors' main check."""
-        for m in self._per_step["on_optimizer_step"]:
-            m.on_optimizer_step(run, optimizer)
-        self.stats.end_step()
+        """Gradients are complete and unscaled, not yet clipped: the monitors' main check.
+
+        On a step that is not checked (see the module docstring) only the loss is fetched; a
+        NaN/Inf loss makes it a checked step.
+        """
+        stats, budget = self.stats, self.stats.budget
+        budget.step_started()
+        started = budget.now()
+        if not self._light and self.checks(run, optimizer):
+            self._light = False
+            for m in self._per_step["on_optimizer_step"]:
+                m.on_optimizer_step(run, optimizer)
+            budget.spent(budget.now() - started)
+        else:
+            if self._light:
+                stats.count_unchecked()
+            loss = stats.fetch_loss(run)
+            if loss is not None and not math.isfinite(loss):
+                self._light = False  # every monitor sees this step through
+                for m in self._per_step["on_optimizer_step"]:
+                    m.on_optimizer_step(run, optimizer)
+        budget.plan(run.global_step)
+        self._light_next = self._unchecked_next(run)
+        stats.end_step()
         self.escalation.enforce(run, optimizer)
+
+    def checks(self, run: Run, optimizer: Any) -> bool:
+        """Whether this optimizer step gets the monitors' gradient checks (call once per step)."""
+        if self.stats.checks(run, optimizer):
+            return True
+        step = run.global_step
+        return any(m.due_at(step) for m in self._own_cadence)
 
     def batch_end(self, run: Run, batch: Any, batch_idx: int) -> None:
         """A micro-batch ended: monitors see it and the policy acts.
 
         At log steps, every rank's alerts are gathered.
         """
-        for m in self._per_step["on_batch_end"]:
+        for m in self._points("on_batch_end"):
             m.on_batch_end(run, batch, batch_idx)
         self.escalation.enforce(run)
         if self.stats.is_log_step(run):

@@ -1,8 +1,10 @@
 """Per-step gradient statistics, computed once per optimizer step and shared by the monitors.
 
-One fused norm kernel and one host synchronisation per optimizer step: the per-tensor norms, the
-loss handed to backward, the loss scale and every value a monitor deferred are fetched together;
-global, per-layer and per-group norms are then sums of squares on the host.
+One fused norm kernel and one host synchronisation per checked optimizer step: the per-tensor
+norms, the loss handed to backward, the loss scale and every value a monitor deferred are fetched
+together; global, per-layer and per-group norms are then sums of squares on the host. A step the
+:class:`~healthmon.schedules.CheckBudget` leaves unchecked costs one synchronisation of the loss
+(and the deferred values) and no pass over the gradients.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from healthmon.numerics.gradients import (
     reduce_sharded_norms,
     tensor_norms,
 )
-from healthmon.schedules import LogCadence
+from healthmon.schedules import CheckBudget, LogCadence
 
 
 def layer_of(param_name: str) -> str:
@@ -112,8 +114,10 @@ def scale_tensor(scaler: Any) -> Tensor | None:
 class StepStatistics:
     """The parameter index, the accumulated loss and the per-step gradient statistics of a run."""
 
-    def __init__(self, log_every_n_steps: int | None = None) -> None:
+    def __init__(self, log_every_n_steps: int | None = None, overhead_budget: float | None = None) -> None:
         self.log_every_n_steps = log_every_n_steps
+        self.budget = CheckBudget(overhead_budget)
+        self.unchecked_step = -1  # the last step whose loss was finite and whose gradients were not checked
         self.params: ParamIndex | None = None
         self.scaler: Any = None
         self.amp_skipped_steps = 0
@@ -122,15 +126,20 @@ class StepStatistics:
         self._cache_step = -1
         self._deferred: list[tuple[Tensor, Callable[[list[float]], None]]] = []
         self._log_cadence: dict[int, LogCadence] = {}
+        self._optimizer_steps: dict[int, int] = {}  # optimizer index -> its steps so far
 
     def setup(self, run: Run) -> None:
         """Index the parameters and find the scaler; once per fit."""
         self.params = ParamIndex(run.model)
         self.scaler = run.scaler
+        if run.world_size > 1 or self.scaler is not None:
+            # ranks must agree on the checked steps, and every step of a GradScaler can overflow
+            self.budget.every_step()
         self._loss_sum = None
         self._cache.clear()
         self._cache_step = -1
         self._log_cadence.clear()
+        self._optimizer_steps.clear()
 
     def is_log_step(self, run: Run, optimizer_index: int | None = None) -> bool:
         """Whether scalars are written at this step.
@@ -143,6 +152,31 @@ class StepStatistics:
         if optimizer_index is None:
             return run.global_step % every == 0
         return self._log_cadence.setdefault(optimizer_index, LogCadence()).due(run.global_step, every)
+
+    def checked_next(self, step: int, run: Run) -> bool:
+        """Whether the next step (``step``) of a run's one optimizer will be checked (nothing counted)."""
+        if self.budget.checks(self._optimizer_steps.get(0, 0)):
+            return True
+        cadence = self._log_cadence.get(0)
+        return cadence is None or cadence.would_log(step, self.log_every(run))
+
+    def count_unchecked(self) -> None:
+        """Count a step of the run's one optimizer known in advance not to be checked."""
+        self._optimizer_steps[0] = self._optimizer_steps.get(0, 0) + 1
+
+    def checks(self, run: Run, optimizer: Any) -> bool:
+        """Whether this step of ``optimizer`` gets the gradient checks (the budget's or a log step).
+
+        The budget's stride counts each optimizer's own steps: under manual optimization two
+        optimizers take turns on the global step, and each is checked every k-th of its steps.
+        """
+        index = optimizer_index(run, optimizer) if len(run.optimizers) > 1 else 0
+        count = self._optimizer_steps.get(index, 0)
+        self._optimizer_steps[index] = count + 1
+        if self.budget.checks(count):
+            return True
+        cadence = self._log_cadence.get(index)
+        return cadence is None or cadence.would_log(run.global_step, self.log_every(run))
 
     def log_every(self, run: Run) -> int:
         """The logging interval: the monitors' ``log_every_n_steps``, else the loop's."""
@@ -189,14 +223,7 @@ class StepStatistics:
         scale = scale_tensor(self.scaler)
         if scale is not None:
             parts.append(scale.detach().to(device=device, dtype=dtype).reshape(1))
-        deferred, self._deferred = self._deferred, []
-        parts.extend(t.detach().reshape(-1).to(device=device, dtype=dtype) for t, _ in deferred)
-        host = (torch.cat(parts) if len(parts) > 1 else parts[0]).tolist()  # the one host sync
-        end = len(host)
-        for t, callback in reversed(deferred):
-            start = end - t.numel()
-            callback(host[start:end])
-            end = start
+        host = self._fetch(parts)
         norms = host[: len(params)]
         index = optimizer_index(run, optimizer)
         norm = combined_norm(norms)  # = the norm of the concatenated gradient
@@ -228,6 +255,38 @@ class StepStatistics:
         )
         self._cache[id(optimizer)] = result
         return result
+
+    def _fetch(self, parts: list[Tensor]) -> list[float]:
+        """``parts`` and the deferred values in one host synchronisation; run the deferred callbacks.
+
+        Returns the values of ``parts``, concatenated.
+        """
+        device, dtype = parts[0].device, parts[0].dtype
+        deferred, self._deferred = self._deferred, []
+        parts.extend(t.detach().reshape(-1).to(device=device, dtype=dtype) for t, _ in deferred)
+        host = (torch.cat(parts) if len(parts) > 1 else parts[0]).tolist()  # the one host sync
+        end = len(host)
+        for t, callback in reversed(deferred):
+            start = end - t.numel()
+            callback(host[start:end])
+            end = start
+        return host[:end]
+
+    def fetch_loss(self, run: Run) -> float | None:
+        """The loss of an unchecked step (and the deferred values), in one host synchronisation.
+
+        No pass over the gradients. Returns None when no loss was handed to backward. A finite
+        loss marks the step as :attr:`unchecked_step`: if its update corrupts the weights, the
+        next step says its gradients were not checked.
+        """
+        loss = self._loss_sum
+        if loss is None:
+            self.flush_deferred()
+            return None
+        value = loss.item() if not self._deferred else self._fetch([loss.reshape(1)])[0]
+        if math.isfinite(value):
+            self.unchecked_step = run.global_step
+        return value
 
     def defer(self, values: Tensor, callback: Callable[[list[float]], None]) -> None:
         """Fetch device ``values`` with the next step's synchronisation and hand them to ``callback``.

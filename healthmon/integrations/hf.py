@@ -54,6 +54,7 @@ from healthmon.engine.step_stats import scale_tensor
 from healthmon.engine.writer import Writer
 from healthmon.monitors.base import Monitor
 from healthmon.monitors.bundle import BundleResults, bundle_config, bundle_driver
+from healthmon.schedules import DEFAULT_OVERHEAD_BUDGET
 
 #: The Trainer's pre-clip gradient norm (from its logs), when the monitors see clipped gradients.
 TAG_NORM_PRECLIP = tags.GRAD_NORM_PRECLIP
@@ -186,6 +187,8 @@ class HFHealthCallback(BundleResults, TrainerCallback):
         fail_on: lowest severity that raises or stops ("info", "warning" or "error").
         monitors: the monitors to run; default ``default_monitors()``.
         log_every_n_steps: how often scalars are written; None follows ``logging_steps``.
+        overhead_budget: the share of the step time the per-step gradient checks may take
+            (default 0.01); see :class:`~healthmon.monitors.health.HealthMonitor`.
         report: write the JSON report beside the event files at the end of training.
         summary: print the end-of-training summary on the main process.
         log_dir: where healthmon's TensorBoard events and report go; default
@@ -200,6 +203,7 @@ class HFHealthCallback(BundleResults, TrainerCallback):
         fail_on: Severity = "warning",
         monitors: Sequence[Monitor] | None = None,
         log_every_n_steps: int | None = None,
+        overhead_budget: float | None = DEFAULT_OVERHEAD_BUDGET,
         report: bool = True,
         summary: bool = True,
         log_dir: str | None = None,
@@ -209,6 +213,7 @@ class HFHealthCallback(BundleResults, TrainerCallback):
             fail_on=fail_on,
             monitors=monitors,
             log_every_n_steps=log_every_n_steps,
+            overhead_budget=overhead_budget,
             report=report,
             summary=summary,
         )

@@ -36,6 +36,26 @@ def active_scaler(trainer: Any) -> Any:
     return scaler
 
 
+def step_counter(trainer: Any, pl_module: torch.nn.Module) -> Any | None:
+    """The fit loop's progress record whose ``completed`` is ``trainer.global_step``, or None.
+
+    ``trainer.global_step`` walks five objects and a property at each read; the record is updated
+    in place (also when a checkpoint restores the loop), so reading it is the same number at a
+    fraction of the cost. None where this Lightning keeps the count elsewhere.
+    """
+    try:
+        loop = trainer.fit_loop.epoch_loop
+        if getattr(pl_module, "automatic_optimization", True):
+            counter = loop.automatic_optimization.optim_progress.optimizer.step.total
+        else:
+            counter = loop.manual_optimization.optim_step_progress.total
+        if int(counter.completed) == int(trainer.global_step):
+            return counter
+    except (AttributeError, TypeError, ValueError):
+        pass
+    return None
+
+
 class LightningRun(Run):
     """A :class:`Run` read from a Lightning ``Trainer`` and ``LightningModule``."""
 
@@ -54,11 +74,13 @@ class LightningRun(Run):
         self.clips_gradients = bool(trainer.gradient_clip_val) if self.automatic_optimization else False
         by_norm = getattr(trainer, "gradient_clip_algorithm", "norm") in (None, "norm")
         self.clip_norm = float(trainer.gradient_clip_val) if self.clips_gradients and by_norm else None
+        self._counter = step_counter(trainer, pl_module)
         self.refresh()
 
     def refresh(self) -> None:
-        """Read the step (once per hook: ``trainer.global_step`` walks five objects)."""
-        self.global_step = int(self.trainer.global_step)
+        """Read the step, once per hook (one attribute of the fit loop's progress record)."""
+        counter = self._counter
+        self.global_step = int(counter.completed if counter is not None else self.trainer.global_step)
 
     @property  # read when needed (report, crash record), not at every hook
     def current_epoch(self) -> int:

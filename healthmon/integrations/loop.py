@@ -36,6 +36,7 @@ from healthmon.integrations.loop_checks import (
 from healthmon.integrations.loop_run import LoopRun, StepFn
 from healthmon.integrations.loop_watch import WATCHED, Watch
 from healthmon.monitors.base import Monitor
+from healthmon.schedules import DEFAULT_OVERHEAD_BUDGET
 
 __all__ = ["Watch", "watch"]
 
@@ -55,6 +56,7 @@ def watch(
     fail_on: Severity = "warning",
     monitors: Sequence[Monitor] | None = None,
     log_every_n_steps: int | None = None,
+    overhead_budget: float | None = DEFAULT_OVERHEAD_BUDGET,
     report: bool = True,
     summary: bool = True,
 ) -> Watch:
@@ -79,6 +81,11 @@ def watch(
         fail_on: lowest severity that raises or stops ("info", "warning" or "error").
         monitors: the monitors to run; default ``default_monitors()``, as ``HealthMonitor``.
         log_every_n_steps: how often scalars are written (default 50).
+        overhead_budget: the share of the step time the per-step gradient checks may take
+            (default 0.01). On a model whose step is so short that checking every step would cost
+            more, the gradients are checked every k-th step (k a power of two up to 16, planned
+            after the first 50 steps, which are all checked; log steps always are) and the loss
+            is still checked for NaN/Inf on every step. None: check every step whatever it costs.
         report: write the JSON report at :meth:`Watch.close`.
         summary: print the summary at :meth:`Watch.close` (rank zero).
 
@@ -114,6 +121,7 @@ def watch(
         fail_on=fail_on,
         monitors=monitors,
         log_every_n_steps=log_every_n_steps,
+        overhead_budget=overhead_budget,
         report=report,
         summary=summary,
     )

@@ -25,6 +25,7 @@ from healthmon.alerts import Alert, AlertPolicy, OnAlert, Severity, severity_ran
 from healthmon.engine.driver import Driver
 from healthmon.engine.run import Run
 from healthmon.integrations.lightning import LightningHooks
+from healthmon.schedules import DEFAULT_OVERHEAD_BUDGET
 
 
 def strictest_policy(policies: list[AlertPolicy]) -> AlertPolicy:
@@ -39,11 +40,17 @@ def strictest_policy(policies: list[AlertPolicy]) -> AlertPolicy:
     return AlertPolicy(on_alert, min((p.fail_on for p in acting), key=severity_rank))
 
 
+def _every_checked_step(step: int) -> bool:
+    return True
+
+
 class Monitor(LightningHooks):
     """Common machinery of the healthmon monitors.
 
     Args:
-        every_n_steps: run the check every N optimizer steps, or a callable ``step -> bool``.
+        every_n_steps: run the check every N optimizer steps, or a callable ``step -> bool``;
+            None: on the steps the driver checks (every step unless that costs more than the
+            bundle's ``overhead_budget``, see :class:`~healthmon.schedules.CheckBudget`).
         on_alert: "warn" (record and warn), "raise" (:class:`NumericalHealthError` inside ``fit``)
             or "stop" (skip the offending step and stop the Trainer cleanly). Used only when the
             monitor runs on its own; inside ``HealthMonitor`` the bundle's policy applies.
@@ -55,16 +62,21 @@ class Monitor(LightningHooks):
     #: bundle, so that extra computation of other monitors (probe passes) is not intercepted.
     intercepts_forward: ClassVar[bool] = False
 
+    #: The points a monitor is called at on steps whose gradients are not checked (see
+    #: :class:`~healthmon.schedules.CheckBudget`). All by default; a monitor whose per-step work
+    #: only serves the gradient checks names fewer, and those steps cost it nothing.
+    unchecked_points: ClassVar[frozenset[str]] = frozenset({"on_batch_start", "on_loss", "on_batch_end"})
+
     def __init__(
         self,
         *,
-        every_n_steps: Cadence = 1,
+        every_n_steps: Cadence | None = None,
         on_alert: OnAlert = "warn",
         fail_on: Severity = "warning",
         log_every_n_steps: int | None = None,
     ) -> None:
-        self.every_n_steps = _checks.check_cadence(every_n_steps)
-        self._schedule = _checks.cadence(every_n_steps)
+        self.every_n_steps = None if every_n_steps is None else _checks.check_cadence(every_n_steps)
+        self._schedule = _every_checked_step if every_n_steps is None else _checks.cadence(every_n_steps)
         self.policy = AlertPolicy(on_alert, fail_on)
         if log_every_n_steps is not None:
             _checks.positive_int(log_every_n_steps, "log_every_n_steps")
@@ -101,11 +113,17 @@ class Monitor(LightningHooks):
     def config(self) -> dict[str, Any]:
         """The settings recorded in the report and TensorBoard's configuration text."""
         every = self.every_n_steps
+        if every is None:
+            return {"every_n_steps": "checked steps"}
         return {"every_n_steps": every if isinstance(every, int) else getattr(every, "__name__", repr(every))}
 
     def should_run(self, run: Run) -> bool:
         """Whether this step is on the monitor's cadence."""
         return bool(self._schedule(run.global_step))
+
+    def due_at(self, step: int) -> bool:
+        """Whether ``step`` is on the monitor's cadence."""
+        return bool(self._schedule(step))
 
     def declare_layout(self, driver: Driver) -> None:
         """Add this monitor's charts to the custom-scalars layout (override)."""
@@ -173,7 +191,12 @@ class Monitor(LightningHooks):
         if peers[0] is not self:
             return None  # the first standalone monitor drives every peer
         every = next((m.log_every_n_steps for m in peers if m.log_every_n_steps is not None), None)
-        driver = Driver(peers, strictest_policy([m.policy for m in peers]), log_every_n_steps=every)
+        driver = Driver(
+            peers,
+            strictest_policy([m.policy for m in peers]),
+            log_every_n_steps=every,
+            overhead_budget=DEFAULT_OVERHEAD_BUDGET,
+        )
         for m in peers:
             driver.config[type(m).__name__] = m.config()
         if self._pending_state is not None:

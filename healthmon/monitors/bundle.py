@@ -17,6 +17,7 @@ from healthmon.monitors.hessian import HessianEigenMonitor
 from healthmon.monitors.logits import LogitsCheck
 from healthmon.monitors.nonfinite import NonFiniteMonitor
 from healthmon.monitors.underflow import GradientUnderflowMonitor
+from healthmon.schedules import DEFAULT_OVERHEAD_BUDGET
 
 
 def default_monitors() -> list[Monitor]:
@@ -51,6 +52,7 @@ def bundle_driver(
     fail_on: Severity = "warning",
     monitors: Sequence[Monitor] | None = None,
     log_every_n_steps: int | None = None,
+    overhead_budget: float | None = DEFAULT_OVERHEAD_BUDGET,
     report: bool = True,
     summary: bool = True,
 ) -> Driver:
@@ -58,12 +60,18 @@ def bundle_driver(
     policy = AlertPolicy(on_alert, fail_on)
     _checks.optional_positive_int(log_every_n_steps, "log_every_n_steps")
     _checks.boolean(report, "report")
+    budget = _checks.optional_fraction(overhead_budget, "overhead_budget")
     _checks.boolean(summary, "summary")
     bundled = checked_monitors(monitors)
     for m in bundled:
         m._bundled = True
     return Driver(
-        bundled, policy, log_every_n_steps=log_every_n_steps, write_report=report, print_summary=summary
+        bundled,
+        policy,
+        log_every_n_steps=log_every_n_steps,
+        overhead_budget=budget,
+        write_report=report,
+        print_summary=summary,
     )
 
 

@@ -94,8 +94,9 @@ class GradientNormMonitor(Monitor):
     on a full copy of the weights.
 
     Args:
-        every_n_steps: steps at which the statistics are computed (default every step: the trend
-            rules need the series).
+        every_n_steps: steps at which the statistics are computed; None (default): the driver's
+            checked steps (every step unless that costs more than ``overhead_budget`` of the step
+            time; the trend rules then see every k-th step), an int forces its own cadence.
         spike_factor: how far above the running level a norm is an explosion.
         warmup_steps: steps before the spike and collapse rules judge.
         collapse_orders: orders of magnitude of decay that count as a collapse.
@@ -110,10 +111,12 @@ class GradientNormMonitor(Monitor):
         log_every_n_steps: see :class:`~healthmon.monitors.base.Monitor`.
     """
 
+    unchecked_points = frozenset()
+
     def __init__(
         self,
         *,
-        every_n_steps: Cadence = 1,
+        every_n_steps: Cadence | None = None,
         spike_factor: float = 10.0,
         warmup_steps: int = 20,
         collapse_orders: float = 3.0,
@@ -299,8 +302,10 @@ class GradientNormMonitor(Monitor):
     # ---- optimizer step hook: the update itself, and the gradient after clipping ----------------
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         params = self._snapshot_params
-        self._snapshot_params = []
-        measured, self._measured = self._measured, None
+        measured = self._measured
+        if not params and measured is None:
+            return  # nothing was armed for this step (most steps)
+        self._snapshot_params, self._measured = [], None
         index = self.driver.params if self._driver is not None else None
         if index is None:
             self._sampler.disarm()

@@ -13,6 +13,7 @@ from healthmon.engine.driver import Driver
 from healthmon.integrations.lightning import LightningHooks
 from healthmon.monitors.base import Monitor
 from healthmon.monitors.bundle import BundleResults, bundle_config, bundle_driver
+from healthmon.schedules import DEFAULT_OVERHEAD_BUDGET
 
 
 class HealthMonitor(BundleResults, LightningHooks):
@@ -26,6 +27,11 @@ class HealthMonitor(BundleResults, LightningHooks):
         monitors: the monitors to run; default :func:`default_monitors`. Pass configured
             instances to change a cadence or a threshold.
         log_every_n_steps: how often scalars are written; None follows the Trainer's setting.
+        overhead_budget: the share of the step time the per-step gradient checks may take
+            (default 0.01). On a model whose step is so short that checking every step would cost
+            more, the gradients are checked every k-th step (k a power of two up to 16, planned
+            after the first 50 steps, which are all checked; log steps always are) and the loss
+            is still checked for NaN/Inf on every step. None: check every step whatever it costs.
         report: write the JSON report beside the event files at the end of fit.
         summary: print the end-of-fit summary on rank zero.
     """
@@ -37,6 +43,7 @@ class HealthMonitor(BundleResults, LightningHooks):
         fail_on: Severity = "warning",
         monitors: Sequence[Monitor] | None = None,
         log_every_n_steps: int | None = None,
+        overhead_budget: float | None = DEFAULT_OVERHEAD_BUDGET,
         report: bool = True,
         summary: bool = True,
     ) -> None:
@@ -45,6 +52,7 @@ class HealthMonitor(BundleResults, LightningHooks):
             fail_on=fail_on,
             monitors=monitors,
             log_every_n_steps=log_every_n_steps,
+            overhead_budget=overhead_budget,
             report=report,
             summary=summary,
         )

@@ -27,6 +27,7 @@ of the probe (:mod:`~healthmon.numerics.scale_invariance`) and left out (named i
 
 from __future__ import annotations
 
+import time
 from typing import Any, Literal
 
 import torch
@@ -50,7 +51,6 @@ from healthmon.numerics.curvature_estimate import (
 )
 from healthmon.numerics.curvature_findings import SKIPPED, judge_curvature, spectrum_values
 from healthmon.numerics.estimate_plan import (
-    early_estimate_affordable,
     plan_estimate,
     select_hvp_method,
     solver_memory_factor,
@@ -63,6 +63,9 @@ from healthmon.numerics.stability import clip_factor
 from healthmon.schedules import BudgetClock, LogSpacedSteps, LogThenEvery, log_then_every
 
 __all__ = ["BudgetClock", "HessianEigenMonitor", "LogThenEvery", "log_then_every"]
+
+#: The default schedule's early estimates: steps 0, 4, 16 and 64 (log-spaced, below this step).
+EARLY_UNTIL = 100
 
 TAG = tags.HESSIAN.prefix
 TAG_LAMBDA_MAX = TAG + "lambda_max"
@@ -106,13 +109,14 @@ class HessianEigenMonitor(Monitor):
 
     Args:
         every_n_steps: schedule: an int, a callable ``step -> bool`` (e.g.
-            :func:`log_then_every` for estimates from step 0, log-spaced), or None (default) for
-            a time budget: estimates take at most ``budget`` of the training wall time.
-        budget: with ``every_n_steps=None``, the share of training time estimates may take.
-            The next estimate's step is computed from the measured step time and the last
-            estimate's cost, so the schedule is in steps and every DDP rank agrees on it. The
-            first estimate comes after 10 calibration steps when the planned run can afford a
-            cold estimate (~150 step-times) within the budget, else once elapsed time does.
+            :func:`log_then_every` for estimates from step 0, log-spaced), or None (default):
+            step 0 always (before the first update), the early steps 4, 16 and 64 while they fit
+            ``early_budget``, then a time budget: all estimates after step 0 take at most
+            ``budget`` of the training wall time.
+        budget: with ``every_n_steps=None``, the share of training time the estimates after
+            step 0 may take, counted cumulatively (set-up, method choice and early estimates
+            included). The next estimate's step is computed from the measured step time and the
+            last estimate's cost, so the schedule is in steps and every DDP rank agrees on it.
         top_k: how many of the largest eigenvalues.
         solver: "lanczos" (default, fewest products) or "power" (block power iteration; the
             most negative eigenvalue by power iteration on ``H - lambda_max I``).
@@ -128,11 +132,13 @@ class HessianEigenMonitor(Monitor):
         preconditioned: for Adam-type optimizers, estimate the preconditioned sharpness.
         warm_start: start each estimate from the previous eigenvectors (mixed with a random
             component, so that a new top direction is still found after an eigenvalue crossing).
-        early_tol: default schedule: the tolerance of the estimates before step 1000 (step 0
-            and the log-spaced ones); later estimates use ``tol``.
-        negative_every: default schedule: ``lambda_min`` on every n-th estimate after step 1000.
-        early_budget: default schedule: a log-spaced estimate after step 0 runs only when the
-            previous estimate cost at most this share of the planned run's training time.
+        early_tol: default schedule: the tolerance of the estimates before step 100 (step 0
+            and the early ones); later estimates use ``tol``.
+        negative_every: default schedule: ``lambda_min`` on every n-th estimate after step 100.
+        early_budget: default schedule: an early estimate (steps 4, 16, 64) runs only while all
+            estimates after step 0, this one included at the last one's cost, fit this share of
+            the planned run's training time (a big model on a short run gets its step-0 estimate
+            and then the time budget's).
         max_memory_factor: the eigensolvers' vectors stay within this multiple of the parameter
             memory (thick-restarted Lanczos with a basis that fits; the top and bottom solves run
             one after the other). Raised to the smallest workable value when lower (a basis of
@@ -161,12 +167,12 @@ class HessianEigenMonitor(Monitor):
         solver: Literal["lanczos", "power"] = "lanczos",
         hvp: Literal["auto", "double_backward", "forward_over_reverse", "finite_differences"] = "auto",
         tol: float = 1e-3,
-        early_tol: float = 5e-2,
+        early_tol: float = 0.1,
         max_products: int = 100,
         negative_curvature: bool = True,
         negative_ratio: float = 0.1,
         negative_every: int = 4,
-        early_budget: float = 0.25,
+        early_budget: float = 0.1,
         trace_samples: int = 0,
         preconditioned: bool = True,
         warm_start: bool = True,
@@ -187,7 +193,7 @@ class HessianEigenMonitor(Monitor):
         self.budgeted = every_n_steps is None
         self.budget = _checks.fraction(budget, "budget")
         self._clock = BudgetClock(self.budget)
-        self._early = LogSpacedSteps(4, until=1000)
+        self._early = LogSpacedSteps(4, until=EARLY_UNTIL)
         self.top_k = _checks.positive_int(top_k, "top_k")
         self.solver = _checks.choice(solver, "solver", ("lanczos", "power"))
         self.hvp = _checks.choice(hvp, "hvp", ("auto", *HVP_METHODS))
@@ -300,12 +306,13 @@ class HessianEigenMonitor(Monitor):
             return self.should_run(run)
         clock = self._clock
         due = clock.due(step)  # always called: it times the training steps
-        return due or (
-            self._early(step)
-            and early_estimate_affordable(
-                step, clock.last_cost, clock.seconds_per_step, clock.total_steps, self.early_budget
-            )
-        )
+        if due or step == 0:
+            return True
+        if not self._early(step):
+            return False
+        # every rank must agree (the products are averaged over ranks): one refusal refuses all
+        refused = not clock.early_affordable(self.early_budget)
+        return clock.agree(int(refused)) == 0
 
     # ---- the estimate ---------------------------------------------------------------------------
     def _operator(self, run: Run, method: HVPMethod, *, restricted: bool = True) -> HessianOperator:
@@ -337,6 +344,7 @@ class HessianEigenMonitor(Monitor):
         self._params = kept if kept and len(kept) < len(trainable) else None
 
     def _estimate(self, run: Run) -> None:
+        started = time.perf_counter()
         optimizer = run.optimizers[0] if run.optimizers else None
         if optimizer is None or not any(p.requires_grad for p in run.model.parameters()):
             self._skip(run, "no optimizer or no trainable parameter: there is no loss Hessian to watch")
@@ -385,8 +393,8 @@ class HessianEigenMonitor(Monitor):
             return
         self.estimates += 1
         self.last_estimate = result.spectrum
-        if self.budgeted:
-            self._clock.spent(run.global_step, result.spectrum.seconds)
+        if self.budgeted:  # all of it: finding the parameters and the product method too
+            self._clock.spent(run.global_step, time.perf_counter() - started)
         self._warm.keep(result.spectrum, result.pre)
         self._report(run, result, clip)
 

@@ -51,6 +51,10 @@ def _shown(names: list[str]) -> str:
     return listed(names, MAX_NAMES)
 
 
+#: How often (in optimizer steps) a model whose steps draw no random numbers is checked again.
+RNG_RECHECK_EVERY = 16
+
+
 class NonFiniteMonitor(Monitor):
     """NaN/Inf in the loss and gradients, and where they came from.
 
@@ -66,8 +70,9 @@ class NonFiniteMonitor(Monitor):
     sample indices); ``update.nonfinite`` (the gradients of the previous step were finite but the
     optimizer step made the weights non-finite: ``where`` names the optimizer and parameter group).
 
-    Cost: nothing on healthy steps but one copy of the CPU RNG state (a few kB) at batch start, so
-    that the replay draws the same random numbers (dropout, noise). A replay costs one forward and
+    Cost: nothing on healthy steps but one copy of the RNG state (a few kB) at batch start, so that
+    the replay draws the same random numbers (dropout, noise); a training step that draws none
+    (checked on the first step and every 16th step after) has nothing to copy. A replay costs one forward and
     one backward pass with a host synchronisation per operation; a repeated failure with the same
     non-finite parameters is counted on the alerts already raised instead of replayed again.
 
@@ -77,7 +82,9 @@ class NonFiniteMonitor(Monitor):
     reported. ``amp.scaler_unstable`` is raised when the scaler is in trouble.
 
     Args:
-        every_n_steps: steps at which to check (default every step).
+        every_n_steps: steps at which to check the gradients; None (default): the driver's checked
+            steps, every step unless that costs more than ``overhead_budget`` of the step time. The
+            loss is checked for NaN/Inf on every step whatever this says.
         find_module: replay the failing step to find the operation (and module) that produced NaN/Inf.
         max_replays: how many replays a run may spend.
         max_consecutive_skips: this many steps in a row skipped by the ``GradScaler`` raise
@@ -90,10 +97,12 @@ class NonFiniteMonitor(Monitor):
         log_every_n_steps: see :class:`~healthmon.monitors.base.Monitor`.
     """
 
+    unchecked_points = frozenset({"on_batch_start", "on_batch_end"})  # the batches a NaN loss replays
+
     def __init__(
         self,
         *,
-        every_n_steps: Cadence = 1,
+        every_n_steps: Cadence | None = None,
         find_module: bool = True,
         max_replays: int = 3,
         max_consecutive_skips: int = 20,
@@ -121,6 +130,8 @@ class NonFiniteMonitor(Monitor):
         self._batch_idx = -1
         # (batch, batch_idx, RNG state at its start) of each micro-batch of the current optimizer step
         self._window: list[tuple[Any, int, tuple[Any, Any] | None]] = []
+        self._draws_random = True  # until a step shows it draws no random numbers
+        self._recheck: tuple[Any, Any] | None = None  # the RNG state this micro-batch started with
         self._crash_written = False
         self._clean_step = -1  # last global step whose loss and gradients were checked finite
         self._diagnosed: dict[tuple[Any, ...], list[Finding]] = {}  # failure -> its alerts
@@ -147,13 +158,11 @@ class NonFiniteMonitor(Monitor):
         if len(self._window) >= run.accumulate_grad_batches:
             self._window = []
         rng = None
-        if self.find_module and self.replays < self.max_replays:
-            cuda = (
-                torch.cuda.get_rng_state_all()
-                if torch.cuda.is_available() and torch.cuda.is_initialized()
-                else None
-            )
+        recheck = run.global_step % RNG_RECHECK_EVERY == 0
+        if self.find_module and self.replays < self.max_replays and (self._draws_random or recheck):
+            cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
             rng = (torch.get_rng_state(), cuda)
+        self._recheck = rng if recheck else None
         self._window.append((batch, batch_idx, rng))
 
     @override
@@ -224,8 +233,9 @@ class NonFiniteMonitor(Monitor):
                 driver.report(run, finding)
                 grads_explained = grads_explained or finding.code == "grad.nonfinite"
             return None, "", grads_explained
-        if corrupted_params and self._clean_step == step - 1:
-            self._alert_update(run, corrupted_params, signature, step)
+        checked = self._clean_step == step - 1
+        if corrupted_params and (checked or driver.stats.unchecked_step == step - 1):
+            self._alert_update(run, corrupted_params, signature, step, gradients_checked=checked)
             return None, "", False
         if corrupted_params:
             return None, "", False  # non-finite gradients of an earlier step corrupted them: reported then
@@ -286,9 +296,19 @@ class NonFiniteMonitor(Monitor):
         self._report(run, signature, Finding(code, message, where=where, hint=origin.hint))
 
     def _alert_update(
-        self, run: Run, corrupted: Sequence[torch.Tensor], signature: tuple[Any, ...], step: int
+        self,
+        run: Run,
+        corrupted: Sequence[torch.Tensor],
+        signature: tuple[Any, ...],
+        step: int,
+        *,
+        gradients_checked: bool = True,
     ) -> None:
-        """The weights are non-finite: name the optimizer step and parameter group that wrote them."""
+        """The weights are non-finite: name the optimizer step and parameter group that wrote them.
+
+        ``gradients_checked=False``: the previous step's loss was finite but its gradients were
+        not checked (the overhead budget's stride), so either may be the culprit.
+        """
         driver = self.driver
         ids = {id(p) for p in corrupted}
         for opt in run.optimizers:
@@ -297,20 +317,32 @@ class NonFiniteMonitor(Monitor):
                 if not params:
                     continue
                 names = [driver.params.name(p) for p in params] if driver.params else []
-                cause = explain_update(opt, group, params)
-                when = (
-                    f"The optimizer step of step {step - 1} wrote NaN/Inf into the weights although its "
-                    "gradients were finite: the update, not the gradients, is the culprit."
-                )
                 opt_name = type(opt).__name__
-                message = (
-                    f"{when} {opt_name}, param group {gi} (lr {group.get('lr')}): {len(params)} weight "
-                    f"tensor(s) non-finite ({_shown(names)}). Cause: {cause.cause}"
+                head = f"The optimizer step of step {step - 1} wrote NaN/Inf into the weights"
+                shown = (
+                    f"{opt_name}, param group {gi} (lr {group.get('lr')}): {len(params)} weight tensor(s) "
                 )
+                shown += f"non-finite ({_shown(names)})."
+                if gradients_checked:
+                    cause = explain_update(opt, group, params)
+                    message = (
+                        f"{head} although its gradients were finite: the update, not the gradients, is "
+                        f"the culprit. {shown} Cause: {cause.cause}"
+                    )
+                    hint = cause.hint
+                else:
+                    message = (
+                        f"{head}. {shown} Its loss was finite; its gradients were not checked (on this "
+                        f"model healthmon checks every {driver.stats.budget.stride}th step to stay within "
+                        "`overhead_budget`), so a NaN/Inf gradient of that step or the update itself "
+                        "is the culprit."
+                    )
+                    hint = (
+                        "Run again with HealthMonitor(overhead_budget=None): every step is checked, and "
+                        "a NaN/Inf gradient is replayed to the line that produced it."
+                    )
                 where = f"{opt_name} param group {gi}"
-                self._report(
-                    run, signature, Finding("update.nonfinite", message, where=where, hint=cause.hint)
-                )
+                self._report(run, signature, Finding("update.nonfinite", message, where=where, hint=hint))
 
     def _replay(self, run: Run) -> OriginTrace | None:
         """Run this step's batches again, from the same RNG states, under the op-level tracer.
@@ -391,8 +423,23 @@ class NonFiniteMonitor(Monitor):
 
     @override
     def on_batch_end(self, run: Run, batch: Any, batch_idx: int) -> None:
+        if self._recheck is not None:
+            self._notice_random_draws(self._recheck)
+            self._recheck = None
         if self._window and len(self._window) >= run.accumulate_grad_batches:
             self._window = []  # the step is complete: do not keep its batches alive
+
+    def _notice_random_draws(self, rng: tuple[Any, Any]) -> None:
+        """Copy RNG states at every batch start from now on if this micro-batch drew random numbers.
+
+        A step without random draws replays exactly without its RNG state; a model whose steps
+        start drawing later (an augmentation switched on) is noticed at the next recheck.
+        """
+        cuda = torch.cuda.get_rng_state_all() if rng[1] is not None else None
+        moved = not torch.equal(torch.get_rng_state(), rng[0])
+        if cuda is not None:
+            moved = moved or any(not torch.equal(a, b) for a, b in zip(cuda, rng[1], strict=False))
+        self._draws_random = moved
 
     @override
     def monitor_state(self) -> dict[str, Any]:

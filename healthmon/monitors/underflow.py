@@ -112,6 +112,8 @@ class GradientUnderflowMonitor(Monitor):
             are written on its own monitored steps).
     """
 
+    unchecked_points = frozenset()
+
     def __init__(
         self,
         *,
@@ -358,7 +360,8 @@ class GradientUnderflowMonitor(Monitor):
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if any(learning_rate(group, exact=False) > 0.0 for group in optimizer.param_groups):
             self._updates += 1
-        self._stale.after_step(self.driver)
+        if self._stale.sampler.armed:  # a sampled step (the others pay nothing here)
+            self._stale.after_step(self.driver)
 
     def _judge_stale(self, run: Run, fetched: Fetched | None, *, log: bool, step: int | None = None) -> None:
         if fetched is None or self._driver is None or self.driver.params is None:

@@ -132,6 +132,7 @@ def estimate_curvature(
         warm_top=warm.top if warm is not None else None,
         warm_bottom=warm.bottom if warm is not None else None,
         max_memory_factor=max_memory_factor,
+        verify=plan.verify,
         generator=generator,
     )
     limit = stability_limit(optimizer) if optimizer is not None else None
@@ -146,6 +147,7 @@ def estimate_curvature(
                 tol=plan.tol,
                 max_products=max_products,
                 max_memory_factor=max_memory_factor,
+                verify=plan.verify,
                 generator=generator,
             )
     return CurvatureEstimate(est, limit, pre)

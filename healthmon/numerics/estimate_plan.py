@@ -9,7 +9,6 @@ monitor so they can be tested alone.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,10 +25,13 @@ class EstimatePlan:
     Attributes:
         tol: the relative residual the solvers stop at.
         negative: estimate ``lambda_min`` too.
+        verify: confirm convergence with explicit products (False for the loose early estimates:
+            the Lanczos recurrence's residual decides, one product sooner).
     """
 
     tol: float
     negative: bool
+    verify: bool = True
 
 
 def plan_estimate(
@@ -46,14 +48,15 @@ def plan_estimate(
     """The tolerance and ``lambda_min`` switch of the estimate at ``step``.
 
     With a fixed schedule (``budgeted=False``) every estimate uses ``tol`` and looks for negative
-    curvature when asked. With the time budget, estimates before ``early_until`` use ``early_tol``
-    and skip ``lambda_min``; later ones look for it on every ``negative_every``-th estimate.
+    curvature when asked. With the time budget, estimates before ``early_until`` use ``early_tol``,
+    skip ``lambda_min`` and are not verified by extra products; later ones look for ``lambda_min``
+    on every ``negative_every``-th estimate.
     """
     early = budgeted and step < early_until
     negative = negative_curvature and (
         not budgeted or (not early and (estimates_done + 1) % negative_every == 0)
     )
-    return EstimatePlan(early_tol if early else tol, negative)
+    return EstimatePlan(early_tol if early else tol, negative, verify=not early)
 
 
 def solver_memory_factor(dtype: torch.dtype, top_k: int, max_memory_factor: float) -> float:
@@ -77,18 +80,3 @@ def select_hvp_method(
     Finite differences only where they agree within :func:`method_tolerance` with the exact product.
     """
     return choose_hvp_method(make_operator, rtol=method_tolerance(tol), generator=generator)
-
-
-def early_estimate_affordable(
-    step: int, last_cost: float | None, seconds_per_step: float, total_steps: float, early_budget: float
-) -> bool:
-    """Whether an early (log-spaced) estimate is affordable at ``step``.
-
-    Step 0 always; a later one when the last estimate cost at most ``early_budget`` of the planned
-    run's training time (a big model on a short run gets its step-0 estimate and then the time
-    budget's).
-    """
-    if step == 0 or last_cost is None or not math.isfinite(total_steps):
-        return True
-    planned = seconds_per_step * total_steps
-    return last_cost <= early_budget * planned

@@ -92,6 +92,7 @@ def estimate_spectrum(
     warm_bottom: Tensor | None = None,
     random_weight: float = 0.5,
     max_memory_factor: float = 10.0,
+    verify: bool = True,
     n: int | None = None,
     generator: torch.Generator | None = None,
 ) -> SpectrumEstimate:
@@ -121,6 +122,8 @@ def estimate_spectrum(
             eigenvalue crossing) instead of settling on the previous, no longer extreme, value.
         max_memory_factor: bound on the solvers' memory, in multiples of the parameter memory
             (see :func:`~healthmon.numerics.eigensolvers.basis_capacity`).
+        verify: Lanczos confirms convergence with explicit products (False: the recurrence's
+            residual decides, one product sooner; see :func:`lanczos`).
         n: dimension, when ``matvec`` has no ``.n``.
         generator: random start vectors and probes.
     """
@@ -130,7 +133,7 @@ def estimate_spectrum(
     if solver == "lanczos":
         top = lanczos(
             matvec, k=k, v0=warm_top, random_weight=random_weight, tol=tol, max_products=max_products,
-            max_memory_factor=max_memory_factor, n=n, generator=generator,
+            max_memory_factor=max_memory_factor, verify=verify, n=n, generator=generator,
         )  # fmt: skip
     else:
         top = power_iteration(

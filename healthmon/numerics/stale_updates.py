@@ -113,6 +113,11 @@ class StaleSampler:
         """Forget the sample (a step the ``GradScaler`` skipped never reaches :meth:`after`)."""
         self._before = []
 
+    @property
+    def armed(self) -> bool:
+        """Whether :meth:`before` sampled weights that :meth:`after` will compare."""
+        return bool(self._before)
+
     def after(self, layer_of: Mapping[int, int]) -> StaleSample | None:
         """The counts of the step armed by :meth:`before` (None when nothing was sampled)."""
         if not self._before:

@@ -243,12 +243,15 @@ def lightning_codes(root: Any, lr: float, steps: int) -> set[str]:
     return {a.code for a in health.alerts if a.severity != "info"}
 
 
+STEPS_100X = 300  # long enough that the early Hessian estimates fit their 5% of the run
+
+
 def test_learning_rate_100x_too_high(tmp_path: Any) -> None:
     health = HFHealthCallback(summary=False)
-    fit(tmp_path / "hf", callback=health, lr=0.3, steps=20, logging_steps=10)
+    fit(tmp_path / "hf", callback=health, lr=0.3, steps=STEPS_100X, logging_steps=10)
     codes = {a.code for a in health.alerts if a.severity != "info"}
     assert "hessian.sharpness" in codes, loud(health)
-    assert codes == lightning_codes(tmp_path / "lightning", lr=0.3, steps=20)
+    assert codes == lightning_codes(tmp_path / "lightning", lr=0.3, steps=STEPS_100X)
 
 
 # ---- observer effect and output ----------------------------------------------------------------

@@ -117,3 +117,69 @@ def test_lightning_hooks_drive_the_one_hook_sequence(tmp_path: Path) -> None:
     report = json.loads(Path(os.path.join(fit.logger.log_dir, REPORT_NAME)).read_text())
     assert report["run"]["status"] == "completed"
     assert report["run"]["global_step"] == 2
+
+
+class FollowStep(Callback):
+    """One LightningRun for the whole fit (built at setup, as the hooks do), refreshed at each hook."""
+
+    def __init__(self) -> None:
+        self.run: LightningRun | None = None
+        self.pairs: list[tuple[int, int]] = []
+
+    def setup(self, trainer: pl.Trainer, pl_module: Any, stage: str) -> None:
+        self.run = LightningRun(trainer, pl_module)
+
+    def _check(self, trainer: pl.Trainer) -> None:
+        assert self.run is not None
+        self.run.refresh()
+        self.pairs.append((self.run.global_step, trainer.global_step))
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        self._check(trainer)
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, *args: Any) -> None:
+        self._check(trainer)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        self._check(trainer)
+
+
+class TwoOptimizers(DigitsClassifier):
+    """Manual optimization: each batch steps two optimizers (two global steps a batch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        for opt in self.optimizers():
+            opt.zero_grad()
+            self.manual_backward(F.cross_entropy(self(x), y))
+            opt.step()
+
+    def configure_optimizers(self) -> Any:
+        return [
+            torch.optim.SGD(self.net[0].parameters(), lr=0.1),
+            torch.optim.SGD(self.net[2].parameters(), lr=0.1),
+        ]
+
+
+def test_the_step_a_lightning_run_reads_is_the_trainers_global_step_at_every_hook(tmp_path: Path) -> None:
+    for model, root in ((DigitsClassifier(), "auto"), (TwoOptimizers(), "manual")):
+        follow = FollowStep()
+        trainer(tmp_path / root, [follow], max_steps=12, accumulate_grad_batches=1).fit(
+            model, digits_loader()
+        )
+        assert follow.pairs and all(a == b for a, b in follow.pairs), follow.pairs
+        assert follow.pairs[-1][1] == 12
+    # resumed from a checkpoint: the loop's progress is restored in place, the count follows it
+    first = trainer(tmp_path / "resume", [], max_steps=5, enable_checkpointing=True)
+    first.fit(DigitsClassifier(), digits_loader())
+    path = str(tmp_path / "five.ckpt")
+    first.save_checkpoint(path)
+    follow = FollowStep()
+    trainer(tmp_path / "resume", [follow], max_steps=9).fit(
+        DigitsClassifier(), digits_loader(), ckpt_path=path
+    )
+    assert follow.pairs[0] == (5, 5) and all(a == b for a, b in follow.pairs), follow.pairs

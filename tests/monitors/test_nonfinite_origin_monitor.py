@@ -9,10 +9,12 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from models import digits_loader, trainer
+from pytorch_lightning.callbacks import Callback
 from torch import nn
 
 from healthmon import HealthMonitor
@@ -342,3 +344,40 @@ def test_accumulation_replays_the_micro_batch_that_broke(tmp_path: Any) -> None:
     mon = fit(BadFirstMicroBatch(), tmp_path, steps=3, accumulate_grad_batches=3)
     a = origin(mon, "activation.nonfinite")
     assert a.where == line_of("micro") and a.step == 1 and "division by exact zero" in a.message
+
+
+class DrawsFrom(Base):
+    """Draws a random number in its training step from ``start`` on (an augmentation switched on)."""
+
+    def __init__(self, start: int | None) -> None:
+        super().__init__()
+        self.start = start
+
+    def loss(self, z: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if self.start is not None and self.global_step >= self.start:
+            z = z + 0.0 * torch.rand(())
+        return F.cross_entropy(z, y)
+
+
+@pytest.mark.parametrize("start", [None, 0, 20])
+def test_rng_states_are_copied_only_for_steps_that_draw_random_numbers(
+    tmp_path: Any, start: int | None
+) -> None:
+    """A step that draws nothing replays exactly without its RNG state: it costs no copy."""
+    nf = NonFiniteMonitor()
+    seen: list[tuple[int, bool]] = []
+
+    class Watch(Callback):
+        def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+            seen.append((trainer.global_step - 1, nf._draws_random))
+
+    trainer(tmp_path, [HealthMonitor(monitors=[nf], summary=False), Watch()], max_steps=40).fit(
+        DrawsFrom(start), digits_loader()
+    )
+    draws = dict(seen)
+    if start is None:
+        assert not any(draws.values())  # checked at step 0 and every 16th step: never draws
+    elif start == 0:
+        assert all(draws.values())
+    else:  # noticed at the first recheck (every 16 steps) after the draws begin
+        assert not draws[19] and not draws[31] and draws[32] and draws[39]

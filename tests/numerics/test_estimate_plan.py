@@ -11,13 +11,13 @@ from torch import nn
 from healthmon.numerics.eigensolvers import minimum_memory_factor, vector_ratio
 from healthmon.numerics.estimate_plan import (
     EstimatePlan,
-    early_estimate_affordable,
     method_tolerance,
     plan_estimate,
     select_hvp_method,
     solver_memory_factor,
 )
 from healthmon.numerics.hvp import FD_AGREEMENT, HessianOperator
+from healthmon.schedules import BudgetClock
 
 PLAN = {"early_until": 1000, "tol": 1e-3, "early_tol": 5e-2, "negative_every": 4}
 
@@ -31,13 +31,14 @@ def test_fixed_schedule_uses_tol_and_always_seeks_lambda_min() -> None:
 
 def test_budgeted_schedule_is_loose_early_and_seeks_lambda_min_every_nth_later() -> None:
     early = plan_estimate(999, budgeted=True, estimates_done=3, negative_curvature=True, **PLAN)
-    assert early == EstimatePlan(5e-2, False)  # the 4th estimate, but an early one
+    assert early == EstimatePlan(5e-2, False, verify=False)  # the 4th estimate, but an early one
     later = [
         plan_estimate(1000 + i, budgeted=True, estimates_done=i, negative_curvature=True, **PLAN).negative
         for i in range(8)
     ]
     assert later == [False, False, False, True, False, False, False, True]
-    assert plan_estimate(1000, budgeted=True, estimates_done=3, negative_curvature=True, **PLAN).tol == 1e-3
+    late = plan_estimate(1000, budgeted=True, estimates_done=3, negative_curvature=True, **PLAN)
+    assert late.tol == 1e-3 and late.verify
     assert not plan_estimate(1000, budgeted=True, estimates_done=3, negative_curvature=False, **PLAN).negative
 
 
@@ -65,9 +66,14 @@ def test_a_tolerance_no_finite_difference_can_meet_selects_the_exact_product() -
     assert select_hvp_method(make, 1e-12, torch.Generator().manual_seed(0)) == "double_backward"
 
 
-def test_early_estimates_are_affordable_within_their_share_of_the_planned_run() -> None:
-    assert early_estimate_affordable(0, 1e9, 1.0, 100.0, 0.25)  # step 0 always
-    assert early_estimate_affordable(5, None, 1.0, 100.0, 0.25)  # no cost known yet
-    assert early_estimate_affordable(5, 1e9, 1.0, math.inf, 0.25)  # no planned length
-    assert early_estimate_affordable(5, 25.0, 1.0, 100.0, 0.25)
-    assert not early_estimate_affordable(5, 25.5, 1.0, 100.0, 0.25)
+def test_early_estimates_are_affordable_while_all_of_them_fit_their_share_of_the_planned_run() -> None:
+    clock = BudgetClock(0.02)
+    clock.total_steps, clock.train_seconds, clock.timed_steps = 100.0, 10.0, 10  # 1 s a step
+    assert clock.early_affordable(0.05)  # no estimate yet
+    clock.spent(0, 1e9)  # the step-0 estimate is promised, not counted
+    clock.spent(4, 2.0)
+    assert clock.early_affordable(0.05)  # 2 + 2 <= 5% of 100 s
+    clock.spent(16, 2.0)
+    assert not clock.early_affordable(0.05)  # 4 + 2 > 5
+    clock.total_steps = math.inf
+    assert clock.early_affordable(0.05)  # no planned length: the early schedule runs

@@ -127,11 +127,24 @@ class Run:
         return self.monitor.alerts
 
 
-def run(recipe: Recipe, root: Any, *, sick: bool) -> Run:
-    """Train the recipe with ``HealthMonitor()`` attached and everything else as the user wrote it."""
+def run(
+    recipe: Recipe,
+    root: Any,
+    *,
+    sick: bool,
+    monitor_options: dict[str, Any] | None = None,
+    adapt: Callable[[dict[str, Any]], None] | None = None,
+) -> Run:
+    """Train the recipe with ``HealthMonitor()`` attached and everything else as the user wrote it.
+
+    ``monitor_options`` go to ``HealthMonitor``; ``adapt`` edits the Trainer options in place
+    (another accelerator, the logging cadence users leave at Lightning's default).
+    """
     torch.manual_seed(0)
     model, data, options = recipe.build(sick)
-    monitor = HealthMonitor(summary=False)
+    if adapt is not None:
+        adapt(options)
+    monitor = HealthMonitor(summary=False, **(monitor_options or {}))
     t = trainer(root, [monitor], **options)
     t.fit(model, data)
     return Run(model, monitor, t)

@@ -92,3 +92,23 @@ def test_warm_start_finds_a_new_top_orthogonal_to_the_old_one(n: int) -> None:
             matvec(res.eigenvectors[:, 0]) - res.eigenvalues[0] * res.eigenvectors[:, 0]
         )
         assert true.item() <= 1e-3 * abs(res.eigenvalues[0])  # the residual it claims is the true one
+
+
+@pytest.mark.parametrize("n", [200, 20_000])
+def test_a_loose_unverified_early_estimate_is_a_lower_bound_within_its_tolerance(n: int) -> None:
+    """The default schedule's early estimates (tol 0.1, the recurrence's residual trusted).
+
+    On the crossing case (tops 2.0 and 1.9 a 5% gap apart, warm-started on the old one) such an
+    estimate may stop short of 2.0: never above it (a Ritz value), never more than ~tol below it,
+    and its claimed residual is the true one. The tight later estimates find 2.0 (above).
+    """
+    for seed in range(20):
+        q, _, matvec = _crossing(n, seed)
+        res = lanczos(
+            matvec, v0=q[:, 1], n=n, tol=0.1, verify=False, generator=torch.Generator().manual_seed(seed)
+        )
+        assert res.converged[0] and res.num_products <= 5
+        assert 2.0 * (1 - 0.1) <= res.eigenvalues[0] <= 2.0 + 1e-9, (seed, res.eigenvalues)
+        y = res.eigenvectors[:, 0]
+        true = torch.linalg.vector_norm(matvec(y) - res.eigenvalues[0] * y) / abs(res.eigenvalues[0])
+        assert true.item() <= 0.1 and abs(true.item() - res.residuals[0]) <= 1e-6

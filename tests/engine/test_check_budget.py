@@ -1,0 +1,171 @@
+"""The overhead budget: which steps get the gradient checks, and what an unchecked step still catches.
+
+The stride itself is planned from measured times (:class:`~healthmon.schedules.CheckBudget`,
+tested here with a given clock); the runs use a budget so small that the stride is always the
+largest, 64, so that which steps are checked is known in advance. Real Trainers on CPU with
+Lightning's default logging cadence (50), long enough to pass the 20 calibration steps.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from models import DigitsClassifier, digits_loader, trainer
+
+from healthmon import GradientNormMonitor, HealthMonitor
+from healthmon.monitors.bundle import default_monitors
+from healthmon.schedules import CheckBudget
+
+TINY = 1e-9  # no check fits: the stride is always the largest
+STRIDE = CheckBudget(TINY).max_stride
+CALIBRATION = CheckBudget(TINY).calibration
+
+
+def fake_clock(step_seconds: float) -> Any:
+    ticks = iter(range(10**9))
+    return lambda: next(ticks) * step_seconds
+
+
+def test_the_stride_is_the_smallest_power_of_two_within_the_budget() -> None:
+    # a step every 1 ms, checks of 0.1 ms: 10% if every step; 1% needs every 16th (every 8th: 1.25%)
+    for budget, cost, stride in ((0.01, 1e-4, 16), (0.02, 1e-4, 8), (0.2, 1e-4, 1), (0.01, 1e-6, 1)):
+        checks = CheckBudget(budget, calibration=10, now=fake_clock(1e-3))
+        for step in range(30):
+            checks.step_started()
+            if checks.checks(step):
+                checks.spent(cost)
+            checks.plan(step)
+        assert checks.stride == stride, (budget, cost)
+    assert all(checks.checks(step) for step in range(10))  # calibration: every step
+
+
+def test_no_budget_a_scaler_or_several_ranks_check_every_step() -> None:
+    checks = CheckBudget(None, calibration=2, now=fake_clock(1.0))
+    for step in range(10):
+        checks.step_started()
+        checks.spent(10.0)
+        checks.plan(step)
+    assert checks.stride == 1
+    checks = CheckBudget(TINY, calibration=2, now=fake_clock(1.0))
+    checks.every_step()
+    for step in range(10):
+        checks.step_started()
+        checks.spent(10.0)
+        checks.plan(step)
+    assert checks.stride == 1
+
+
+@pytest.mark.parametrize("bad", [0, 0.0, -0.1, 1.5, "1%", True])
+def test_a_bad_overhead_budget_is_refused_by_name(bad: Any) -> None:
+    with pytest.raises(ValueError, match="`overhead_budget`: expected None or a number in \\(0, 1\\]"):
+        HealthMonitor(overhead_budget=bad)
+
+
+def checked_steps(monitor: HealthMonitor) -> list[int]:
+    """Record the steps whose gradient statistics are computed (the checks' one pass)."""
+    stats = monitor.driver.stats
+    steps: list[int] = []
+    original = stats.grad_step
+
+    def grad_step(run: Any, optimizer: Any) -> Any:
+        if not steps or steps[-1] != run.global_step:
+            steps.append(run.global_step)
+        return original(run, optimizer)
+
+    stats.grad_step = grad_step  # type: ignore[method-assign]
+    return steps
+
+
+def test_past_calibration_only_the_stride_log_steps_and_own_cadences_are_checked(tmp_path: Any) -> None:
+    monitors = [m for m in default_monitors() if not isinstance(m, GradientNormMonitor)]
+    monitors.append(GradientNormMonitor(every_n_steps=25))  # its own cadence forces a check
+    monitor = HealthMonitor(overhead_budget=TINY, monitors=monitors, summary=False)
+    steps = checked_steps(monitor)
+    t = trainer(tmp_path, [monitor], max_steps=260, log_every_n_steps=50)
+    t.fit(DigitsClassifier(), digits_loader())
+    assert monitor.driver.stats.budget.stride == STRIDE
+    underflow_counts = set(range(0, 260, 100))  # GradientUnderflowMonitor counts every 100 steps
+    later = range(CALIBRATION, 260)
+    expected = set(range(CALIBRATION)) | {s for s in later if s % STRIDE == 0 or s % 50 == 0 or s % 25 == 0}
+    assert set(steps) == expected | underflow_counts
+    assert not [a for a in monitor.alerts if a.severity != "info"]
+
+
+def test_without_a_budget_every_step_is_checked(tmp_path: Any) -> None:
+    monitor = HealthMonitor(overhead_budget=None, summary=False)
+    steps = checked_steps(monitor)
+    trainer(tmp_path, [monitor], max_steps=150, log_every_n_steps=50).fit(DigitsClassifier(), digits_loader())
+    assert steps == list(range(150))
+
+
+class SickAt(DigitsClassifier):
+    """An MLP that breaks at one step: a NaN in the forward pass, or only in the backward pass."""
+
+    def __init__(self, step: int, *, backward_only: bool) -> None:
+        super().__init__(lr=0.05)
+        self.sick_step, self.backward_only = step, backward_only
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        if self.global_step == self.sick_step:
+            if self.backward_only:  # sqrt'(0) = inf: a finite loss, NaN gradients of net.0.weight
+                loss = loss + 0.0 * torch.sqrt(self.net[0].weight[0, 0] * 0.0)
+            else:
+                loss = loss + torch.log(self.net[0].weight[0, 0] * 0.0 - 1.0)  # log(-1): NaN here
+        return loss
+
+
+LOG_LINE = (
+    next(i for i, line in enumerate(inspect.getsource(SickAt).splitlines()) if "torch.log(" in line)
+    + inspect.getsourcelines(SickAt)[1]
+)
+
+
+def test_a_nan_loss_on_an_unchecked_step_is_caught_at_that_step_with_its_line(tmp_path: Any) -> None:
+    monitor = HealthMonitor(overhead_budget=TINY, summary=False)
+    sick = 117  # past calibration, not on the stride (64) nor a log step (50)
+    t = trainer(tmp_path, [monitor], max_steps=sick + 3, log_every_n_steps=50)
+    t.fit(SickAt(sick, backward_only=False), digits_loader())
+    assert monitor.driver.stats.budget.stride == STRIDE
+    first = [a for a in monitor.alerts if a.severity == "error"]
+    assert first and first[0].step == sick, [(a.code, a.step) for a in monitor.alerts]
+    assert any(a.where and f"test_check_budget.py:{LOG_LINE}" in a.where for a in first), [
+        (a.code, a.where) for a in first
+    ]
+
+
+def test_nan_gradients_under_a_finite_loss_on_an_unchecked_step_are_named_the_next_step(
+    tmp_path: Any,
+) -> None:
+    monitor = HealthMonitor(overhead_budget=TINY, summary=False)
+    sick = 117
+    t = trainer(tmp_path, [monitor], max_steps=sick + 3, log_every_n_steps=50)
+    t.fit(SickAt(sick, backward_only=True), digits_loader())
+    update = [a for a in monitor.alerts if a.code == "update.nonfinite"]
+    assert update and update[0].step == sick + 1, [(a.code, a.step) for a in monitor.alerts]
+    assert f"step {sick} wrote NaN/Inf" in update[0].message
+    assert "not checked" in update[0].message and "overhead_budget=None" in (update[0].hint or "")
+
+
+def test_with_every_step_checked_the_same_backward_nan_is_found_at_its_step(tmp_path: Any) -> None:
+    monitor = HealthMonitor(overhead_budget=None, summary=False)
+    sick = 117
+    t = trainer(tmp_path, [monitor], max_steps=sick + 3, log_every_n_steps=50)
+    t.fit(SickAt(sick, backward_only=True), digits_loader())
+    grads = [a for a in monitor.alerts if a.code == "grad.nonfinite"]
+    assert grads and grads[0].step == sick and "net.0.weight" in (grads[0].message + str(grads[0].where))
+
+
+def test_a_model_that_affords_every_check_keeps_the_stride_at_one(tmp_path: Any) -> None:
+    monitor = HealthMonitor(overhead_budget=1.0, summary=False)  # a check is far below a whole step
+    steps = checked_steps(monitor)
+    trainer(tmp_path, [monitor], max_steps=130, log_every_n_steps=50).fit(DigitsClassifier(), digits_loader())
+    budget = monitor.driver.stats.budget
+    assert budget.stride == 1 and steps == list(range(130))
+    assert budget.seconds_per_check is not None and budget.seconds_per_step is not None
+    assert budget.seconds_per_check < budget.seconds_per_step
