@@ -98,9 +98,11 @@ class BudgetClock:
     of the last one's cost. The decision is made in steps, at known points (after
     ``calibration`` timed steps, and right after each estimate):
     ``next = step + ceil((spent_total + cost - budget * train_seconds) / (budget * seconds_per_step))``,
-    at least one step; ``agree`` maps a proposed interval to the one every DDP rank uses (the
-    largest), so all ranks estimate at the same step. Before any estimate, ``cost`` is that of a
-    cold estimate, about ``COLD_COST_STEPS`` training steps.
+    at least one step; when that step comes, the budget is checked again with the step time
+    measured by then (the first steps of a run are slow) and the estimate waits if it would not
+    fit yet. ``agree`` maps a proposed interval to the one every DDP rank uses (the largest), so all
+    ranks estimate at the same step. Before any estimate, ``cost`` is that of a cold estimate,
+    about ``COLD_COST_STEPS`` training steps.
 
     >>> clock = BudgetClock(0.1, calibration=2)
     >>> clock.train_seconds, clock.timed_steps = 2.0, 2    # 1 s a step
@@ -131,21 +133,35 @@ class BudgetClock:
         self.timed_steps = 0
         self.spent_total = 0.0  # seconds of the estimates after step 0
         self._last: float | None = None
+        self._last_step = 0
         self._estimating = 0.0
         self.last_cost: float | None = None  # seconds of the latest estimate (early ones too)
 
     def due(self, step: int) -> bool:
-        """Call once per optimizer step, at its start; True when an estimate is due."""
+        """Call at the start of an optimizer step; True when an estimate is due.
+
+        Steps in between may be skipped (nothing is due before :attr:`next_step`): the training
+        time of the gap is timed as a whole.
+        """
         now = self.now()
-        if self._last is not None:
+        if self._last is not None:  # the steps since the last call (some may have been skipped)
             self.train_seconds += max(now - self._last - self._estimating, 0.0)
-            self.timed_steps += 1
-        self._last, self._estimating = now, 0.0
-        if self.next_step is None and self.timed_steps >= self.calibration:
-            cold = self.COLD_COST_STEPS * self.seconds_per_step
-            cost = self.last_cost if self.last_cost is not None else cold
+            self.timed_steps += max(step - self._last_step, 1)
+        self._last, self._last_step, self._estimating = now, step, 0.0
+        if self.timed_steps < self.calibration:
+            return False
+        cold = self.COLD_COST_STEPS * self.seconds_per_step
+        cost = self.last_cost if self.last_cost is not None else cold
+        if self.next_step is None:
             self.next_step = step + self._interval(cost)
-        return self.next_step is not None and step >= self.next_step
+        if step < self.next_step:
+            return False
+        # planned with the step time known then: check again with today's (the first steps are slow)
+        owed = self.agree(max(self._owed_steps(cost), 0))
+        if owed > 0:
+            self.next_step = step + owed
+            return False
+        return True
 
     def spent(self, step: int, seconds: float) -> None:
         """An estimate at ``step`` took ``seconds`` (all of it, set-up included): schedule the next one."""
@@ -172,9 +188,13 @@ class BudgetClock:
         """Mean training seconds per timed step (the estimates' own time excluded)."""
         return self.train_seconds / max(self.timed_steps, 1)
 
-    def _interval(self, cost: float) -> int:
+    def _owed_steps(self, cost: float) -> int:
+        """Training steps still to run before one more estimate of ``cost`` fits the budget (<= 0: none)."""
         owed = self.spent_total + cost - self.budget * self.train_seconds
-        return self.agree(max(1, math.ceil(owed / (self.budget * max(self.seconds_per_step, 1e-9)))))
+        return math.ceil(owed / (self.budget * max(self.seconds_per_step, 1e-9)))
+
+    def _interval(self, cost: float) -> int:
+        return self.agree(max(1, self._owed_steps(cost)))
 
     def state(self) -> dict[str, Any]:
         """The clock's state, for a checkpoint."""
@@ -196,25 +216,38 @@ class BudgetClock:
 
 
 class LogSpacedSteps:
-    """Steps 0, base, base^2, ... below ``until`` (0, 4, 16, 64, 256): the early estimates of a run.
+    """Steps 0, 1, base, base^2, ... below ``until`` (0, 1, 4, 16): the early estimates of a run.
 
-    A learning rate far above the stability limit shows at step 0; progressive sharpening in the
-    first hundreds of steps shows on a log scale. Later steps are left to another schedule.
+    A learning rate far above the stability limit shows at step 0, before the first update; the
+    first update (a warm-up's first nonzero learning rate) shows at step 1; the first steps of
+    sharpening on a log scale. Later steps are left to another schedule.
 
-    >>> due = LogSpacedSteps(base=4, until=100)
+    >>> due = LogSpacedSteps(base=4, until=20)
     >>> [s for s in range(200) if due(s)], due
-    ([0, 4, 16, 64], log_spaced(base=4, until=100))
+    ([0, 1, 4, 16], log_spaced(base=4, until=20))
     """
 
     def __init__(self, base: int = 4, until: int = 1000) -> None:
         self.base = _positive_int(base, "base", minimum=2)
         self.until = _positive_int(until, "until", minimum=0)
 
+    def steps(self) -> list[int]:
+        """The steps of the schedule, in order.
+
+        >>> LogSpacedSteps(base=4, until=100).steps()
+        [0, 1, 4, 16, 64]
+        """
+        found, power = [0, 1], self.base
+        while power < self.until:
+            found.append(power)
+            power *= self.base
+        return [s for s in found if s < self.until]
+
     def __call__(self, step: int) -> bool:
         """Whether ``step`` is one of the log-spaced steps below ``until``."""
         if step >= self.until:
             return False
-        if step == 0:
+        if step <= 1:
             return True
         power = self.base
         while power < step:

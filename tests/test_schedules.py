@@ -25,7 +25,7 @@ def test_log_then_every_and_int_cadences() -> None:
     with pytest.raises(ValueError, match="`base`"):
         LogThenEvery(10, base=1)
     early = LogSpacedSteps(4, until=1000)
-    assert [s for s in range(3000) if early(s)] == [0, 4, 16, 64, 256]
+    assert [s for s in range(3000) if early(s)] == early.steps() == [0, 1, 4, 16, 64, 256]
 
 
 def test_an_estimate_before_calibration_is_priced_once_step_times_are_known() -> None:
@@ -57,10 +57,30 @@ def test_budget_clock_keeps_the_estimates_after_step_0_within_the_budget() -> No
     clock.spent(1500, 5.0)  # 5 s spent: the next 5 s estimate once 10% of training time covers 10 s
     assert clock.spent_total == 5.0 and clock.next_step == 1500 + 98  # (5 + 5 - 0.2) / 0.1
     t[0] += 5.0  # the estimate's own time does not count as training time
-    assert clock.due(1501) is False and clock.seconds_per_step == 1.0
+    assert clock.due(3) is False and clock.seconds_per_step == 1.0
+    t[0] += 10.0  # ten steps later, the steps between skipped: the gap is timed as a whole
+    assert clock.due(13) is False and clock.timed_steps == 13 and clock.seconds_per_step == 1.0
     agreed = BudgetClock(0.1, calibration=1, agree=lambda steps: steps * 2, now=lambda: t[0])
     agreed.total_steps = 1000
     agreed.due(0)
     t[0] += 1.0
     agreed.due(1)
     assert agreed.next_step == 1 + 2 * 1499  # the DDP agreement decides
+
+
+def test_a_planned_estimate_waits_when_the_steps_turned_out_faster_than_planned() -> None:
+    """The plan is made from the first (slow) steps; at the planned step the budget is checked again."""
+    t = [0.0]
+    clock = BudgetClock(0.1, calibration=2, now=lambda: t[0])
+    for step in range(3):  # 10 s a step during calibration
+        clock.due(step)
+        t[0] += 10.0
+    clock.spent(3, 10.0)  # 10 s spent; one more of 10 s needs 200 s of training at 10%
+    planned = clock.next_step
+    assert planned == 3 + 18  # (10 + 10 - 0.1 * 20) / (0.1 * 10): planned at 10 s a step
+    t[0] += 10.0  # the estimate's own time
+    for step in range(4, planned):  # then 1 s a step: far less training time than planned
+        clock.due(step)
+        t[0] += 1.0
+    assert clock.due(planned) is False and clock.next_step > planned  # waits: it does not fit yet
+    assert clock.spent_total + 10.0 > 0.1 * clock.train_seconds

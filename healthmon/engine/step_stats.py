@@ -158,7 +158,7 @@ class StepStatistics:
         if self.budget.checks(self._optimizer_steps.get(0, 0)):
             return True
         cadence = self._log_cadence.get(0)
-        return cadence is None or cadence.would_log(step, self.log_every(run))
+        return cadence is None or cadence.would_log(step, self.log_every_n_steps or run.log_every_n_steps)
 
     def count_unchecked(self) -> None:
         """Count a step of the run's one optimizer known in advance not to be checked."""

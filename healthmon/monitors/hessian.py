@@ -64,8 +64,8 @@ from healthmon.schedules import BudgetClock, LogSpacedSteps, LogThenEvery, log_t
 
 __all__ = ["BudgetClock", "HessianEigenMonitor", "LogThenEvery", "log_then_every"]
 
-#: The default schedule's early estimates: steps 0, 4, 16 and 64 (log-spaced, below this step).
-EARLY_UNTIL = 100
+#: The default schedule's early estimates: steps 0, 1, 4 and 16 (log-spaced, below this step).
+EARLY_UNTIL = 20
 
 TAG = tags.HESSIAN.prefix
 TAG_LAMBDA_MAX = TAG + "lambda_max"
@@ -110,7 +110,7 @@ class HessianEigenMonitor(Monitor):
     Args:
         every_n_steps: schedule: an int, a callable ``step -> bool`` (e.g.
             :func:`log_then_every` for estimates from step 0, log-spaced), or None (default):
-            step 0 always (before the first update), the early steps 4, 16 and 64 while they fit
+            step 0 always (before the first update), the early steps 1, 4 and 16 while they fit
             ``early_budget``, then a time budget: all estimates after step 0 take at most
             ``budget`` of the training wall time.
         budget: with ``every_n_steps=None``, the share of training time the estimates after
@@ -132,10 +132,10 @@ class HessianEigenMonitor(Monitor):
         preconditioned: for Adam-type optimizers, estimate the preconditioned sharpness.
         warm_start: start each estimate from the previous eigenvectors (mixed with a random
             component, so that a new top direction is still found after an eigenvalue crossing).
-        early_tol: default schedule: the tolerance of the estimates before step 100 (step 0
+        early_tol: default schedule: the tolerance of the estimates before step 20 (step 0
             and the early ones); later estimates use ``tol``.
-        negative_every: default schedule: ``lambda_min`` on every n-th estimate after step 100.
-        early_budget: default schedule: an early estimate (steps 4, 16, 64) runs only while all
+        negative_every: default schedule: ``lambda_min`` on every n-th estimate after step 20.
+        early_budget: default schedule: an early estimate (steps 1, 4, 16) runs only while all
             estimates after step 0, this one included at the last one's cost, fit this share of
             the planned run's training time (a big model on a short run gets its step-0 estimate
             and then the time budget's).
@@ -213,6 +213,7 @@ class HessianEigenMonitor(Monitor):
         self._user_probe = probe_batch
         self._probe = ProbeBatch()  # copies on the device
         self._last_step = -1
+        self._quiet_until = 0  # no estimate can be due before this step
         self._method: HVPMethod | None = None if hvp == "auto" else hvp
         self._warm = WarmStart()
         self._generator = torch.Generator().manual_seed(self.seed)
@@ -268,18 +269,28 @@ class HessianEigenMonitor(Monitor):
     @override
     def on_batch_start(self, run: Run, batch: Any, batch_idx: int) -> None:
         step = run.global_step
+        if step < self._quiet_until:
+            return  # nothing can be due before then (the clock times the gap as a whole)
         if not self._take_probe(run, batch, batch_idx):
             return  # the probe is the first optimizer step's whole batch: wait for the rest
         if step == self._last_step:
             return  # gradient accumulation: one estimate per optimizer step
         self._last_step = step
-        if not self._due(run, step):
-            return
-        blocker = run.replay_blocker()
-        if blocker is not None:
-            self._skip(run, blocker)
-            return
-        self._estimate(run)
+        if self._due(run, step):
+            blocker = run.replay_blocker()
+            if blocker is not None:
+                self._skip(run, blocker)
+            else:
+                self._estimate(run)
+        self._quiet_until = self._next_possible(step)
+
+    def _next_possible(self, step: int) -> int:
+        """The first step after ``step`` at which the default schedule may estimate."""
+        clock = self._clock
+        if not self.budgeted or clock.next_step is None:
+            return step + 1  # a cadence of the user's, or the clock is still calibrating
+        early = next((s for s in self._early.steps() if s > step), clock.next_step)
+        return max(step + 1, min(clock.next_step, early))
 
     @property
     def _probe_rows(self) -> int:
