@@ -365,6 +365,15 @@ class CheckBudget:
             stride *= 2
         self.stride = stride
 
+    def summary(self) -> dict[str, Any]:
+        """What the report says of the checks: the budget, the stride and what was measured."""
+        return {
+            "overhead_budget": self.budget,
+            "every_n_steps": self.stride,
+            "seconds_per_check": self.seconds_per_check,
+            "seconds_per_step": self.seconds_per_step,
+        }
+
     @property
     def seconds_per_check(self) -> float | None:
         """The mean cost of the recent checks (None before the first)."""

@@ -322,6 +322,7 @@ class Driver:
         for m in self.monitors:
             m.on_end(run, error)
         self.stats.flush_deferred()
+        self.output.facts["gradient_checks"] = self.stats.budget.summary()
         status = "exception" if error is not None else ("stopped" if self.stop_requested else "completed")
         self.output.finish(run, status, self.alerts, self.book.dropped, error)
 

@@ -37,6 +37,7 @@ class RunOutput:
         self.crash_path: str | None = None
         self.layout: dict[str, dict[str, list[Any]]] = {}
         self.last: dict[str, float] = {}
+        self.facts: dict[str, Any] = {}  # more of the report's ``run`` record, set by the driver
         self._started_at = 0.0
         self._finished = False
 
@@ -134,6 +135,7 @@ class RunOutput:
                 "python": platform.python_version(),
             },
         }
+        facts.update(self.facts)
         if error is not None:
             facts["error"] = f"{type(error).__name__}: {error}"
         return build_report(run=facts, config=self.config, alerts=alerts, dropped=dropped, last=self.last)

@@ -100,6 +100,7 @@ RUN_FIELDS: dict[str, tuple[Check, str, bool]] = {
         False,
     ),
     "error": (*TEXT, False),
+    "gradient_checks": (lambda v: isinstance(v, dict), "an object", False),
 }
 
 

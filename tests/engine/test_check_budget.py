@@ -9,6 +9,7 @@ Lightning's default logging cadence (50), long enough to pass the 20 calibration
 from __future__ import annotations
 
 import inspect
+import json
 from typing import Any
 
 import pytest
@@ -169,3 +170,13 @@ def test_a_model_that_affords_every_check_keeps_the_stride_at_one(tmp_path: Any)
     assert budget.stride == 1 and steps == list(range(130))
     assert budget.seconds_per_check is not None and budget.seconds_per_step is not None
     assert budget.seconds_per_check < budget.seconds_per_step
+
+
+def test_the_report_says_how_often_the_gradients_were_checked(tmp_path: Any) -> None:
+    monitor = HealthMonitor(overhead_budget=TINY, summary=False)
+    trainer(tmp_path, [monitor], max_steps=60, log_every_n_steps=50).fit(DigitsClassifier(), digits_loader())
+    assert monitor.report_path is not None
+    with open(monitor.report_path) as f:
+        checks = json.load(f)["run"]["gradient_checks"]
+    assert checks["overhead_budget"] == TINY and checks["every_n_steps"] == STRIDE
+    assert checks["seconds_per_check"] > 0 and checks["seconds_per_step"] > 0
