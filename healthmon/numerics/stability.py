@@ -83,8 +83,11 @@ def adam_preconditioner(optimizer: torch.optim.Optimizer, params: Sequence[Tenso
     """Adam's current diagonal preconditioner ``P = sqrt(v_hat) + eps`` as one flat vector.
 
     ``v_hat`` is the bias-corrected second moment (``max_exp_avg_sq`` under AMSGrad). Parameters
-    the optimizer does not update get ``inf`` (``P^-1 = 0``: they cannot destabilise it). None
-    before the first step (no second moment yet). The preconditioned sharpness is the top
+    the optimizer does not update get ``inf`` (``P^-1 = 0``: they cannot destabilise it), and so
+    do entries whose second moment is still exactly 0: they never had a gradient (a LoRA ``A``
+    while ``B = 0``), so Adam has no scale for them yet, and ``eps`` alone would make their
+    curvature look a million times sharper than the step Adam will take there. None before the
+    first step (no second moment yet). The preconditioned sharpness is the top
     eigenvalue of ``P^-1/2 H P^-1/2``, similar to ``P^-1 H`` (see :func:`preconditioned`).
     """
     hyper: dict[int, Mapping[str, Any]] = {id(p): g for g in optimizer.param_groups for p in g["params"]}
@@ -100,7 +103,8 @@ def adam_preconditioner(optimizer: torch.optim.Optimizer, params: Sequence[Tenso
         step = float(state["step"])
         beta2 = float(group["betas"][1])
         v_hat = v.reshape(-1).to(p.dtype) / (1 - beta2**step)
-        parts.append(v_hat.sqrt() + float(group.get("eps", 1e-8)))
+        scale = v_hat.sqrt() + float(group.get("eps", 1e-8))
+        parts.append(scale.masked_fill_(v_hat == 0, math.inf))
     return torch.cat(parts) if seen else None
 
 

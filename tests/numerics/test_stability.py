@@ -46,3 +46,20 @@ def test_preconditioned_sharpness_matches_dense() -> None:
     dense = torch.linalg.eigvals(torch.diag(1 / p.double()) @ h).real.max().item()
     res = lanczos(preconditioned(op, p), k=1, max_products=200, generator=torch.Generator().manual_seed(0))
     assert res.all_converged and rel(res.eigenvalues[0], dense) < 1e-3
+
+
+def test_entries_without_any_gradient_yet_do_not_count_in_the_preconditioned_sharpness() -> None:
+    """A LoRA ``A`` while ``B = 0``: Adam's second moment is exactly 0, ``eps`` is no scale for it."""
+    base = nn.Linear(4, 4)
+    a = nn.Parameter(torch.randn(2, 4))
+    b = nn.Parameter(torch.zeros(4, 2))
+    opt = torch.optim.Adam([*base.parameters(), a, b], lr=1e-3)
+    x = torch.randn(8, 4)
+    (base(x) + x @ a.T @ b.T).pow(2).mean().backward()  # B = 0: A gets an exact zero gradient
+    assert a.grad is not None and not a.grad.any()
+    opt.step()
+    p = adam_preconditioner(opt, [base.weight, a, b])
+    assert p is not None
+    n_w = base.weight.numel()
+    assert torch.isfinite(p[:n_w]).all() and torch.isinf(p[n_w : n_w + a.numel()]).all()
+    assert torch.isfinite(p[n_w + a.numel() :][b.grad.reshape(-1) != 0]).all()

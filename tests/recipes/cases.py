@@ -213,8 +213,8 @@ class RingGAN(Recorded):
         (real,) = batch
         opt_d, opt_g = self.optimizers()
         n = real.shape[0]
-        ones, zeros = torch.ones(n, 1), torch.zeros(n, 1)
-        fake = self.gen(torch.randn(n, 4))
+        ones, zeros = real.new_ones(n, 1), real.new_zeros(n, 1)
+        fake = self.gen(torch.randn(n, 4, device=real.device))
         d_loss = F.binary_cross_entropy_with_logits(
             self.disc(real), ones
         ) + F.binary_cross_entropy_with_logits(self.disc(fake.detach()), zeros)
