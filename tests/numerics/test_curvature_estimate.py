@@ -15,7 +15,7 @@ from healthmon.numerics.curvature_estimate import (
 )
 from healthmon.numerics.estimate_plan import EstimatePlan
 from healthmon.numerics.hvp import HessianOperator
-from healthmon.numerics.stability import stability_limit
+from healthmon.numerics.stability import ADAM_MIN_STEPS, stability_limit
 
 SETTINGS = {
     "top_k": 2,
@@ -67,7 +67,7 @@ def test_sgd_estimate_matches_the_exact_spectrum_and_reads_the_limit() -> None:
 def test_adam_estimate_adds_the_preconditioned_sharpness() -> None:
     model, x, y = _case()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(3):
+    for _ in range(ADAM_MIN_STEPS):  # a second moment of fewer gradients is not a preconditioner
         opt.zero_grad()
         _loss(model, x, y).backward()
         opt.step()
