@@ -13,7 +13,8 @@ Order of a step: ``batch_start`` -> ``before_backward`` (per micro-batch) ->
 Checked steps: the monitors' ``on_optimizer_step`` runs on the steps the
 :class:`~healthmon.schedules.CheckBudget` selects (every step, unless that would cost more than
 ``overhead_budget`` of the step time), on the steps a monitor's own ``every_n_steps`` asks for,
-on log steps, and on any step whose loss is NaN/Inf. Other steps fetch only the loss.
+on log steps, and on any step whose loss is NaN/Inf. Other steps fetch only the loss, which the
+monitors that judge losses see through ``on_unchecked_loss``.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class Driver:
         self.run: Run | None = None
         self._per_step: dict[str, list[Monitor]] = {hook: [] for hook in PER_STEP}
         self._own_cadence: list[Monitor] = []  # step checkers with an every_n_steps of their own
+        self._loss_watchers: list[Monitor] = []  # monitors that judge the loss of unchecked steps
         self._unchecked: dict[str, list[Monitor]] = {hook: [] for hook in PER_STEP}
         self._light = False  # this batch's optimizer step will not be checked
         self._light_next = False  # the next optimizer step will not be checked (one optimizer)
@@ -78,6 +80,9 @@ class Driver:
                 m for m in self.monitors if getattr(type(m), hook) is not getattr(Monitor, hook)
             ]
         self._own_cadence = [m for m in self._per_step["on_optimizer_step"] if m.every_n_steps is not None]
+        self._loss_watchers = [
+            m for m in self.monitors if type(m).on_unchecked_loss is not Monitor.on_unchecked_loss
+        ]
         for hook in PER_STEP:
             self._unchecked[hook] = [m for m in self._per_step[hook] if hook in m.unchecked_points]
         monitor.bind(self)
@@ -287,6 +292,9 @@ class Driver:
                 self._light = False  # every monitor sees this step through
                 for m in self._per_step["on_optimizer_step"]:
                     m.on_optimizer_step(run, optimizer)
+            elif loss is not None:
+                for m in self._loss_watchers:
+                    m.on_unchecked_loss(run, optimizer, loss)
         budget.plan(run.global_step)
         self._light_next = self._unchecked_next(run)
         stats.end_step()

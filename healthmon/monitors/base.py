@@ -151,6 +151,9 @@ class Monitor(LightningHooks):
     def on_optimizer_step(self, run: Run, optimizer: Any) -> None:
         """Gradients are complete and unscaled, before clipping and the step."""
 
+    def on_unchecked_loss(self, run: Run, optimizer: Any, loss: float) -> None:
+        """A step whose gradients are not checked (the overhead budget's stride): its finite loss."""
+
     def on_batch_end(self, run: Run, batch: Any, batch_idx: int) -> None:
         """A micro-batch ended (after the optimizer step when it was the last of a step)."""
 

@@ -19,6 +19,7 @@ from healthmon._checks import Cadence
 from healthmon.alerts import OnAlert, Severity
 from healthmon.engine.driver import Driver
 from healthmon.engine.run import Run
+from healthmon.engine.step_stats import optimizer_index
 from healthmon.monitors.base import Monitor
 from healthmon.numerics.clipping import clipped_norm
 from healthmon.numerics.first_step import (
@@ -30,7 +31,7 @@ from healthmon.numerics.first_step import (
     measure_step,
     update_ratios,
 )
-from healthmon.numerics.gradient_trends import RULES, judge_trends, trend_rules
+from healthmon.numerics.gradient_trends import RULES, judge_loss, judge_trends, trend_rules
 from healthmon.numerics.scale_invariance import NormalisedLayers
 from healthmon.numerics.trends import load_rule_state, rule_state
 from healthmon.numerics.update_size import (
@@ -151,6 +152,7 @@ class GradientNormMonitor(Monitor):
         self._measured: MeasuredStep | None = None
         self._snapshot_params: list[Tensor] = []
         self._clip_on = False
+        self._several_optimizers = False
         self._snapshot_step = 0
         # the layers whose output goes straight into a normalisation, seen in the first forward pass
         self._watch: NormalisedLayers | None = None
@@ -214,6 +216,7 @@ class GradientNormMonitor(Monitor):
     def on_start(self, run: Run) -> None:
         self._current_run = run
         self._clip_on = run.clips_gradients
+        self._several_optimizers = len(run.optimizers) > 1
         for optimizer in run.optimizers:
             self._hooks.append(optimizer.register_step_post_hook(self._after_step))
 
@@ -269,6 +272,17 @@ class GradientNormMonitor(Monitor):
         driver.log(run, values, step)
         if not stats.skipped:  # a step the GradScaler skips says nothing about the trends
             self._judge(run, stats.norm, stats.loss, index)
+
+    @override
+    def on_unchecked_loss(self, run: Run, optimizer: Any, loss: float) -> None:
+        # the divergence rule sees every step's loss; the norm rules only the checked steps' norms
+        if self._several_optimizers:
+            index = optimizer_index(run, optimizer)
+            where: str | None = f"optimizer {index}"
+        else:
+            index, where = 0, None
+        for found in judge_loss(self.rules(index), loss, None, where):
+            self.driver.report(run, found, where=where)
 
     def _judge(self, run: Run, norm: float, loss: float | None, optimizer_index: int = 0) -> None:
         # several optimizers: say which one, and keep their alerts apart (de-duplication key)

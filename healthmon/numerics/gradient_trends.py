@@ -61,9 +61,7 @@ def judge_trends(
         )
     if loss is None:
         return
-    reason = rules["divergence"].update(loss, norm)
-    if reason is not None:
-        yield Finding("loss.divergence", f"The loss{of} {reason}.", value=loss)
+    yield from judge_loss(rules, loss, norm, where)
     trend = rules["opposing"].update(norm, loss)
     if trend is not None:
         yield Finding(
@@ -71,3 +69,17 @@ def judge_trends(
             f"Over the last {rules['opposing'].window} steps the gradient norm{of} rose "
             f"(correlation {trend[0]:.2f}) while the loss fell ({trend[1]:.2f}).",
         )
+
+
+def judge_loss(
+    rules: Mapping[str, Any], loss: float, norm: float | None = None, where: str | None = None
+) -> Iterator[Finding]:
+    """Feed one step's loss to the divergence rule (with its gradient norm when it was measured).
+
+    A step whose gradients were not checked (the overhead budget's stride) still has its loss:
+    the divergence rule sees every step's loss, the norm rules the checked steps' norms.
+    """
+    reason = rules["divergence"].update(loss, norm)
+    if reason is not None:
+        of = f" ({where})" if where else ""
+        yield Finding("loss.divergence", f"The loss{of} {reason}.", value=loss)

@@ -271,6 +271,9 @@ class DivergenceRule:
     seen: int = 0
     over: int = 0
     rising: int = 0
+    # the baseline and the early envelope, computed once the first losses are all in (every step
+    # reads them: the divergence rule sees every step's loss)
+    _fixed: tuple[float, float] | None = field(default=None, init=False, repr=False, compare=False)
 
     STATE: ClassVar[tuple[str, ...]] = ("early", "history", "norms", "first_norm", "seen", "over", "rising")
 
@@ -281,9 +284,17 @@ class DivergenceRule:
     @property
     def baseline(self) -> float | None:
         """The median of the first ``baseline_steps`` losses (None until they are seen)."""
+        fixed = self._baseline_envelope()
+        return None if fixed is None else fixed[0]
+
+    def _baseline_envelope(self) -> tuple[float, float] | None:
+        """The baseline and the second-largest of the first losses (None until they are seen)."""
         if len(self.early) < self.baseline_steps:
             return None
-        return _median(self.early[: self.baseline_steps])
+        if self._fixed is None:
+            first = self.early[: self.baseline_steps]
+            self._fixed = (_median(first), sorted(first)[-min(2, self.baseline_steps)])
+        return self._fixed
 
     def update(self, loss: float, norm: float | None = None) -> str | None:
         """Feed one loss (and the step's gradient norm); returns a reason or None.
@@ -312,16 +323,23 @@ class DivergenceRule:
         if len(self.history) < self.recent:
             self.over = 0
             return None
-        level = _median(list(self.history)[-self.recent :])
+        history, recent = self.history, self.recent
+        level = _median([history[i] for i in range(-recent, 0)])
+        fixed = self._fixed
+        if fixed is not None and level <= min(
+            max(self.blowup * fixed[0], fixed[1]), self.blowup * self.early[0]
+        ):
+            self.over = 0  # the common case: no blow-up against the baseline, nor against the start
+            return None
         reason = self._above_baseline(level) or self._above_start(level)
         self.over = self.over + 1 if reason is not None else 0
         return reason if self.over >= self.persistence else None
 
     def _above_baseline(self, level: float) -> str | None:
-        baseline = self.baseline
-        if baseline is None or baseline <= 0:
+        fixed = self._baseline_envelope()
+        if fixed is None or fixed[0] <= 0:
             return None
-        envelope = sorted(self.early[: self.baseline_steps])[-min(2, self.baseline_steps)]
+        baseline, envelope = fixed
         if level <= max(self.blowup * baseline, envelope):
             return None
         return (
@@ -446,3 +464,5 @@ def load_rule_state(rule: Any, state: dict[str, Any]) -> None:
             current[:] = value
         else:
             setattr(rule, name, value)
+    if getattr(rule, "_fixed", None) is not None:
+        rule._fixed = None  # derived from the restored losses: computed again
