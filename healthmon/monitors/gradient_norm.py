@@ -153,6 +153,7 @@ class GradientNormMonitor(Monitor):
         self._snapshot_params: list[Tensor] = []
         self._clip_on = False
         self._several_optimizers = False
+        self._unjudged: dict[int, list[tuple[int, float]]] = {}  # optimizer -> (step, loss) to judge
         self._snapshot_step = 0
         # the layers whose output goes straight into a normalisation, seen in the first forward pass
         self._watch: NormalisedLayers | None = None
@@ -271,18 +272,31 @@ class GradientNormMonitor(Monitor):
         self._arm_update_measure(stats, logged=stats.layer_norms is not None)
         driver.log(run, values, step)
         if not stats.skipped:  # a step the GradScaler skips says nothing about the trends
+            self._judge_unchecked_losses(run, index)
             self._judge(run, stats.norm, stats.loss, index)
 
     @override
     def on_unchecked_loss(self, run: Run, optimizer: Any, loss: float) -> None:
-        # the divergence rule sees every step's loss; the norm rules only the checked steps' norms
-        if self._several_optimizers:
-            index = optimizer_index(run, optimizer)
-            where: str | None = f"optimizer {index}"
-        else:
-            index, where = 0, None
-        for found in judge_loss(self.rules(index), loss, None, where):
-            self.driver.report(run, found, where=where)
+        # The divergence rule sees every step's loss, the norm rules the checked steps' norms. The
+        # losses of unchecked steps are judged in order at the next checked step (or the run's
+        # end), each at its own step: nothing is lost, and an unchecked step costs an append.
+        index = optimizer_index(run, optimizer) if self._several_optimizers else 0
+        self._unjudged.setdefault(index, []).append((run.global_step, loss))
+
+    def _judge_unchecked_losses(self, run: Run, index: int) -> None:
+        pending = self._unjudged.pop(index, None)
+        if not pending:
+            return
+        where = f"optimizer {index}" if self._several_optimizers else None
+        rules = self.rules(index)
+        for step, loss in pending:
+            for found in judge_loss(rules, loss, None, where):
+                self.driver.report(run, found, where=where, step=step)
+
+    @override
+    def on_training_end(self, run: Run) -> None:
+        for index in list(self._unjudged):
+            self._judge_unchecked_losses(run, index)
 
     def _judge(self, run: Run, norm: float, loss: float | None, optimizer_index: int = 0) -> None:
         # several optimizers: say which one, and keep their alerts apart (de-duplication key)
