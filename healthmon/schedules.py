@@ -328,6 +328,14 @@ class CheckBudget:
         self._spent = 0.0  # check seconds since the last step started
         self._planned_at = -1
 
+    def reset(self) -> None:
+        """Start over (a new fit): calibrate again."""
+        self.stride = 1
+        self.enabled = self.budget is not None
+        self._intervals.clear()
+        self._costs.clear()
+        self._last, self._spent, self._planned_at = None, 0.0, -1
+
     def every_step(self) -> None:
         """Check every step from now on (distributed runs, a ``GradScaler``: see the driver)."""
         self.enabled = False

@@ -132,6 +132,8 @@ class StepStatistics:
         """Index the parameters and find the scaler; once per fit."""
         self.params = ParamIndex(run.model)
         self.scaler = run.scaler
+        self.budget.reset()
+        self.unchecked_step = -1
         if run.world_size > 1 or self.scaler is not None:
             # ranks must agree on the checked steps, and every step of a GradScaler can overflow
             self.budget.every_step()

@@ -265,6 +265,7 @@ class HessianEigenMonitor(Monitor):
         # the interval agreement of the budget clock under DDP: the largest proposal wins
         self._clock.agree = run.max_over_ranks
         self._clock.total_steps = float(run.total_steps)
+        self._quiet_until = 0  # a new fit: look again from its first step
 
     @override
     def on_batch_start(self, run: Run, batch: Any, batch_idx: int) -> None:

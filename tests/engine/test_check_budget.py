@@ -58,6 +58,12 @@ def test_no_budget_a_scaler_or_several_ranks_check_every_step() -> None:
         checks.spent(10.0)
         checks.plan(step)
     assert checks.stride == 1
+    checks.reset()  # a new fit, single-process and without a scaler: the budget plans again
+    for step in range(10):
+        checks.step_started()
+        checks.spent(10.0)
+        checks.plan(step)
+    assert checks.enabled and checks.stride == checks.max_stride
 
 
 @pytest.mark.parametrize("bad", [0, 0.0, -0.1, 1.5, "1%", True])
