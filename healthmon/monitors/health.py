@@ -29,8 +29,8 @@ class HealthMonitor(BundleResults, LightningHooks):
         log_every_n_steps: how often scalars are written; None follows the Trainer's setting.
         overhead_budget: the share of the step time the per-step gradient checks may take
             (default 0.01). On a model whose step is so short that checking every step would cost
-            more, the gradients are checked every k-th step (k a power of two up to 16, planned
-            after the first 50 steps, which are all checked; log steps always are) and the loss
+            more, the gradients are checked every k-th step (k a power of two up to 64, planned
+            after the first 20 steps, which are all checked; log steps always are) and the loss
             is still checked for NaN/Inf on every step. None: check every step whatever it costs.
         report: write the JSON report beside the event files at the end of fit.
         summary: print the end-of-fit summary on rank zero.
