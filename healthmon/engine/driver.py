@@ -280,7 +280,6 @@ class Driver:
         budget.step_started()
         started = budget.now()
         if not self._light and self.checks(run, optimizer):
-            self._light = False
             for m in self._per_step["on_optimizer_step"]:
                 m.on_optimizer_step(run, optimizer)
             budget.spent(budget.now() - started)

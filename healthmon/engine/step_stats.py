@@ -157,10 +157,7 @@ class StepStatistics:
 
     def checked_next(self, step: int, run: Run) -> bool:
         """Whether the next step (``step``) of a run's one optimizer will be checked (nothing counted)."""
-        if self.budget.checks(self._optimizer_steps.get(0, 0)):
-            return True
-        cadence = self._log_cadence.get(0)
-        return cadence is None or cadence.would_log(step, self.log_every_n_steps or run.log_every_n_steps)
+        return self._checked(0, self._optimizer_steps.get(0, 0), step, run)
 
     def count_unchecked(self) -> None:
         """Count a step of the run's one optimizer known in advance not to be checked."""
@@ -175,10 +172,14 @@ class StepStatistics:
         index = optimizer_index(run, optimizer) if len(run.optimizers) > 1 else 0
         count = self._optimizer_steps.get(index, 0)
         self._optimizer_steps[index] = count + 1
+        return self._checked(index, count, run.global_step, run)
+
+    def _checked(self, index: int, count: int, step: int, run: Run) -> bool:
+        """The ``count``-th step of optimizer ``index`` (global ``step``): on the stride, or a log step."""
         if self.budget.checks(count):
             return True
         cadence = self._log_cadence.get(index)
-        return cadence is None or cadence.would_log(run.global_step, self.log_every(run))
+        return cadence is None or cadence.would_log(step, self.log_every(run))
 
     def log_every(self, run: Run) -> int:
         """The logging interval: the monitors' ``log_every_n_steps``, else the loop's."""

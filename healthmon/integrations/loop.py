@@ -82,10 +82,7 @@ def watch(
         monitors: the monitors to run; default ``default_monitors()``, as ``HealthMonitor``.
         log_every_n_steps: how often scalars are written (default 50).
         overhead_budget: the share of the step time the per-step gradient checks may take
-            (default 0.01). On a model whose step is so short that checking every step would cost
-            more, the gradients are checked every k-th step (k a power of two up to 64, planned
-            after the first 20 steps, which are all checked; log steps always are) and the loss
-            is still checked for NaN/Inf on every step. None: check every step whatever it costs.
+            (default 0.01); see :class:`~healthmon.monitors.health.HealthMonitor`.
         report: write the JSON report at :meth:`Watch.close`.
         summary: print the summary at :meth:`Watch.close` (rank zero).
 

@@ -119,7 +119,7 @@ class Monitor(LightningHooks):
 
     def should_run(self, run: Run) -> bool:
         """Whether this step is on the monitor's cadence."""
-        return bool(self._schedule(run.global_step))
+        return self.due_at(run.global_step)
 
     def due_at(self, step: int) -> bool:
         """Whether ``step`` is on the monitor's cadence."""

@@ -358,11 +358,8 @@ class GradientUnderflowMonitor(Monitor):
         self._stale.sampler.before(optimizer, step, resample=self._samplings % self.resample_every == 0)
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        for group in optimizer.param_groups:
-            lr = group.get("lr", 1.0)
-            if lr > 0.0 if type(lr) is float else learning_rate(group, exact=False) > 0.0:
-                self._updates += 1
-                break
+        if any(learning_rate(group, exact=False) > 0.0 for group in optimizer.param_groups):
+            self._updates += 1
         if self._stale.sampler.armed:  # a sampled step (the others pay nothing here)
             self._stale.after_step(self.driver)
 

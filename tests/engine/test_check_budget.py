@@ -44,7 +44,7 @@ def test_the_stride_is_the_smallest_power_of_two_within_the_budget() -> None:
     assert all(checks.checks(step) for step in range(10))  # calibration: every step
 
 
-def test_no_budget_a_scaler_or_several_ranks_check_every_step() -> None:
+def test_no_budget_or_every_step_keeps_the_stride_at_one_until_a_reset() -> None:
     checks = CheckBudget(None, calibration=2, now=fake_clock(1.0))
     for step in range(10):
         checks.step_started()
@@ -186,3 +186,15 @@ def test_the_report_says_how_often_the_gradients_were_checked(tmp_path: Any) -> 
         checks = json.load(f)["run"]["gradient_checks"]
     assert checks["overhead_budget"] == TINY and checks["every_n_steps"] == STRIDE
     assert checks["seconds_per_check"] > 0 and checks["seconds_per_step"] > 0
+
+
+def test_with_a_grad_scaler_every_step_is_checked_whatever_the_budget(tmp_path: Any) -> None:
+    """A GradScaler can skip any step: its skips are counted from every step's norms."""
+    from pytorch_lightning.plugins import MixedPrecision
+
+    monitor = HealthMonitor(overhead_budget=TINY, summary=False)
+    steps = checked_steps(monitor)
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    t = trainer(tmp_path, [monitor], max_steps=60, log_every_n_steps=50, plugins=[plugin])
+    t.fit(DigitsClassifier(), digits_loader())
+    assert monitor.driver.stats.budget.stride == 1 and steps == list(range(60))
