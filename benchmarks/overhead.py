@@ -39,6 +39,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from healthmon import HealthMonitor, LogitsCheck
+from healthmon.monitors.logits import DEFAULT_EVERY_N_STEPS
 
 #: The Lightning hooks through which HealthMonitor drives its monitors every step.
 PER_STEP_HOOKS = (
@@ -168,6 +169,30 @@ def timed_health_monitor(spent: list[float]) -> HealthMonitor:
     return monitor
 
 
+class FiniteForwardHooks(pl.Callback):
+    """The design NonFiniteMonitor avoids: an ``isfinite`` forward hook on every module, every step."""
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if isinstance(output, torch.Tensor) and output.is_floating_point():
+                torch.isfinite(output).all()
+
+        self.handles = [m.register_forward_hook(hook) for m in pl_module.modules()]
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def extra_callbacks(variant: str) -> list[Any]:
+    """The callbacks of the extra variants (none for plain, grad_norm)."""
+    if variant == "logits_every_step":  # a LogitsCheck on its own, sampling every step
+        return [LogitsCheck(every_n_steps=1)]
+    if variant == "forward_hooks_every_step":
+        return [FiniteForwardHooks()]
+    return []
+
+
 def run(
     make_model: Callable[[bool], pl.LightningModule],
     loader: DataLoader,
@@ -182,6 +207,8 @@ def run(
         callbacks.append(HealthMonitor(summary=False))
     elif variant == "healthmon_timed":
         callbacks.append(timed_health_monitor(spent if spent is not None else []))
+    else:
+        callbacks += extra_callbacks(variant)
     with tempfile.TemporaryDirectory() as root:
         trainer = pl.Trainer(
             accelerator=accelerator,
@@ -218,8 +245,19 @@ def measure(
             low = statistics.quantiles(times, n=10)[0]  # other processes only ever add time
             per_run[variant].append((statistics.median(times), statistics.fmean(times), low))
 
+    def ratios(a: str, b: str, which: int) -> list[float]:
+        return [x[which] / y[which] for x, y in zip(per_run[a], per_run[b], strict=True)]
+
     def ratio(a: str, b: str, which: int) -> float:
-        return statistics.median(x[which] / y[which] for x, y in zip(per_run[a], per_run[b], strict=True))
+        return statistics.median(ratios(a, b, which))
+
+    def spread(a: str, b: str, which: int) -> str:
+        """The interquartile range of the paired ratios: how far one repeat is from the next."""
+        values = ratios(a, b, which)
+        if len(values) < 4:
+            return ""
+        q1, _, q3 = statistics.quantiles(values, n=4)
+        return f"{q1:.3f}-{q3:.3f}"
 
     plain_med = statistics.median(m for m, _, _ in per_run["plain"])
     plain_mean = statistics.median(m for _, m, _ in per_run["plain"])
@@ -237,10 +275,15 @@ def measure(
         ("healthmon / grad_norm", "healthmon", "grad_norm"),
     ):
         print(f"  {label:<30} {ratio(a, b, 0):>16.3f} {ratio(a, b, 1):>17.3f} {ratio(a, b, 2):>16.3f}")
+    if repeats >= 4:
+        print(
+            f"  {'healthmon / plain, quartiles':<30} {spread('healthmon', 'plain', 0):>16}"
+            f" {spread('healthmon', 'plain', 1):>17} {spread('healthmon', 'plain', 2):>16}"
+        )
     if extras:
         sampled = ratio("logits_every_step", "plain", 0)
-        every = LogitsCheck().every_n_steps
-        print(f"  LogitsCheck sampled step / plain step: {sampled:.3f} (median); amortised at the default")
+        every = DEFAULT_EVERY_N_STEPS.every
+        print(f"  LogitsCheck on its own sampling every step / plain: {sampled:.3f} (median); at the default")
         print(f"    schedule (first 3 steps, then every {every}): ~{1 + (sampled - 1) / every:.4f}")
         hooks = ratio("forward_hooks_every_step", "plain", 0)
         print(f"  isfinite forward hooks on every module and step (NonFiniteMonitor avoids): {hooks:.3f}")
@@ -263,7 +306,10 @@ def main() -> None:
     parser.add_argument("--models", default="mlp,lm", help="comma-separated: mlp, lm")
     parser.add_argument("--mlp-steps", type=int, default=1000)
     parser.add_argument("--lm-steps", type=int, default=60)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--lm-repeats", type=int, default=3, help="paired repeats of (b): 30 s a run")
+    parser.add_argument(
+        "--repeats", type=int, default=9, help="paired repeats (one run varies by ~2%% on a shared machine)"
+    )
     parser.add_argument(
         "--clock", choices=sorted(CLOCKS), default="wall", help="wall time, or this thread's CPU time"
     )
@@ -291,7 +337,7 @@ def main() -> None:
             TinyLM,
             token_loader(),
             args.lm_steps,
-            args.repeats,
+            args.lm_repeats,
         )
 
 

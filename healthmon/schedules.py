@@ -1,6 +1,7 @@
 """Schedules: when a monitor runs, as a function ``step -> bool`` of the optimizer step.
 
 * :data:`Cadence` - what every monitor's ``every_n_steps`` accepts: an int period or a callable.
+* :class:`SampledEvery` - the sampled checks' default: a period the overhead budget may stretch.
 * :class:`LogThenEvery` - log-spaced steps early in the run, then a fixed period.
 * :class:`BudgetClock` - the next step at which an expensive estimate fits a share of training time.
 * :class:`CheckBudget` - which steps get the per-step gradient checks, within a share of step time.
@@ -38,6 +39,47 @@ def cadence(value: Any, name: str = "every_n_steps") -> Callable[[int], bool]:
         return value
     every = _positive_int(value, name)
     return lambda step: step % every == 0
+
+
+class SampledEvery:
+    """Every ``every`` optimizer steps, times the stretch the overhead budget asks for.
+
+    The default cadence of the checks that sample a step (the underflow counts, the logits
+    checks). On a model whose step is so short that these samples, with the log steps, cost more
+    than the bundle's ``overhead_budget`` even with the gradient checks at their sparsest, the
+    :class:`CheckBudget` sets a ``stretch`` (a power of two, up to 8) at which they fit;
+    everywhere else the stretch is 1. An int ``every_n_steps`` is kept exactly. ``str()`` is the period (a checkpoint's
+    callback key stays that of an int cadence).
+
+    >>> every = SampledEvery(100)
+    >>> [s for s in range(0, 500, 50) if every(s)], [s for s in range(0, 500, 50) if every(s, stretch=2)]
+    ([0, 100, 200, 300, 400], [0, 200, 400])
+    """
+
+    __slots__ = ("every",)
+
+    def __init__(self, every: int) -> None:
+        self.every = _positive_int(every, "every")
+
+    def __call__(self, step: int, stretch: int = 1) -> bool:
+        """Whether ``step`` is sampled when the budget stretches the period by ``stretch``."""
+        return step % (self.every * stretch) == 0
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SampledEvery) and other.every == self.every
+
+    def __hash__(self) -> int:
+        return hash((SampledEvery, self.every))
+
+    def __str__(self) -> str:
+        return str(self.every)
+
+    def __repr__(self) -> str:
+        return f"SampledEvery({self.every})"
+
+
+#: The default cadence of the sampled checks (the underflow counts, the logits checks).
+SAMPLED_EVERY_100 = SampledEvery(100)
 
 
 def check_cadence(value: Any, name: str = "every_n_steps") -> Cadence:
@@ -293,17 +335,25 @@ class CheckBudget:
     rules' warm-ups and the first steps' sizes see every step) while the time between optimizer
     steps and a check's own cost are measured. Then, and again every ``calibration`` steps, the
     stride is planned: the smallest power of two (at most ``max_stride``) at which the checks
-    cost at most ``budget`` of the median step. Steps off the stride are not checked (the loss
-    still is, see :class:`~healthmon.engine.step_stats.StepStatistics`). ``budget=None``, or
-    :meth:`every_step`: every step is checked.
+    cost at most ``budget`` of the median step. The checks the stride does not decide (log
+    steps, a monitor's own cadence, work deferred to the next step: ``spent(..., forced=True)``)
+    are paid first: the stride's checks get what they leave of the budget, and when they leave
+    nothing the stride is ``max_stride``. If even then the checks cost more than the budget,
+    once two sampled steps (:meth:`count_sample`) have been measured since the stretch last
+    changed, ``stretch`` becomes the smallest power of two (up to ``max_stretch``) at which they
+    fit, the samples' cost falling as 1 / stretch: the :class:`SampledEvery` cadences space out by
+    it. The stretch never shrinks in a fit (no oscillation). Steps off the
+    stride are not checked (the loss still is, see
+    :class:`~healthmon.engine.step_stats.StepStatistics`). ``budget=None``, or :meth:`every_step`:
+    every step is checked and nothing is stretched.
 
     >>> clock = iter(range(0, 10**6, 10))          # a step every 10 time units, checks cost 1
     >>> checks = CheckBudget(0.02, calibration=4, now=lambda: next(clock) * 1.0)
     >>> for step in range(8):
-    ...     checks.step_started()
+    ...     _ = checks.step_started()
     ...     if checks.checks(step):
     ...         checks.spent(1.0)
-    ...     checks.plan(step)
+    ...     _ = checks.plan(step)
     >>> checks.stride, [s for s in range(8, 24) if checks.checks(s)]
     (8, [8, 16])
     """
@@ -314,64 +364,110 @@ class CheckBudget:
         *,
         calibration: int = 20,
         max_stride: int = 64,
+        max_stretch: int = 8,
         now: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.budget = budget
         self.calibration = _positive_int(calibration, "calibration")
         self.max_stride = _positive_int(max_stride, "max_stride")
+        self.max_stretch = _positive_int(max_stretch, "max_stretch")
         self.now = now
         self.stride = 1
+        self.stretch = 1
         self.enabled = budget is not None
         self._intervals: deque[float] = deque(maxlen=64)  # seconds between optimizer steps, checks excluded
         self._costs: deque[float] = deque(maxlen=16)  # seconds of recent checks
         self._last: float | None = None
         self._spent = 0.0  # check seconds since the last step started
         self._planned_at = -1
+        self._steps = 0  # optimizer steps started
+        self._forced = 0.0  # seconds of forced checks that do not scale with the stretch (log steps)
+        self._sampled = 0.0  # seconds of sampled checks, times the stretch then: their cost at stretch 1
+        self._samples = 0  # sampled steps since the stretch last changed
 
     def reset(self) -> None:
         """Start over (a new fit): calibrate again."""
-        self.stride = 1
+        self.stride, self.stretch = 1, 1
         self.enabled = self.budget is not None
         self._intervals.clear()
         self._costs.clear()
         self._last, self._spent, self._planned_at = None, 0.0, -1
+        self._steps, self._forced, self._sampled, self._samples = 0, 0.0, 0.0, 0
 
     def every_step(self) -> None:
         """Check every step from now on (distributed runs, a ``GradScaler``: see the driver)."""
         self.enabled = False
-        self.stride = 1
+        self.stride, self.stretch = 1, 1
 
     def checks(self, step: int) -> bool:
         """Whether ``step`` gets the full checks."""
         return self.stride == 1 or step < self.calibration or step % self.stride == 0
 
-    def step_started(self) -> None:
-        """Call once per optimizer step, before its checks: times the step that just ended."""
-        if not self.enabled:
-            return
+    def step_started(self) -> float:
+        """Call once per optimizer step, before its checks: times the step that just ended.
+
+        Returns the time now (the start of this step's checks).
+        """
         now = self.now()
+        if not self.enabled:
+            return now
         if self._last is not None:
             self._intervals.append(max(now - self._last - self._spent, 0.0))
         self._last, self._spent = now, 0.0
+        self._steps += 1
+        return now
 
-    def spent(self, seconds: float) -> None:
-        """A check took ``seconds``."""
-        self._costs.append(seconds)
+    def spent(self, seconds: float, *, forced: bool = False, sampled: bool = False) -> None:
+        """A check took ``seconds``.
+
+        ``forced``: the stride did not ask for it; ``sampled``: work of a :class:`SampledEvery`
+        step (the step itself, or its values judged at the next synchronisation).
+        """
         self._spent += seconds
+        if not forced:
+            self._costs.append(seconds)
+        elif self._steps <= self.calibration:
+            return  # calibration: every step is checked anyway
+        elif sampled:
+            self._sampled += seconds * self.stretch
+        else:
+            self._forced += seconds
 
-    def plan(self, step: int) -> None:
-        """Re-plan the stride at the end of calibration and every ``calibration`` steps after."""
+    def count_sample(self) -> None:
+        """A :class:`SampledEvery` cadence sampled this step."""
+        if self._steps > self.calibration:
+            self._samples += 1
+
+    def plan(self, step: int) -> bool:
+        """Re-plan the stride at the end of calibration and every ``calibration`` steps after.
+
+        Returns whether the stride changed.
+        """
         if not self.enabled or step + 1 < self.calibration or step - self._planned_at < self.calibration:
-            return
+            return False
         self._planned_at = step
         if not self._intervals or not self._costs:
-            return
+            return False
         allowed = self.budget * statistics.median(self._intervals)  # type: ignore[operator]
+        room = allowed - self.seconds_forced_per_step  # what the forced checks leave
         cost = statistics.fmean(self._costs)
         stride = 1
-        while stride < self.max_stride and cost / stride > allowed:
+        while stride < self.max_stride and cost / stride > room:
             stride *= 2
-        self.stride = stride
+        changed, self.stride = stride != self.stride, stride
+        if cost / stride > room and self._samples >= 2 and self.stretch < self.max_stretch:
+            self._space_out_samples(allowed - cost / stride)
+        return changed
+
+    def _space_out_samples(self, room: float) -> None:
+        """The smallest stretch at which the forced checks fit ``room`` seconds a step (or the largest)."""
+        steps = max(self._steps - self.calibration, 1)
+        other, sampled = self._forced / steps, self._sampled / steps
+        stretch = self.stretch
+        while stretch < self.max_stretch and other + sampled / stretch > room:
+            stretch *= 2
+        if stretch != self.stretch:
+            self.stretch, self._samples = stretch, 0
 
     def summary(self) -> dict[str, Any]:
         """What the report says of the checks: the budget, the stride and what was measured."""
@@ -380,7 +476,14 @@ class CheckBudget:
             "every_n_steps": self.stride,
             "seconds_per_check": self.seconds_per_check,
             "seconds_per_step": self.seconds_per_step,
+            "forced_seconds_per_step": self.seconds_forced_per_step,
+            "sampled_stretch": self.stretch,
         }
+
+    @property
+    def seconds_forced_per_step(self) -> float:
+        """The forced checks' seconds per optimizer step since calibration, at the current stretch."""
+        return (self._forced + self._sampled / self.stretch) / max(self._steps - self.calibration, 1)
 
     @property
     def seconds_per_check(self) -> float | None:

@@ -8,6 +8,7 @@ from healthmon.schedules import (
     BudgetClock,
     LogSpacedSteps,
     LogThenEvery,
+    SampledEvery,
     cadence,
     check_cadence,
     log_then_every,
@@ -26,6 +27,18 @@ def test_log_then_every_and_int_cadences() -> None:
         LogThenEvery(10, base=1)
     early = LogSpacedSteps(4, until=1000)
     assert [s for s in range(3000) if early(s)] == early.steps() == [0, 1, 4, 16, 64, 256]
+
+
+def test_a_sampled_cadence_is_a_cadence_the_budget_can_stretch() -> None:
+    every = SampledEvery(100)
+    assert check_cadence(every) is every and cadence(every) is every  # a callable cadence
+    assert [s for s in range(450) if every(s)] == [0, 100, 200, 300, 400]
+    assert [s for s in range(900) if every(s, stretch=4)] == [0, 400, 800]
+    assert every == SampledEvery(100) != SampledEvery(50) and len({every, SampledEvery(100)}) == 1
+    assert str(every) == "100" and repr(every) == "SampledEvery(100)"  # str: a checkpoint key as 100's
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="`every`: expected an integer >= 1"):
+            SampledEvery(bad)  # type: ignore[arg-type]
 
 
 def test_an_estimate_before_calibration_is_priced_once_step_times_are_known() -> None:

@@ -62,8 +62,9 @@ class Driver:
         self._loss_watchers: list[Monitor] = []  # monitors that judge the loss of unchecked steps
         self._unchecked: dict[str, list[Monitor]] = {hook: [] for hook in PER_STEP}
         self._light = False  # this batch's optimizer step will not be checked
-        self._light_next = False  # the next optimizer step will not be checked (one optimizer)
+        self._next_check = 0  # one optimizer: the global step of its next checked step
         self._one_optimizer = False  # the run has exactly one optimizer (read at start)
+        self._deferred_sampled = False  # the values waiting for the next sync are a sample's
         for m in monitors:
             self.add(m)
 
@@ -232,7 +233,7 @@ class Driver:
     def start(self, run: Run) -> None:
         """The loop is about to take its first step: monitors read the loop's settings."""
         self._one_optimizer = len(run.optimizers) == 1
-        self._light = self._light_next = False
+        self._light, self._next_check = False, 0
         for m in self.monitors:
             m.on_start(run)
         self.output.start()
@@ -243,22 +244,27 @@ class Driver:
         When the coming optimizer step will not be checked, only the monitors that name a point
         in their ``unchecked_points`` are called at this batch's points.
         """
-        self._light = self._light_next
+        self._light = run.global_step < self._next_check
         for m in self._points("on_batch_start"):
             m.on_batch_start(run, batch, batch_idx)
 
     def _points(self, hook: str) -> list[Monitor]:
         return self._unchecked[hook] if self._light else self._per_step[hook]
 
-    def _unchecked_next(self, run: Run) -> bool:
-        """Whether the next optimizer step is sure not to be checked (decided at this one's end).
+    def _plan_next_check(self, run: Run) -> None:
+        """Find the next step to check, once per checked step (and when the stride changes).
 
-        One optimizer, past calibration, off the stride, not a log step, no monitor's own cadence.
+        Until then, a step's batch starts "light": one comparison of the step decides it. Only a
+        run with one optimizer plans ahead; with several, each optimizer step is decided as it comes.
         """
-        stats, step = self.stats, run.global_step + 1
-        if stats.budget.stride == 1 or not self._one_optimizer or stats.checked_next(step, run):
-            return False
-        return not any(m.due_at(step) for m in self._own_cadence)
+        if self.stats.budget.stride == 1 or not self._one_optimizer:
+            self._next_check = run.global_step + 1
+            return
+
+        def due(step: int) -> bool:
+            return any(m.due_at(step) for m in self._own_cadence)
+
+        self._next_check = self.stats.next_checked_step(run, due)
 
     def before_backward(self, run: Run, loss: Tensor, *, scaled: bool = True) -> None:
         """The loss of one micro-batch, as handed to backward (scaled under fp16 AMP).
@@ -277,16 +283,26 @@ class Driver:
         NaN/Inf loss makes it a checked step.
         """
         stats, budget = self.stats, self.stats.budget
-        budget.step_started()
-        started = budget.now()
+        started = budget.step_started()
+        step = run.global_step
+        if step >= self._next_check:
+            self._light = False  # a second optimizer step of the batch (manual optimization)
         if not self._light and self.checks(run, optimizer):
             for m in self._per_step["on_optimizer_step"]:
                 m.on_optimizer_step(run, optimizer)
-            budget.spent(budget.now() - started)
+            sampled = any(m.samples and m.due_at(step) for m in self._own_cadence)
+            if sampled:
+                budget.count_sample()
+            budget.spent(budget.now() - started, forced=sampled or not stats.on_stride, sampled=sampled)
+            self._deferred_sampled = sampled
         else:
             if self._light:
                 stats.count_unchecked()
+            deferred = stats.has_deferred  # a checked step's judgement, run with this sync
             loss = stats.fetch_loss(run)
+            if deferred:  # the judgement of the last checked step's values
+                budget.spent(budget.now() - started, forced=True, sampled=self._deferred_sampled)
+                self._deferred_sampled = False
             if loss is not None and not math.isfinite(loss):
                 self._light = False  # every monitor sees this step through
                 for m in self._per_step["on_optimizer_step"]:
@@ -294,8 +310,8 @@ class Driver:
             elif loss is not None:
                 for m in self._loss_watchers:
                     m.on_unchecked_loss(run, optimizer, loss)
-        budget.plan(run.global_step)
-        self._light_next = self._unchecked_next(run)
+        if budget.plan(step) or step >= self._next_check:
+            self._plan_next_check(run)
         stats.end_step()
         self.escalation.enforce(run, optimizer)
 
@@ -314,7 +330,7 @@ class Driver:
         for m in self._points("on_batch_end"):
             m.on_batch_end(run, batch, batch_idx)
         self.escalation.enforce(run)
-        if self.stats.is_log_step(run):
+        if not self._light and self.stats.is_log_step(run):  # a light step is never a log step
             self.escalation.gather(run, self.output.text)
 
     def train_end(self, run: Run) -> None:

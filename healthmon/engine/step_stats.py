@@ -127,6 +127,7 @@ class StepStatistics:
         self._deferred: list[tuple[Tensor, Callable[[list[float]], None]]] = []
         self._log_cadence: dict[int, LogCadence] = {}
         self._optimizer_steps: dict[int, int] = {}  # optimizer index -> its steps so far
+        self.on_stride = True  # the last step asked about was on the budget's stride
 
     def setup(self, run: Run) -> None:
         """Index the parameters and find the scaler; once per fit."""
@@ -155,9 +156,17 @@ class StepStatistics:
             return run.global_step % every == 0
         return self._log_cadence.setdefault(optimizer_index, LogCadence()).due(run.global_step, every)
 
-    def checked_next(self, step: int, run: Run) -> bool:
-        """Whether the next step (``step``) of a run's one optimizer will be checked (nothing counted)."""
-        return self._checked(0, self._optimizer_steps.get(0, 0), step, run)
+    def next_checked_step(self, run: Run, due: Callable[[int], bool]) -> int:
+        """The first global step after this one at which a run's one optimizer will be checked.
+
+        That is the stride's next step, a log step, or a step ``due`` names (a monitor's own
+        cadence), whichever comes first; at most ``stride`` steps ahead. Nothing is counted.
+        """
+        step, count = run.global_step, self._optimizer_steps.get(0, 0)
+        ahead = 1
+        while not (self._checked(0, count + ahead - 1, step + ahead, run) or due(step + ahead)):
+            ahead += 1  # ends within the stride: one of any ``stride`` consecutive counts is on it
+        return step + ahead
 
     def count_unchecked(self) -> None:
         """Count a step of the run's one optimizer known in advance not to be checked."""
@@ -172,7 +181,8 @@ class StepStatistics:
         index = optimizer_index(run, optimizer) if len(run.optimizers) > 1 else 0
         count = self._optimizer_steps.get(index, 0)
         self._optimizer_steps[index] = count + 1
-        return self._checked(index, count, run.global_step, run)
+        self.on_stride = self.budget.checks(count)
+        return self.on_stride or self._checked(index, count, run.global_step, run)
 
     def _checked(self, index: int, count: int, step: int, run: Run) -> bool:
         """The ``count``-th step of optimizer ``index`` (global ``step``): on the stride, or a log step."""
@@ -193,11 +203,14 @@ class StepStatistics:
         loss (exactly: the scale is a power of two). ``scaled=False``: the loss is the user's
         already (the loop hands it over before scaling), nothing is divided.
         """
+        scale = scale_tensor(self.scaler) if scaled and self.scaler is not None else None
+        if scale is None and self._loss_sum is None:
+            self._loss_sum = loss  # one micro-batch: kept as handed over, detached when it is read
+            return
         loss = loss.detach().float()
-        scale = scale_tensor(self.scaler) if scaled else None
         if scale is not None:
             loss = loss / scale.to(loss.device)
-        self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
+        self._loss_sum = loss if self._loss_sum is None else self._loss_sum.detach().float() + loss
 
     def end_step(self) -> None:
         """Forget the accumulated loss once every monitor has seen this optimizer step.
@@ -222,7 +235,9 @@ class StepStatistics:
             per_tensor = reduce_sharded_norms(per_tensor)
         device, dtype = per_tensor.device, per_tensor.dtype
         loss = self._loss_sum
-        parts = [per_tensor] if loss is None else [per_tensor, loss.to(device=device, dtype=dtype).reshape(1)]
+        parts = [per_tensor]
+        if loss is not None:
+            parts.append(loss.detach().to(device=device, dtype=dtype).reshape(1))
         scale = scale_tensor(self.scaler)
         if scale is not None:
             parts.append(scale.detach().to(device=device, dtype=dtype).reshape(1))
@@ -286,10 +301,15 @@ class StepStatistics:
         if loss is None:
             self.flush_deferred()
             return None
-        value = loss.item() if not self._deferred else self._fetch([loss.reshape(1)])[0]
+        value = loss.item() if not self._deferred else self._fetch([loss.detach().float().reshape(1)])[0]
         if math.isfinite(value):
             self.unchecked_step = run.global_step
         return value
+
+    @property
+    def has_deferred(self) -> bool:
+        """Whether values wait for the next synchronisation (their callbacks run with it)."""
+        return bool(self._deferred)
 
     def defer(self, values: Tensor, callback: Callable[[list[float]], None]) -> None:
         """Fetch device ``values`` with the next step's synchronisation and hand them to ``callback``.

@@ -25,7 +25,7 @@ from healthmon.alerts import Alert, AlertPolicy, OnAlert, Severity, severity_ran
 from healthmon.engine.driver import Driver
 from healthmon.engine.run import Run
 from healthmon.integrations.lightning import LightningHooks
-from healthmon.schedules import DEFAULT_OVERHEAD_BUDGET
+from healthmon.schedules import DEFAULT_OVERHEAD_BUDGET, SampledEvery
 
 
 def strictest_policy(policies: list[AlertPolicy]) -> AlertPolicy:
@@ -115,6 +115,8 @@ class Monitor(LightningHooks):
         every = self.every_n_steps
         if every is None:
             return {"every_n_steps": "checked steps"}
+        if isinstance(every, SampledEvery):
+            return {"every_n_steps": f"{every.every} (x the overhead budget's stretch)"}
         return {"every_n_steps": every if isinstance(every, int) else getattr(every, "__name__", repr(every))}
 
     def should_run(self, run: Run) -> bool:
@@ -122,8 +124,16 @@ class Monitor(LightningHooks):
         return self.due_at(run.global_step)
 
     def due_at(self, step: int) -> bool:
-        """Whether ``step`` is on the monitor's cadence."""
+        """Whether ``step`` is on the monitor's cadence (a sampled cadence as the budget stretches it)."""
+        every = self.every_n_steps
+        if isinstance(every, SampledEvery) and self._driver is not None:
+            return every(step, self._driver.stats.budget.stretch)
         return bool(self._schedule(step))
+
+    @property
+    def samples(self) -> bool:
+        """Whether the monitor's cadence is a :class:`~healthmon.schedules.SampledEvery`."""
+        return isinstance(self.every_n_steps, SampledEvery)
 
     def declare_layout(self, driver: Driver) -> None:
         """Add this monitor's charts to the custom-scalars layout (override)."""

@@ -41,6 +41,7 @@ from healthmon.numerics.update_size import (
     UpdateSampler,
     layer_update_table,
 )
+from healthmon.schedules import LogCadence
 
 TAG_LOSS = tags.LOSS
 TAG_NORM = tags.GRAD_NORM
@@ -91,7 +92,8 @@ class GradientNormMonitor(Monitor):
     before BatchNorm: scale-invariant, seen in the first training forward pass) is judged by its
     sensitivity only: a step many times its weights only grows them. The update is measured on
     those steps and on logged steps (for
-    the ratio charts) only, on sampled entries (up to 4096 a tensor; small tensors whole), never
+    the ratio charts; every ``stretch``-th log interval where the overhead budget spaces out the
+    sampled checks) only, on sampled entries (up to 4096 a tensor; small tensors whole), never
     on a full copy of the weights.
 
     Args:
@@ -154,6 +156,7 @@ class GradientNormMonitor(Monitor):
         self._clip_on = False
         self._several_optimizers = False
         self._unjudged: dict[int, list[tuple[int, float]]] = {}  # optimizer -> (step, loss) to judge
+        self._ratio_cadence = LogCadence()  # the logged steps that measure update ratios
         self._snapshot_step = 0
         # the layers whose output goes straight into a normalisation, seen in the first forward pass
         self._watch: NormalisedLayers | None = None
@@ -216,6 +219,7 @@ class GradientNormMonitor(Monitor):
     @override
     def on_start(self, run: Run) -> None:
         self._current_run = run
+        self._ratio_cadence = LogCadence()
         self._clip_on = run.clips_gradients
         self._several_optimizers = len(run.optimizers) > 1
         for optimizer in run.optimizers:
@@ -311,7 +315,7 @@ class GradientNormMonitor(Monitor):
         On logged steps (the ratios are written) and while the spike rule has no running level
         (the update's size is judged): the rest of the run pays nothing.
         """
-        log_ratios = logged and self.update_ratios
+        log_ratios = logged and self.update_ratios and self._ratios_due(stats.step)
         judge = in_first_steps(self.rules(stats.optimizer_index)["spike"], stats.skipped)
         index = self.driver.params
         if not (log_ratios or judge) or not stats.params or index is None:
@@ -326,6 +330,18 @@ class GradientNormMonitor(Monitor):
             log_ratios=log_ratios,
             judge=judge,
         )
+
+    def _ratios_due(self, step: int) -> bool:
+        """Whether this logged step measures the update ratios (a chart, not a rule's input).
+
+        Every logged step; where the overhead budget spaces out the sampled checks (a model whose
+        step is a few milliseconds), every ``stretch``-th log interval like them.
+        """
+        driver = self.driver
+        stretch = driver.stats.budget.stretch
+        if stretch == 1:
+            return True
+        return self._ratio_cadence.due(step, driver.stats.log_every(self._current_run) * stretch)
 
     # ---- optimizer step hook: the update itself, and the gradient after clipping ----------------
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:

@@ -25,12 +25,13 @@ from healthmon.engine.run import Run
 from healthmon.monitors.base import Monitor
 from healthmon.numerics.logits import LogitsInterceptor
 from healthmon.numerics.source_lines import SourceLineFinder
+from healthmon.schedules import SAMPLED_EVERY_100
 
 TAG_CHECKS = tags.LOGITS_CHECKS
 TAG_FINDINGS = tags.LOGITS_FINDINGS
 
 #: Default sampling: the first ``first_steps`` optimizer steps, then every ``every_n_steps``.
-DEFAULT_EVERY_N_STEPS = 100
+DEFAULT_EVERY_N_STEPS = SAMPLED_EVERY_100  # spaced out by the overhead budget on very short steps
 DEFAULT_FIRST_STEPS = 3
 
 
@@ -59,7 +60,9 @@ class LogitsCheck(Monitor):
     Args:
         every_n_steps: after the first steps, sample every N optimizer steps (or a callable
             ``step -> bool``). A sampled step costs roughly 1.1-1.3x a plain one on a small MLP, so
-            the default of 100 keeps the amortised overhead well under 1%.
+            the default, every 100 steps, keeps the amortised overhead well under 1%; it spaces
+            out further where the sampled checks overrun the bundle's ``overhead_budget``
+            (:class:`~healthmon.schedules.SampledEvery`); an int is kept exactly.
         first_steps: also sample global steps ``0 .. first_steps - 1`` (bugs of this kind are
             present from the first step; 0 disables this).
         on_alert: see :class:`~healthmon.monitors.base.Monitor`.

@@ -66,7 +66,7 @@ from healthmon.numerics.findings import Finding
 from healthmon.numerics.stale_updates import learning_rate
 from healthmon.numerics.underflow import gradient_counts, log10_magnitudes, to_float32_exact
 from healthmon.numerics.zero_gradients import ZeroGradientRule
-from healthmon.schedules import LogCadence
+from healthmon.schedules import SAMPLED_EVERY_100, LogCadence
 
 TAG_HIST = tags.GRAD_LOG10_ABS.prefix
 
@@ -78,9 +78,11 @@ class GradientUnderflowMonitor(Monitor):
 
     Args:
         every_n_steps: optimizer steps at which gradients are counted, dead-unit hooks are
-            installed and update staleness is sampled (default 100: a check costs about half a
-            training step of a small MLP, ~0.5% amortised; these conditions persist, so a check
-            every 100 steps still catches them early).
+            installed and update staleness is sampled (default every 100 steps: a count costs
+            about half a training step of a small MLP; these conditions persist, so a count every
+            100 steps still catches them early). The default spaces out further on a model whose
+            step is so short that the counts overrun the bundle's ``overhead_budget``
+            (:class:`~healthmon.schedules.SampledEvery`); an int is kept exactly.
         zero_fraction: a parameter whose share of exactly-zero gradient entries reaches this
             raises ``grad.zero`` (default 1.0: the whole gradient is zero).
         zero_steps: consecutive checked steps, with an optimizer update between each two, on which
@@ -117,7 +119,7 @@ class GradientUnderflowMonitor(Monitor):
     def __init__(
         self,
         *,
-        every_n_steps: Cadence = 100,
+        every_n_steps: Cadence = SAMPLED_EVERY_100,
         zero_fraction: float = 1.0,
         zero_steps: int = 3,
         underflow_fraction: float = 0.05,
@@ -239,6 +241,20 @@ class GradientUnderflowMonitor(Monitor):
         every = self.histogram_every_n_steps
         if every is not None and run.global_step % every == 0:
             self._histograms(run, optimizer)
+        self._count_update(run, optimizer)
+
+    def _count_update(self, run: Run, optimizer: Any) -> None:
+        """Count the update this checked step is about to apply (a nonzero learning rate, not skipped).
+
+        The zero-gradient rule needs an update between each two checked steps of a streak: the
+        update that follows a checked step is one. Read here, not in an every-step hook, so that
+        unchecked steps cost nothing (a warm-up from 0 is then seen at the next checked step).
+        """
+        driver = self.driver
+        if driver.scaler is not None and driver.grad_step(run, optimizer).skipped:
+            return
+        if any(learning_rate(group, exact=False) > 0.0 for group in optimizer.param_groups):
+            self._updates += 1
 
     @override
     def on_batch_end(self, run: Run, batch: Any, batch_idx: int) -> None:
@@ -358,8 +374,6 @@ class GradientUnderflowMonitor(Monitor):
         self._stale.sampler.before(optimizer, step, resample=self._samplings % self.resample_every == 0)
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if any(learning_rate(group, exact=False) > 0.0 for group in optimizer.param_groups):
-            self._updates += 1
         if self._stale.sampler.armed:  # a sampled step (the others pay nothing here)
             self._stale.after_step(self.driver)
 

@@ -59,14 +59,14 @@ def _group_counts(tensors: list[Tensor], dtype: torch.dtype) -> tuple[Tensor, Te
         work, acc = tensors, None
     else:  # float8: no arithmetic kernels; float32 holds every float8 value exactly
         work, acc = [t.float() for t in tensors], torch.float32
-    # Counting with sign() and the L2 norm: ||sign(x)||^2 is the number of nonzero entries. It is
-    # several times faster on CPU than the L0 "norm" (a slow path) and rounds back to the integer.
+    # One gradient-sized temporary (|g|), worked in place: a second one costs more than the
+    # arithmetic on a CPU (each fresh buffer is paged in again). The nonzero entries are counted
+    # by the L0 "norm", which needs no temporary.
     shifted = torch._foreach_abs(work)
-    # sign(NaN) is 0: poison the counts of a non-finite tensor with 0 * its norm (NaN) instead,
-    # so a NaN gradient is never mistaken for a zero one.
+    # poison the counts of a non-finite tensor with 0 * its norm (NaN), so that a NaN gradient
+    # is never mistaken for a zero one (nor counted as normal: sign(NaN) is 0)
     poison = torch.stack(torch._foreach_norm(shifted, 2, dtype=acc)).double() * 0
-    signs = torch._foreach_sign(shifted)
-    nonzero = _count(signs, acc) + poison
+    nonzero = torch.stack(torch._foreach_norm(work, 0, dtype=acc)).double().round() + poison
     if not facts.has_subnormals:
         return nonzero, nonzero
     # |g| - largest_subnormal > 0  <=>  |g| >= smallest_normal (exact: Sterbenz + gradual underflow)

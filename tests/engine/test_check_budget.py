@@ -19,7 +19,8 @@ from models import DigitsClassifier, digits_loader, trainer
 
 from healthmon import GradientNormMonitor, HealthMonitor
 from healthmon.monitors.bundle import default_monitors
-from healthmon.schedules import CheckBudget
+from healthmon.monitors.underflow import GradientUnderflowMonitor
+from healthmon.schedules import CheckBudget, SampledEvery
 
 TINY = 1e-9  # no check fits: the stride is always the largest
 STRIDE = CheckBudget(TINY).max_stride
@@ -64,6 +65,68 @@ def test_no_budget_or_every_step_keeps_the_stride_at_one_until_a_reset() -> None
         checks.spent(10.0)
         checks.plan(step)
     assert checks.enabled and checks.stride == checks.max_stride
+
+
+def test_forced_checks_are_paid_first_and_the_stride_gets_what_they_leave() -> None:
+    # a step every 1 ms, stride checks of 0.1 ms, budget 1% (10 us a step): alone, every 16th
+    # (6.25 us); with forced checks (log steps, samples) of 5 us a step, every 32nd (3.1 us)
+    for forced, stride in ((0.0, 16), (5e-6, 32), (20e-6, 64)):
+        checks = CheckBudget(0.01, calibration=10, now=fake_clock(1e-3))
+        for step in range(200):
+            checks.step_started()
+            if checks.checks(step):
+                checks.spent(1e-4)
+            elif forced:
+                checks.spent(forced, forced=True)  # every other step pays its forced share
+            checks.plan(step)
+        assert checks.stride == stride, forced
+        assert checks.seconds_forced_per_step == pytest.approx(forced * (1 - 1 / stride), rel=0.05)
+        assert checks.stretch == 1  # nothing was sampled: nothing to space out
+
+
+def test_samples_that_overrun_the_budget_are_spaced_out_up_to_eight_times() -> None:
+    # samples every 100 steps cost 20 ms each: 0.2 ms a step, 20x the budget even at stride 64:
+    # once two are measured, the stretch goes straight to its largest, 8
+    every = SampledEvery(100)
+    checks = CheckBudget(0.01, calibration=10, now=fake_clock(1e-3))
+    sampled_at: list[int] = []
+    stretches = []
+    for step in range(4000):
+        checks.step_started()
+        if step >= 10 and every(step, checks.stretch):  # a sample is forced, on the stride or not
+            sampled_at.append(step)
+            checks.count_sample()
+            checks.spent(0.02, forced=True, sampled=True)
+        elif checks.checks(step):
+            checks.spent(1e-4)
+        checks.plan(step)
+        stretches.append(checks.stretch)
+    assert checks.stride == checks.max_stride and checks.stretch == checks.max_stretch == 8
+    assert stretches == sorted(stretches) and set(stretches) == {1, 8}  # once, and never back
+    assert sampled_at == [100, 200, 800, 1600, 2400, 3200]
+    # 0.2 ms a step at stretch 1 (the first samples' window makes it a little lower), 8x less now
+    assert checks.seconds_forced_per_step == pytest.approx(0.02 / 100 / 8, rel=0.2)
+    assert checks.summary()["sampled_stretch"] == 8
+    checks.reset()
+    assert checks.stretch == 1
+    checks.every_step()
+    assert checks.stretch == 1 and checks.stride == 1
+
+
+def test_the_stretch_is_the_smallest_at_which_the_samples_fit() -> None:
+    # 1 ms steps, budget 1% (10 us a step); samples of 1.5 ms every 100 steps: 15 us a step at
+    # stretch 1, 7.5 at 2, 3.75 at 4; stride checks of 0.1 ms at stride 64 take 1.6 us: stretch 2
+    every = SampledEvery(100)
+    checks = CheckBudget(0.01, calibration=10, now=fake_clock(1e-3))
+    for step in range(1000):
+        checks.step_started()
+        if step >= 10 and every(step, checks.stretch):
+            checks.count_sample()
+            checks.spent(1.5e-3, forced=True, sampled=True)
+        elif checks.checks(step):
+            checks.spent(1e-4)
+        checks.plan(step)
+    assert checks.stretch == 2 and checks.stride >= 32  # the stride takes what the samples leave
 
 
 @pytest.mark.parametrize("bad", [0, 0.0, -0.1, 1.5, "1%", True])
@@ -198,3 +261,43 @@ def test_with_a_grad_scaler_every_step_is_checked_whatever_the_budget(tmp_path: 
     t = trainer(tmp_path, [monitor], max_steps=60, log_every_n_steps=50, plugins=[plugin])
     t.fit(DigitsClassifier(), digits_loader())
     assert monitor.driver.stats.budget.stride == 1 and steps == list(range(60))
+
+
+def counted_steps(monitor: GradientUnderflowMonitor) -> list[int]:
+    """Record the steps at which the underflow monitor counts the gradients."""
+    steps: list[int] = []
+    original = monitor._check
+
+    def check(run: Any, optimizer: Any) -> None:
+        steps.append(run.global_step)
+        original(run, optimizer)
+
+    monitor._check = check  # type: ignore[method-assign]
+    return steps
+
+
+def test_on_a_model_too_fast_for_its_samples_the_default_cadence_spaces_out(tmp_path: Any) -> None:
+    """The underflow counts and logits checks of the default bundle, not a cadence given as an int."""
+    monitor = HealthMonitor(overhead_budget=TINY, summary=False)
+    underflow = monitor.monitor(GradientUnderflowMonitor)
+    assert isinstance(underflow, GradientUnderflowMonitor)
+    default = counted_steps(underflow)
+    explicit = GradientUnderflowMonitor(every_n_steps=100)  # joins the same bundle, as an int
+    fixed = counted_steps(explicit)
+    t = trainer(tmp_path, [monitor, explicit], max_steps=900, log_every_n_steps=50)
+    t.fit(DigitsClassifier(), digits_loader())
+    # nothing fits a budget of 1e-9: after two samples past calibration, the largest stretch, 8
+    assert default == [0, 100, 200, 800]
+    assert fixed == list(range(0, 900, 100))
+    assert monitor.driver.stats.budget.stretch == 8
+    assert monitor.report_path is not None
+    with open(monitor.report_path) as f:
+        assert json.load(f)["run"]["gradient_checks"]["sampled_stretch"] == 8
+    assert not [a for a in monitor.alerts if a.severity != "info"]
+    # with a budget every check fits into, nothing is stretched
+    roomy = HealthMonitor(overhead_budget=1.0, summary=False)
+    roomy_steps = counted_steps(roomy.monitor(GradientUnderflowMonitor))  # type: ignore[arg-type]
+    trainer(tmp_path / "roomy", [roomy], max_steps=450, log_every_n_steps=50).fit(
+        DigitsClassifier(), digits_loader()
+    )
+    assert roomy_steps == list(range(0, 450, 100)) and roomy.driver.stats.budget.stretch == 1

@@ -24,6 +24,7 @@ from healthmon.monitors.underflow import (
     TAG_ZERO_DTYPE,
     TAG_ZERO_LAYER,
 )
+from healthmon.schedules import SampledEvery
 
 
 class ScaledLoss(DigitsClassifier):
@@ -268,7 +269,8 @@ def test_state_round_trip_and_arguments():
     other = GradientUnderflowMonitor()
     other.load_state_dict(state)
     assert other._samplings == 3
-    assert GradientUnderflowMonitor().every_n_steps == 100
+    assert GradientUnderflowMonitor().every_n_steps == SampledEvery(100)
+    assert GradientUnderflowMonitor().state_key == GradientUnderflowMonitor(every_n_steps=100).state_key
     for kwargs, name in [
         ({"underflow_fraction": 0.0}, "underflow_fraction"),
         ({"dead_fraction": 1.5}, "dead_fraction"),
