@@ -48,8 +48,8 @@ class SampledEvery:
     checks). On a model whose step is so short that these samples, with the log steps, cost more
     than the bundle's ``overhead_budget`` even with the gradient checks at their sparsest, the
     :class:`CheckBudget` sets a ``stretch`` (a power of two, up to 8) at which they fit;
-    everywhere else the stretch is 1. An int ``every_n_steps`` is kept exactly. ``str()`` is the period (a checkpoint's
-    callback key stays that of an int cadence).
+    everywhere else the stretch is 1. An int ``every_n_steps`` is kept exactly. ``str()`` is the
+    period (a checkpoint's callback key stays that of an int cadence).
 
     >>> every = SampledEvery(100)
     >>> [s for s in range(0, 500, 50) if every(s)], [s for s in range(0, 500, 50) if every(s, stretch=2)]
