@@ -327,7 +327,7 @@ class LogCadence:
 
 
 class CheckBudget:
-    """Which optimizer steps get the full gradient checks, so that they take at most ``budget`` of a step.
+    """Which optimizer steps get the full gradient checks, and how far samples space out, within ``budget``.
 
     Why: the checks (one fused norm over every gradient, the trend rules, the logged scalars) cost
     a fixed time, about 0.1 ms a step on a CPU. On a large model that is nothing; on a model whose
@@ -339,13 +339,12 @@ class CheckBudget:
     steps, a monitor's own cadence, work deferred to the next step: ``spent(..., forced=True)``)
     are paid first: the stride's checks get what they leave of the budget, and when they leave
     nothing the stride is ``max_stride``. If even then the checks cost more than the budget,
-    once two sampled steps (:meth:`count_sample`) have been measured since the stretch last
-    changed, ``stretch`` becomes the smallest power of two (up to ``max_stretch``) at which they
-    fit, the samples' cost falling as 1 / stretch: the :class:`SampledEvery` cadences space out by
-    it. The stretch never shrinks in a fit (no oscillation). Steps off the
-    stride are not checked (the loss still is, see
-    :class:`~healthmon.engine.step_stats.StepStatistics`). ``budget=None``, or :meth:`every_step`:
-    every step is checked and nothing is stretched.
+    once a sampled step (:meth:`sample`) has been measured, ``stretch`` becomes the smallest power
+    of two (up to ``max_stretch``) at which they fit, a sample costing what the recent ones cost,
+    once every ``every x stretch`` steps: the :class:`SampledEvery` cadences space out by it. The
+    stretch never shrinks in a fit (no oscillation). Steps off the stride are not checked (the
+    loss still is, see :class:`~healthmon.engine.step_stats.StepStatistics`). ``budget=None``, or
+    :meth:`every_step`: every step is checked and nothing is stretched.
 
     >>> clock = iter(range(0, 10**6, 10))          # a step every 10 time units, checks cost 1
     >>> checks = CheckBudget(0.02, calibration=4, now=lambda: next(clock) * 1.0)
@@ -381,9 +380,9 @@ class CheckBudget:
         self._spent = 0.0  # check seconds since the last step started
         self._planned_at = -1
         self._steps = 0  # optimizer steps started
-        self._forced = 0.0  # seconds of forced checks that do not scale with the stretch (log steps)
-        self._sampled = 0.0  # seconds of sampled checks, times the stretch then: their cost at stretch 1
-        self._samples = 0  # sampled steps since the stretch last changed
+        self._forced = 0.0  # seconds of the forced checks that are not samples (log steps)
+        self._samples: deque[float] = deque(maxlen=8)  # seconds of recent sampled steps
+        self._sample_every = 1  # their cadence's period at stretch 1
 
     def reset(self) -> None:
         """Start over (a new fit): calibrate again."""
@@ -392,7 +391,8 @@ class CheckBudget:
         self._intervals.clear()
         self._costs.clear()
         self._last, self._spent, self._planned_at = None, 0.0, -1
-        self._steps, self._forced, self._sampled, self._samples = 0, 0.0, 0.0, 0
+        self._steps, self._forced = 0, 0.0
+        self._samples.clear()
 
     def every_step(self) -> None:
         """Check every step from now on (distributed runs, a ``GradScaler``: see the driver)."""
@@ -420,23 +420,24 @@ class CheckBudget:
     def spent(self, seconds: float, *, forced: bool = False, sampled: bool = False) -> None:
         """A check took ``seconds``.
 
-        ``forced``: the stride did not ask for it; ``sampled``: work of a :class:`SampledEvery`
-        step (the step itself, or its values judged at the next synchronisation).
+        ``forced``: the stride did not ask for it; ``sampled``: work of the last :meth:`sample`
+        (the sampled step itself, or its values judged at the next synchronisation).
         """
         self._spent += seconds
         if not forced:
             self._costs.append(seconds)
         elif self._steps <= self.calibration:
             return  # calibration: every step is checked anyway
-        elif sampled:
-            self._sampled += seconds * self.stretch
+        elif sampled and self._samples:
+            self._samples[-1] += seconds
         else:
             self._forced += seconds
 
-    def count_sample(self) -> None:
-        """A :class:`SampledEvery` cadence sampled this step."""
+    def sample(self, every: int) -> None:
+        """A :class:`SampledEvery` cadence of period ``every`` samples this step (its cost follows)."""
         if self._steps > self.calibration:
-            self._samples += 1
+            self._samples.append(0.0)
+            self._sample_every = every
 
     def plan(self, step: int) -> bool:
         """Re-plan the stride at the end of calibration and every ``calibration`` steps after.
@@ -455,19 +456,18 @@ class CheckBudget:
         while stride < self.max_stride and cost / stride > room:
             stride *= 2
         changed, self.stride = stride != self.stride, stride
-        if cost / stride > room and self._samples >= 2 and self.stretch < self.max_stretch:
+        if cost / stride > room and self._samples and self.stretch < self.max_stretch:
             self._space_out_samples(allowed - cost / stride)
         return changed
 
     def _space_out_samples(self, room: float) -> None:
         """The smallest stretch at which the forced checks fit ``room`` seconds a step (or the largest)."""
-        steps = max(self._steps - self.calibration, 1)
-        other, sampled = self._forced / steps, self._sampled / steps
+        other = self._forced / max(self._steps - self.calibration, 1)
+        per_sample = statistics.fmean(self._samples) / self._sample_every
         stretch = self.stretch
-        while stretch < self.max_stretch and other + sampled / stretch > room:
+        while stretch < self.max_stretch and other + per_sample / stretch > room:
             stretch *= 2
-        if stretch != self.stretch:
-            self.stretch, self._samples = stretch, 0
+        self.stretch = stretch
 
     def summary(self) -> dict[str, Any]:
         """What the report says of the checks: the budget, the stride and what was measured."""
@@ -483,7 +483,10 @@ class CheckBudget:
     @property
     def seconds_forced_per_step(self) -> float:
         """The forced checks' seconds per optimizer step since calibration, at the current stretch."""
-        return (self._forced + self._sampled / self.stretch) / max(self._steps - self.calibration, 1)
+        other = self._forced / max(self._steps - self.calibration, 1)
+        if not self._samples:
+            return other
+        return other + statistics.fmean(self._samples) / (self._sample_every * self.stretch)
 
     @property
     def seconds_per_check(self) -> float | None:

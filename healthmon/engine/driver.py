@@ -233,7 +233,7 @@ class Driver:
     def start(self, run: Run) -> None:
         """The loop is about to take its first step: monitors read the loop's settings."""
         self._one_optimizer = len(run.optimizers) == 1
-        self._light, self._next_check = False, 0
+        self._light, self._next_check, self._deferred_sampled = False, 0, False
         for m in self.monitors:
             m.on_start(run)
         self.output.start()
@@ -290,9 +290,10 @@ class Driver:
         if not self._light and self.checks(run, optimizer):
             for m in self._per_step["on_optimizer_step"]:
                 m.on_optimizer_step(run, optimizer)
-            sampled = any(m.samples and m.due_at(step) for m in self._own_cadence)
+            periods = [p for m in self._own_cadence if (p := m.sample_period) and m.due_at(step)]
+            sampled = bool(periods)
             if sampled:
-                budget.count_sample()
+                budget.sample(min(periods))
             budget.spent(budget.now() - started, forced=sampled or not stats.on_stride, sampled=sampled)
             self._deferred_sampled = sampled
         else:

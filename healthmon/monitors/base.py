@@ -131,9 +131,10 @@ class Monitor(LightningHooks):
         return bool(self._schedule(step))
 
     @property
-    def samples(self) -> bool:
-        """Whether the monitor's cadence is a :class:`~healthmon.schedules.SampledEvery`."""
-        return isinstance(self.every_n_steps, SampledEvery)
+    def sample_period(self) -> int | None:
+        """The period of a :class:`~healthmon.schedules.SampledEvery` cadence (None: another cadence)."""
+        every = self.every_n_steps
+        return every.every if isinstance(every, SampledEvery) else None
 
     def declare_layout(self, driver: Driver) -> None:
         """Add this monitor's charts to the custom-scalars layout (override)."""
