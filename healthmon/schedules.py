@@ -442,7 +442,7 @@ class CheckBudget:
     def plan(self, step: int) -> bool:
         """Re-plan the stride at the end of calibration and every ``calibration`` steps after.
 
-        Returns whether the stride changed.
+        Returns whether the stride or the stretch changed (the next checked step moves).
         """
         if not self.enabled or step + 1 < self.calibration or step - self._planned_at < self.calibration:
             return False
@@ -457,7 +457,9 @@ class CheckBudget:
             stride *= 2
         changed, self.stride = stride != self.stride, stride
         if cost / stride > room and self._samples and self.stretch < self.max_stretch:
+            stretch = self.stretch
             self._space_out_samples(allowed - cost / stride)
+            changed = changed or self.stretch != stretch
         return changed
 
     def _space_out_samples(self, room: float) -> None:
