@@ -464,12 +464,17 @@ class CheckBudget:
 
     def _space_out_samples(self, room: float) -> None:
         """The smallest stretch at which the forced checks fit ``room`` seconds a step (or the largest)."""
-        other = self._forced / max(self._steps - self.calibration, 1)
-        per_sample = statistics.fmean(self._samples) / self._sample_every
         stretch = self.stretch
-        while stretch < self.max_stretch and other + per_sample / stretch > room:
+        while stretch < self.max_stretch and self._forced_at(stretch) > room:
             stretch *= 2
         self.stretch = stretch
+
+    def _forced_at(self, stretch: int) -> float:
+        """The forced checks' seconds per optimizer step since calibration, samples at ``stretch``."""
+        other = self._forced / max(self._steps - self.calibration, 1)
+        if not self._samples:
+            return other
+        return other + statistics.fmean(self._samples) / (self._sample_every * stretch)
 
     def summary(self) -> dict[str, Any]:
         """What the report says of the checks: the budget, the stride and what was measured."""
@@ -485,10 +490,7 @@ class CheckBudget:
     @property
     def seconds_forced_per_step(self) -> float:
         """The forced checks' seconds per optimizer step since calibration, at the current stretch."""
-        other = self._forced / max(self._steps - self.calibration, 1)
-        if not self._samples:
-            return other
-        return other + statistics.fmean(self._samples) / (self._sample_every * self.stretch)
+        return self._forced_at(self.stretch)
 
     @property
     def seconds_per_check(self) -> float | None:

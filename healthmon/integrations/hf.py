@@ -187,8 +187,8 @@ class HFHealthCallback(BundleResults, TrainerCallback):
         fail_on: lowest severity that raises or stops ("info", "warning" or "error").
         monitors: the monitors to run; default ``default_monitors()``.
         log_every_n_steps: how often scalars are written; None follows ``logging_steps``.
-        overhead_budget: the share of the step time the per-step gradient checks may take
-            (default 0.01); see :class:`~healthmon.monitors.health.HealthMonitor`.
+        overhead_budget: the share of the step time the checks may take (default 0.01); see
+            :class:`~healthmon.monitors.health.HealthMonitor`.
         report: write the JSON report beside the event files at the end of training.
         summary: print the end-of-training summary on the main process.
         log_dir: where healthmon's TensorBoard events and report go; default

@@ -81,8 +81,8 @@ def watch(
         fail_on: lowest severity that raises or stops ("info", "warning" or "error").
         monitors: the monitors to run; default ``default_monitors()``, as ``HealthMonitor``.
         log_every_n_steps: how often scalars are written (default 50).
-        overhead_budget: the share of the step time the per-step gradient checks may take
-            (default 0.01); see :class:`~healthmon.monitors.health.HealthMonitor`.
+        overhead_budget: the share of the step time the checks may take (default 0.01); see
+            :class:`~healthmon.monitors.health.HealthMonitor`.
         report: write the JSON report at :meth:`Watch.close`.
         summary: print the summary at :meth:`Watch.close` (rank zero).
 
