@@ -8,6 +8,7 @@ explained) and the operations that made its inputs.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,14 +80,43 @@ def display_name(func: Any) -> str:
     return f"`torch.{raw}`"
 
 
-def is_inplace(func: Any) -> bool:
-    """Whether the call overwrites its first argument (``x.log_()``, ``x /= y``, ``x[i] = v``)."""
+def is_inplace(func: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> bool:
+    """Whether the call overwrites its first argument.
+
+    ``x.log_()``, ``x /= y``, ``x[i] = v``, and the ``torch.nn.functional`` calls given
+    ``inplace=True``, by keyword or by position (``nn.ReLU(inplace=True)`` calls
+    ``F.relu(x, inplace=True)``, ``nn.Dropout`` calls ``F.dropout(x, p, training, inplace)``).
+    """
     raw = raw_name(func)
-    return (
+    if (
         raw == "__setitem__"
         or (raw.startswith("__i") and raw.endswith("__"))
         or (raw.endswith("_") and not raw.endswith("__"))
-    )
+    ):
+        return True
+    if kwargs and kwargs.get("inplace") is True:
+        return True
+    index = _inplace_position(func)
+    return index is not None and len(args) > index and args[index] is True
+
+
+_INPLACE_POSITION: dict[Any, int | None] = {}
+
+
+def _inplace_position(func: Any) -> int | None:
+    """The position of a Python function's ``inplace`` parameter (None: it has none); cached."""
+    try:
+        return _INPLACE_POSITION[func]
+    except (KeyError, TypeError):
+        pass
+    position = None
+    code = getattr(func, "__code__", None)  # torch.nn.functional's Python functions; not builtins
+    if code is not None:
+        names = code.co_varnames[: code.co_argcount]
+        position = names.index("inplace") if "inplace" in names else None
+    with contextlib.suppress(TypeError):  # an unhashable callable is looked up each time
+        _INPLACE_POSITION[func] = position
+    return position
 
 
 @dataclass

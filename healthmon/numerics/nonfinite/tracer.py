@@ -75,6 +75,21 @@ _SKIP_FUNCS = frozenset(
 )
 
 
+def _written(args: tuple[Any, ...], kwargs: dict[str, Any], out: Any, before: _Before | None) -> list[Tensor]:
+    """The floating tensors a call wrote: its results, and the target of an in-place call.
+
+    An input a call returns as it is (``F.dropout`` with ``p=0``, ``contiguous`` of a contiguous
+    tensor) was not written: it keeps its provenance.
+    """
+    outputs = [t for t in tensors_in(out) if is_floating(t)]
+    if before is not None:
+        if not any(t is args[0] for t in outputs):
+            outputs.append(args[0])
+        return outputs
+    given = list(tensors_in((args, kwargs)))
+    return [t for t in outputs if not any(t is g for g in given)]
+
+
 class NonFiniteTracer(TorchFunctionMode):
     """A ``TorchFunctionMode`` that records the provenance of every NaN/Inf; results are untouched.
 
@@ -109,7 +124,12 @@ class NonFiniteTracer(TorchFunctionMode):
     ) -> Any:
         kwargs = kwargs or {}
         before: _Before | None = None
-        if is_inplace(func) and args and is_floating(args[0]) and raw_name(func) not in _SKIP_FUNCS:
+        if (
+            is_inplace(func, args, kwargs)
+            and args
+            and is_floating(args[0])
+            and raw_name(func) not in _SKIP_FUNCS
+        ):
             try:  # an in-place op overwrites its input: remember what it held
                 before = self._before_inplace(func, args[0])
             except Exception as exc:
@@ -146,9 +166,7 @@ class NonFiniteTracer(TorchFunctionMode):
         out: Any,
         before: _Before | None = None,
     ) -> None:
-        outputs = [t for t in tensors_in(out) if is_floating(t)]
-        if is_inplace(func) and args and is_floating(args[0]) and not any(t is args[0] for t in outputs):
-            outputs.append(args[0])
+        outputs = _written(args, kwargs, out, before)
         if not outputs:
             return
         self.ops += 1
