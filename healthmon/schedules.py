@@ -342,9 +342,12 @@ class CheckBudget:
     once a sampled step (:meth:`sample`) has been measured, ``stretch`` becomes the smallest power
     of two (up to ``max_stretch``) at which they fit, a sample costing what the recent ones cost,
     once every ``every x stretch`` steps: the :class:`SampledEvery` cadences space out by it. The
-    stretch never shrinks in a fit (no oscillation). Steps off the stride are not checked (the
-    loss still is, see :class:`~healthmon.engine.step_stats.StepStatistics`). ``budget=None``, or
-    :meth:`every_step`: every step is checked and nothing is stretched.
+    stretch never shrinks in a fit (no oscillation). The stride is the longest gap between
+    checked steps: a step is checked ``stride`` steps after the last checked one, whatever checked
+    that one (a log step and a monitor's cadence count, so the stride adds checks only where they
+    leave a gap); other steps are not (the loss still is, see
+    :class:`~healthmon.engine.step_stats.StepStatistics`). ``budget=None``, or :meth:`every_step`:
+    every step is checked and nothing is stretched.
 
     >>> clock = iter(range(0, 10**6, 10))          # a step every 10 time units, checks cost 1
     >>> checks = CheckBudget(0.02, calibration=4, now=lambda: next(clock) * 1.0)
@@ -355,6 +358,8 @@ class CheckBudget:
     ...     _ = checks.plan(step)
     >>> checks.stride, [s for s in range(8, 24) if checks.checks(s)]
     (8, [8, 16])
+    >>> [s for s in range(8, 24) if checks.checks(s, last=13)]  # step 13 was checked (a log step)
+    [21, 22, 23]
     """
 
     def __init__(
@@ -399,9 +404,14 @@ class CheckBudget:
         self.enabled = False
         self.stride, self.stretch = 1, 1
 
-    def checks(self, step: int) -> bool:
-        """Whether ``step`` gets the full checks."""
-        return self.stride == 1 or step < self.calibration or step % self.stride == 0
+    def checks(self, step: int, last: int | None = None) -> bool:
+        """Whether ``step`` gets the full checks: ``stride`` steps after ``last``, the last checked one.
+
+        Without ``last``, the multiples of the stride. Every step of the calibration is checked.
+        """
+        if self.stride == 1 or step < self.calibration:
+            return True
+        return step % self.stride == 0 if last is None else step - last >= self.stride
 
     def step_started(self) -> float:
         """Call once per optimizer step, before its checks: times the step that just ended.

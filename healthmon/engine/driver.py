@@ -60,6 +60,7 @@ class Driver:
         self._per_step: dict[str, list[Monitor]] = {hook: [] for hook in PER_STEP}
         self._own_cadence: list[Monitor] = []  # step checkers with an every_n_steps of their own
         self._loss_watchers: list[Monitor] = []  # monitors that judge the loss of unchecked steps
+        self._step_samplers: list[Monitor] = []  # monitors that name steps they need whole (needs_step)
         self._unchecked: dict[str, list[Monitor]] = {hook: [] for hook in PER_STEP}
         self._light = False  # this batch's optimizer step will not be checked
         self._next_check = 0  # one optimizer: the global step of its next checked step
@@ -84,6 +85,7 @@ class Driver:
         self._loss_watchers = [
             m for m in self.monitors if type(m).on_unchecked_loss is not Monitor.on_unchecked_loss
         ]
+        self._step_samplers = [m for m in self.monitors if type(m).needs_step is not Monitor.needs_step]
         for hook in PER_STEP:
             self._unchecked[hook] = [m for m in self._per_step[hook] if hook in m.unchecked_points]
         monitor.bind(self)
@@ -254,15 +256,19 @@ class Driver:
     def _plan_next_check(self, run: Run) -> None:
         """Find the next step to check, once per checked step (and when the stride changes).
 
-        Until then, a step's batch starts "light": one comparison of the step decides it. Only a
-        run with one optimizer plans ahead; with several, each optimizer step is decided as it comes.
+        Until then, a step's batch starts "light": one comparison of the step decides it. The
+        steps a monitor needs whole (:meth:`Monitor.needs_step`: a sampled forward pass) are
+        planned like checked ones. Only a run with one optimizer plans ahead; with several, each
+        optimizer step is decided as it comes.
         """
         if self.stats.budget.stride == 1 or not self._one_optimizer:
             self._next_check = run.global_step + 1
             return
 
         def due(step: int) -> bool:
-            return any(m.due_at(step) for m in self._own_cadence)
+            return any(m.due_at(step) for m in self._own_cadence) or any(
+                m.needs_step(step) for m in self._step_samplers
+            )
 
         self._next_check = self.stats.next_checked_step(run, due)
 
@@ -288,6 +294,7 @@ class Driver:
         if step >= self._next_check:
             self._light = False  # a second optimizer step of the batch (manual optimization)
         if not self._light and self.checks(run, optimizer):
+            stats.mark_checked()
             for m in self._per_step["on_optimizer_step"]:
                 m.on_optimizer_step(run, optimizer)
             periods = [p for m in self._own_cadence if (p := m.sample_period) and m.due_at(step)]
@@ -306,6 +313,7 @@ class Driver:
                 self._deferred_sampled = False
             if loss is not None and not math.isfinite(loss):
                 self._light = False  # every monitor sees this step through
+                stats.mark_checked()
                 for m in self._per_step["on_optimizer_step"]:
                     m.on_optimizer_step(run, optimizer)
             elif loss is not None:

@@ -127,6 +127,8 @@ class StepStatistics:
         self._deferred: list[tuple[Tensor, Callable[[list[float]], None]]] = []
         self._log_cadence: dict[int, LogCadence] = {}
         self._optimizer_steps: dict[int, int] = {}  # optimizer index -> its steps so far
+        self._last_checked: dict[int, int] = {}  # optimizer index -> the count of its last checked step
+        self._current = (0, 0)  # the optimizer index and count of the step asked about last
         self.on_stride = True  # the last step asked about was on the budget's stride
 
     def setup(self, run: Run) -> None:
@@ -143,6 +145,8 @@ class StepStatistics:
         self._cache_step = -1
         self._log_cadence.clear()
         self._optimizer_steps.clear()
+        self._last_checked.clear()
+        self._current = (0, 0)
 
     def is_log_step(self, run: Run, optimizer_index: int | None = None) -> bool:
         """Whether scalars are written at this step.
@@ -159,8 +163,9 @@ class StepStatistics:
     def next_checked_step(self, run: Run, due: Callable[[int], bool]) -> int:
         """The first global step after this one at which a run's one optimizer will be checked.
 
-        That is the stride's next step, a log step, or a step ``due`` names (a monitor's own
-        cadence), whichever comes first; at most ``stride`` steps ahead. Nothing is counted.
+        That is the stride's next step (``stride`` steps after the last checked one), a log step,
+        or a step ``due`` names (a monitor's own cadence), whichever comes first; at most
+        ``stride`` steps ahead. Nothing is counted.
         """
         step, count = run.global_step, self._optimizer_steps.get(0, 0)
         ahead = 1
@@ -170,23 +175,34 @@ class StepStatistics:
 
     def count_unchecked(self) -> None:
         """Count a step of the run's one optimizer known in advance not to be checked."""
-        self._optimizer_steps[0] = self._optimizer_steps.get(0, 0) + 1
+        count = self._optimizer_steps.get(0, 0)
+        self._optimizer_steps[0] = count + 1
+        self._current = (0, count)
 
     def checks(self, run: Run, optimizer: Any) -> bool:
         """Whether this step of ``optimizer`` gets the gradient checks (the budget's or a log step).
 
         The budget's stride counts each optimizer's own steps: under manual optimization two
-        optimizers take turns on the global step, and each is checked every k-th of its steps.
+        optimizers take turns on the global step, and each is checked at least every k-th of its
+        steps. A step checked for another reason (a log step, a monitor's own cadence, a NaN
+        loss: :meth:`mark_checked`) starts the count again, so the stride adds checks only where
+        the others leave a gap of ``stride`` steps.
         """
         index = optimizer_index(run, optimizer) if len(run.optimizers) > 1 else 0
         count = self._optimizer_steps.get(index, 0)
         self._optimizer_steps[index] = count + 1
-        self.on_stride = self.budget.checks(count)
+        self._current = (index, count)
+        self.on_stride = self.budget.checks(count, self._last_checked.get(index))
         return self.on_stride or self._checked(index, count, run.global_step, run)
+
+    def mark_checked(self) -> None:
+        """The step asked about last was checked (for whatever reason): the stride counts from it."""
+        index, count = self._current
+        self._last_checked[index] = count
 
     def _checked(self, index: int, count: int, step: int, run: Run) -> bool:
         """The ``count``-th step of optimizer ``index`` (global ``step``): on the stride, or a log step."""
-        if self.budget.checks(count):
+        if self.budget.checks(count, self._last_checked.get(index)):
             return True
         cadence = self._log_cadence.get(index)
         return cadence is None or cadence.would_log(step, self.log_every(run))

@@ -165,6 +165,15 @@ class Monitor(LightningHooks):
     def on_unchecked_loss(self, run: Run, optimizer: Any, loss: float) -> None:
         """A step whose gradients are not checked (the overhead budget's stride): its finite loss."""
 
+    def needs_step(self, step: int) -> bool:
+        """Whether global step ``step`` must reach this monitor's every point (override).
+
+        The driver plans these steps ahead with the checked ones, so a monitor that samples the
+        forward pass on steps of its own says them here instead of naming ``unchecked_points``:
+        the other steps then do not call it at all.
+        """
+        return False
+
     def on_batch_end(self, run: Run, batch: Any, batch_idx: int) -> None:
         """A micro-batch ended (after the optimizer step when it was the last of a step)."""
 

@@ -72,6 +72,9 @@ class LogitsCheck(Monitor):
     """
 
     intercepts_forward = True
+    #: its sampled steps are planned by the driver (:meth:`needs_step`); other steps only make
+    #: sure no interceptor is left behind
+    unchecked_points = frozenset({"on_batch_end"})
 
     def __init__(
         self,
@@ -103,7 +106,11 @@ class LogitsCheck(Monitor):
 
     def should_sample(self, run: Run) -> bool:
         """Whether this step's forward pass is intercepted (the first steps, then the cadence)."""
-        return run.global_step < self.first_steps or self.should_run(run)
+        return self.needs_step(run.global_step)
+
+    @override
+    def needs_step(self, step: int) -> bool:
+        return step < self.first_steps or self.due_at(step)
 
     @property
     def active(self) -> bool:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from models import DigitsClassifier, digits_loader, trainer
 
-from healthmon import GradientNormMonitor, HealthMonitor
+from healthmon import GradientNormMonitor, HealthMonitor, LogitsCheck
 from healthmon.monitors.bundle import default_monitors
 from healthmon.monitors.underflow import GradientUnderflowMonitor
 from healthmon.schedules import CheckBudget, SampledEvery
@@ -152,17 +152,50 @@ def checked_steps(monitor: HealthMonitor) -> list[int]:
 
 def test_past_calibration_only_the_stride_log_steps_and_own_cadences_are_checked(tmp_path: Any) -> None:
     monitors = [m for m in default_monitors() if not isinstance(m, GradientNormMonitor)]
-    monitors.append(GradientNormMonitor(every_n_steps=25))  # its own cadence forces a check
+    monitors.append(GradientNormMonitor(every_n_steps=90))  # its own cadence forces a check
     monitor = HealthMonitor(overhead_budget=TINY, monitors=monitors, summary=False)
     steps = checked_steps(monitor)
-    t = trainer(tmp_path, [monitor], max_steps=260, log_every_n_steps=50)
+    t = trainer(tmp_path, [monitor], max_steps=260, log_every_n_steps=100)
     t.fit(DigitsClassifier(), digits_loader())
     assert monitor.driver.stats.budget.stride == STRIDE
-    underflow_counts = set(range(0, 260, 100))  # GradientUnderflowMonitor counts every 100 steps
-    later = range(CALIBRATION, 260)
-    expected = set(range(CALIBRATION)) | {s for s in later if s % STRIDE == 0 or s % 50 == 0 or s % 25 == 0}
-    assert set(steps) == expected | underflow_counts
+    # log steps (every 100; GradientUnderflowMonitor samples every 100 too) and the cadence of 90
+    # are checked; the stride adds a check where they leave a gap of STRIDE steps
+    expected, last = set(range(CALIBRATION)), CALIBRATION - 1
+    for s in range(CALIBRATION, 260):
+        if s - last >= STRIDE or s % 100 == 0 or s % 90 == 0:
+            expected.add(s)
+            last = s
+    assert set(steps) == expected
+    assert {19 + STRIDE, 100 + STRIDE} <= expected  # the gaps the stride fills: not its multiples
     assert not [a for a in monitor.alerts if a.severity != "info"]
+
+
+def test_a_forward_sampler_gets_its_steps_whole_and_is_not_called_on_other_steps(tmp_path: Any) -> None:
+    monitors = [m for m in default_monitors() if not isinstance(m, LogitsCheck)]
+    logits = LogitsCheck(every_n_steps=70)  # samples 0, 1, 2, then every 70: off the checked steps
+    monitor = HealthMonitor(overhead_budget=TINY, monitors=[*monitors, logits], summary=False)
+    starts: list[int] = []
+    sampled: list[int] = []
+    original_start, original_finish = logits.on_batch_start, logits._finish
+
+    def on_batch_start(run: Any, batch: Any, batch_idx: int) -> None:
+        starts.append(run.global_step)
+        original_start(run, batch, batch_idx)
+
+    def finish(run: Any) -> None:
+        if logits.active:
+            sampled.append(run.global_step)
+        original_finish(run)
+
+    logits.on_batch_start = on_batch_start  # type: ignore[method-assign]
+    logits._finish = finish  # type: ignore[method-assign]
+    steps = checked_steps(monitor)
+    trainer(tmp_path, [monitor], max_steps=260, log_every_n_steps=100).fit(DigitsClassifier(), digits_loader())
+    assert monitor.driver.stats.budget.stride == STRIDE
+    assert sampled == [0, 1, 2, 70, 140, 210]
+    assert not {70, 140, 210} & set(steps)  # whole steps for the interceptor, no gradient checks
+    # called at its sampled steps and the checked ones (the calibration, log steps, the stride)
+    assert set(starts) == set(steps) | set(sampled)
 
 
 def test_without_a_budget_every_step_is_checked(tmp_path: Any) -> None:
