@@ -413,6 +413,14 @@ class CheckBudget:
             return True
         return step % self.stride == 0 if last is None else step - last >= self.stride
 
+    def next_check(self, step: int, last: int | None = None) -> int:
+        """The first step from ``step`` on that :meth:`checks` (``last``: the last checked one)."""
+        if self.stride == 1 or step < self.calibration:
+            return step
+        if last is None:
+            return -(-step // self.stride) * self.stride
+        return max(step, last + self.stride)
+
     def step_started(self) -> float:
         """Call once per optimizer step, before its checks: times the step that just ended.
 

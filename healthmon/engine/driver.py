@@ -261,16 +261,30 @@ class Driver:
         planned like checked ones. Only a run with one optimizer plans ahead; with several, each
         optimizer step is decided as it comes.
         """
+        step = run.global_step
         if self.stats.budget.stride == 1 or not self._one_optimizer:
-            self._next_check = run.global_step + 1
+            self._next_check = step + 1
             return
+        due_by: float = math.inf  # the first step a cadence known ahead names
+        own: list[Monitor] = []  # the cadences that only say step by step (plain callables)
+        samplers: list[Monitor] = []
+        for m in self._own_cadence:
+            n = m.next_due(step)
+            if n is None:
+                own.append(m)
+            else:
+                due_by = min(due_by, n)
+        for m in self._step_samplers:
+            n = m.next_needed(step)
+            if n is None:
+                samplers.append(m)
+            else:
+                due_by = min(due_by, n)
 
-        def due(step: int) -> bool:
-            return any(m.due_at(step) for m in self._own_cadence) or any(
-                m.needs_step(step) for m in self._step_samplers
-            )
+        def due(s: int) -> bool:
+            return any(m.due_at(s) for m in own) or any(m.needs_step(s) for m in samplers)
 
-        self._next_check = self.stats.next_checked_step(run, due)
+        self._next_check = self.stats.next_checked_step(run, due_by, due if own or samplers else None)
 
     def before_backward(self, run: Run, loss: Tensor, *, scaled: bool = True) -> None:
         """The loss of one micro-batch, as handed to backward (scaled under fp16 AMP).

@@ -160,18 +160,28 @@ class StepStatistics:
             return run.global_step % every == 0
         return self._log_cadence.setdefault(optimizer_index, LogCadence()).due(run.global_step, every)
 
-    def next_checked_step(self, run: Run, due: Callable[[int], bool]) -> int:
+    def next_checked_step(self, run: Run, due_by: float, due: Callable[[int], bool] | None = None) -> int:
         """The first global step after this one at which a run's one optimizer will be checked.
 
-        That is the stride's next step (``stride`` steps after the last checked one), a log step,
-        or a step ``due`` names (a monitor's own cadence), whichever comes first; at most
-        ``stride`` steps ahead. Nothing is counted.
+        That is the stride's next step (``stride`` steps after the last checked one), the next
+        log step, ``due_by`` (the first step the monitors' own cadences name) or a step ``due``
+        names (the cadences known only step by step), whichever comes first: at most ``stride``
+        steps ahead. Nothing is counted.
         """
-        step, count = run.global_step, self._optimizer_steps.get(0, 0)
-        ahead = 1
-        while not (self._checked(0, count + ahead - 1, step + ahead, run) or due(step + ahead)):
-            ahead += 1  # ends within the stride: one of any ``stride`` consecutive counts is on it
-        return step + ahead
+        step, count = run.global_step, self._optimizer_steps.get(0, 0)  # count: the next step's
+        on_stride = step + 1 + self.budget.next_check(count, self._last_checked.get(0)) - count
+        found = min(on_stride, self._next_log_step(step, run), due_by)
+        if due is not None:
+            found = next((s for s in range(step + 1, int(found)) if due(s)), found)
+        return int(found)
+
+    def _next_log_step(self, step: int, run: Run) -> int:
+        """The first global step after ``step`` at which the one optimizer logs."""
+        cadence = self._log_cadence.get(0)
+        if cadence is None or cadence.last is None:
+            return step + 1  # the first step asked always logs
+        every = self.log_every(run)
+        return min((step // every + 1) * every, max(cadence.last + every, step + 1))
 
     def count_unchecked(self) -> None:
         """Count a step of the run's one optimizer known in advance not to be checked."""

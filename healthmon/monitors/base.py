@@ -130,6 +130,21 @@ class Monitor(LightningHooks):
             return every(step, self._driver.stats.budget.stretch)
         return bool(self._schedule(step))
 
+    def next_due(self, step: int) -> int | None:
+        """The first step after ``step`` on the monitor's cadence; None where only :meth:`due_at` can say.
+
+        Exact for an int period and a :class:`~healthmon.schedules.SampledEvery` (at the budget's
+        current stretch, which only grows: a later stretch never makes an earlier step due).
+        """
+        every = self.every_n_steps
+        if isinstance(every, SampledEvery):
+            period = every.every * (self._driver.stats.budget.stretch if self._driver is not None else 1)
+        elif isinstance(every, int):
+            period = every
+        else:
+            return None
+        return (step // period + 1) * period
+
     @property
     def sample_period(self) -> int | None:
         """The period of a :class:`~healthmon.schedules.SampledEvery` cadence (None: another cadence)."""
@@ -173,6 +188,10 @@ class Monitor(LightningHooks):
         the other steps then do not call it at all.
         """
         return False
+
+    def next_needed(self, step: int) -> int | None:
+        """The first step after ``step`` that :meth:`needs_step`; None where only it can say (override)."""
+        return None
 
     def on_batch_end(self, run: Run, batch: Any, batch_idx: int) -> None:
         """A micro-batch ended (after the optimizer step when it was the last of a step)."""

@@ -112,6 +112,10 @@ class LogitsCheck(Monitor):
     def needs_step(self, step: int) -> bool:
         return step < self.first_steps or self.due_at(step)
 
+    @override
+    def next_needed(self, step: int) -> int | None:
+        return step + 1 if step + 1 < self.first_steps else self.next_due(step)
+
     @property
     def active(self) -> bool:
         """Whether the interceptor is currently on the torch function mode stack."""

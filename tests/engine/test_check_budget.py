@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import inspect
 import json
+import random
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 from models import DigitsClassifier, digits_loader, trainer
 
 from healthmon import GradientNormMonitor, HealthMonitor, LogitsCheck
+from healthmon.engine.step_stats import StepStatistics
 from healthmon.monitors.bundle import default_monitors
 from healthmon.monitors.underflow import GradientUnderflowMonitor
 from healthmon.schedules import CheckBudget, SampledEvery
@@ -190,7 +193,8 @@ def test_a_forward_sampler_gets_its_steps_whole_and_is_not_called_on_other_steps
     logits.on_batch_start = on_batch_start  # type: ignore[method-assign]
     logits._finish = finish  # type: ignore[method-assign]
     steps = checked_steps(monitor)
-    trainer(tmp_path, [monitor], max_steps=260, log_every_n_steps=100).fit(DigitsClassifier(), digits_loader())
+    t = trainer(tmp_path, [monitor], max_steps=260, log_every_n_steps=100)
+    t.fit(DigitsClassifier(), digits_loader())
     assert monitor.driver.stats.budget.stride == STRIDE
     assert sampled == [0, 1, 2, 70, 140, 210]
     assert not {70, 140, 210} & set(steps)  # whole steps for the interceptor, no gradient checks
@@ -334,3 +338,33 @@ def test_on_a_model_too_fast_for_its_samples_the_default_cadence_spaces_out(tmp_
         DigitsClassifier(), digits_loader()
     )
     assert roomy_steps == list(range(0, 450, 100)) and roomy.driver.stats.budget.stretch == 1
+
+
+def test_the_next_checked_step_is_the_one_a_step_by_step_scan_finds() -> None:
+    """The driver computes the next checked step from the stride, the log cadence and the periods."""
+    rng = random.Random(0)
+    for _ in range(200):
+        stats = StepStatistics(log_every_n_steps=rng.choice([7, 50, 100]), overhead_budget=TINY)
+        stats.budget.calibration = rng.choice([1, 5, 20])
+        stats.budget.stride = rng.choice([2, 8, 64])
+        period = rng.choice([30, 100, 10**6])  # a monitor's own cadence
+        run = SimpleNamespace(global_step=0, optimizers=[object()], log_every_n_steps=50)
+        optimizer = run.optimizers[0]
+        planned = 0
+        for step in range(400):
+            run.global_step = step
+            if step < planned:
+                stats.count_unchecked()
+                continue
+            assert step == planned
+            stats.checks(run, optimizer)
+            stats.is_log_step(run, 0)  # the checks' one pass asks it
+            stats.mark_checked()
+            count = stats._optimizer_steps[0]
+            ahead = 1
+            while not (
+                stats._checked(0, count + ahead - 1, step + ahead, run) or (step + ahead) % period == 0
+            ):
+                ahead += 1
+            planned = stats.next_checked_step(run, (step // period + 1) * period)
+            assert planned == step + ahead, (step, stats.budget.stride, period)
