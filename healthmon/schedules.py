@@ -144,7 +144,12 @@ class BudgetClock:
     measured by then (the first steps of a run are slow) and the estimate waits if it would not
     fit yet. ``agree`` maps a proposed interval to the one every DDP rank uses (the largest), so all
     ranks estimate at the same step. Before any estimate, ``cost`` is that of a cold estimate,
-    about ``COLD_COST_STEPS`` training steps.
+    about ``COLD_COST_STEPS`` training steps. An estimate that also seeks ``lambda_min`` (every
+    few, see :func:`~healthmon.numerics.estimate_plan.plan_estimate`) costs many times one that
+    does not (a cold solve of up to ``negative_products`` products where the warm top needs a
+    few): the next estimate's kind is known when the last one ends (``spent(next_negative=...)``),
+    and its cost is predicted from the last estimate of the same kind, or, before the first
+    with ``lambda_min``, from the last one's seconds per product times ``negative_products`` more.
 
     >>> clock = BudgetClock(0.1, calibration=2)
     >>> clock.train_seconds, clock.timed_steps = 2.0, 2    # 1 s a step
@@ -162,13 +167,18 @@ class BudgetClock:
         budget: float,
         *,
         calibration: int = 10,
+        negative_products: int = 100,
         agree: Callable[[int], int] = lambda steps: steps,
         now: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.budget = budget
         self.calibration = calibration
+        self.negative_products = negative_products
         self.agree = agree
         self.now = now
+        self.next_negative = False  # the next estimate also seeks lambda_min
+        self.last_negative_cost: float | None = None  # seconds of the latest such estimate
+        self.seconds_per_product: float | None = None  # of the latest estimate
         self.next_step: int | None = None
         self.total_steps = math.inf  # the run's planned optimizer steps (Lightning's estimate)
         self.train_seconds = 0.0
@@ -192,8 +202,7 @@ class BudgetClock:
         self._last, self._last_step, self._estimating = now, step, 0.0
         if self.timed_steps < self.calibration:
             return False
-        cold = self.COLD_COST_STEPS * self.seconds_per_step
-        cost = self.last_cost if self.last_cost is not None else cold
+        cost = self.next_cost
         if self.next_step is None:
             self.next_step = step + self._interval(cost)
         if step < self.next_step:
@@ -205,14 +214,44 @@ class BudgetClock:
             return False
         return True
 
-    def spent(self, step: int, seconds: float) -> None:
-        """An estimate at ``step`` took ``seconds`` (all of it, set-up included): schedule the next one."""
+    def spent(
+        self,
+        step: int,
+        seconds: float,
+        *,
+        products: int = 0,
+        negative: bool = False,
+        next_negative: bool = False,
+    ) -> None:
+        """An estimate at ``step`` took ``seconds`` (all of it, set-up included): schedule the next one.
+
+        ``products``: its Hessian-vector products; ``negative``: it sought ``lambda_min`` too;
+        ``next_negative``: the next estimate will.
+        """
         self._estimating += seconds
-        self.last_cost = seconds
+        if negative:
+            self.last_negative_cost = seconds
+        else:
+            self.last_cost = seconds
+        if products > 0:
+            self.seconds_per_product = seconds / products
+        self.next_negative = next_negative
         if step > 0:
             self.spent_total += seconds
         if self.timed_steps >= self.calibration:  # else: planned once the step time is known
-            self.next_step = step + self._interval(seconds)
+            self.next_step = step + self._interval(self.next_cost)
+
+    @property
+    def next_cost(self) -> float:
+        """The predicted seconds of the next estimate (see the class docstring)."""
+        cold = self.COLD_COST_STEPS * self.seconds_per_step
+        top = self.last_cost if self.last_cost is not None else cold
+        if not self.next_negative:
+            return top
+        if self.last_negative_cost is not None:
+            return self.last_negative_cost
+        per_product = self.seconds_per_product if self.seconds_per_product is not None else top / 10
+        return top + self.negative_products * per_product
 
     def early_affordable(self, early_budget: float) -> bool:
         """Whether one more early estimate fits ``early_budget`` of the planned run's training time.
@@ -246,6 +285,9 @@ class BudgetClock:
             "timed_steps": self.timed_steps,
             "last_cost": self.last_cost,
             "spent_total": self.spent_total,
+            "next_negative": self.next_negative,
+            "last_negative_cost": self.last_negative_cost,
+            "seconds_per_product": self.seconds_per_product,
         }
 
     def load(self, state: dict[str, Any]) -> None:
@@ -255,6 +297,9 @@ class BudgetClock:
         self.timed_steps = int(state.get("timed_steps", 0))
         self.last_cost = state.get("last_cost")
         self.spent_total = float(state.get("spent_total", 0.0))
+        self.next_negative = bool(state.get("next_negative", False))
+        self.last_negative_cost = state.get("last_negative_cost")
+        self.seconds_per_product = state.get("seconds_per_product")
 
 
 class LogSpacedSteps:

@@ -97,3 +97,25 @@ def test_a_planned_estimate_waits_when_the_steps_turned_out_faster_than_planned(
         t[0] += 1.0
     assert clock.due(planned) is False and clock.next_step > planned  # waits: it does not fit yet
     assert clock.spent_total + 10.0 > 0.1 * clock.train_seconds
+
+
+def test_an_estimate_that_seeks_lambda_min_is_priced_as_such_before_it_runs() -> None:
+    """A 6,000-step run of the benchmark MLP once spent 5.7% of its time on estimates under a 2%
+    budget: the fourth later estimate, with lambda_min (110 products), was planned at the cost of
+    the last top-only one (7 products). Each kind is now priced from its own kind."""
+    t = [0.0]
+    clock = BudgetClock(0.1, calibration=2, negative_products=100, now=lambda: t[0])
+    for step in range(3):  # 1 s a step
+        clock.due(step)
+        t[0] += 1.0
+    clock.spent(3, 1.0, products=10, next_negative=True)  # 0.1 s a product; lambda_min comes next
+    assert clock.next_cost == 1.0 + 100 * 0.1  # the top's cost plus a full lambda_min solve
+    assert clock.next_step == 3 + 118  # (1 spent + 11 coming - 0.1 * 2 s trained) / 0.1 s a step
+    clock.spent(113, 6.0, products=60, negative=True, next_negative=False)
+    assert clock.next_cost == 1.0  # the next one seeks lambda_max only: priced as the last such one
+    clock.spent(200, 1.0, products=10, next_negative=True)
+    assert clock.next_cost == 6.0  # a lambda_min estimate has run: its measured cost
+    state = clock.state()
+    restored = BudgetClock(0.1)
+    restored.load(state)
+    assert restored.next_cost == 6.0 and restored.next_negative

@@ -192,7 +192,6 @@ class HessianEigenMonitor(Monitor):
         )
         self.budgeted = every_n_steps is None
         self.budget = _checks.fraction(budget, "budget")
-        self._clock = BudgetClock(self.budget)
         self._early = LogSpacedSteps(4, until=EARLY_UNTIL)
         self.top_k = _checks.positive_int(top_k, "top_k")
         self.solver = _checks.choice(solver, "solver", ("lanczos", "power"))
@@ -202,6 +201,7 @@ class HessianEigenMonitor(Monitor):
         self.negative_every = _checks.positive_int(negative_every, "negative_every")
         self.early_budget = _checks.fraction(early_budget, "early_budget")
         self.max_products = _checks.positive_int(max_products, "max_products", minimum=self.top_k)
+        self._clock = BudgetClock(self.budget, negative_products=self.max_products)
         self.negative_curvature = _checks.boolean(negative_curvature, "negative_curvature")
         self.preconditioned = _checks.boolean(preconditioned, "preconditioned")
         self.warm_start = _checks.boolean(warm_start, "warm_start")
@@ -406,7 +406,23 @@ class HessianEigenMonitor(Monitor):
         self.estimates += 1
         self.last_estimate = result.spectrum
         if self.budgeted:  # all of it: finding the parameters and the product method too
-            self._clock.spent(run.global_step, time.perf_counter() - started)
+            following = plan_estimate(  # the next estimate the clock schedules (past the early ones)
+                max(run.global_step + 1, self._early.until),
+                budgeted=True,
+                early_until=self._early.until,
+                estimates_done=self.estimates,
+                tol=self.tol,
+                early_tol=self.early_tol,
+                negative_curvature=self.negative_curvature,
+                negative_every=self.negative_every,
+            )
+            self._clock.spent(
+                run.global_step,
+                time.perf_counter() - started,
+                products=result.products,
+                negative=plan.negative,
+                next_negative=following.negative,
+            )
         self._warm.keep(result.spectrum, result.pre)
         self._report(run, result, clip)
 
