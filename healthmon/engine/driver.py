@@ -266,25 +266,20 @@ class Driver:
             self._next_check = step + 1
             return
         due_by: float = math.inf  # the first step a cadence known ahead names
-        own: list[Monitor] = []  # the cadences that only say step by step (plain callables)
-        samplers: list[Monitor] = []
-        for m in self._own_cadence:
-            n = m.next_due(step)
+        step_by_step: list[Callable[[int], bool]] = []  # the others (plain callables) say each step
+        wanted = [(m.next_due, m.due_at) for m in self._own_cadence]
+        wanted += [(m.next_needed, m.needs_step) for m in self._step_samplers]
+        for next_one, is_due in wanted:
+            n = next_one(step)
             if n is None:
-                own.append(m)
-            else:
-                due_by = min(due_by, n)
-        for m in self._step_samplers:
-            n = m.next_needed(step)
-            if n is None:
-                samplers.append(m)
+                step_by_step.append(is_due)
             else:
                 due_by = min(due_by, n)
 
         def due(s: int) -> bool:
-            return any(m.due_at(s) for m in own) or any(m.needs_step(s) for m in samplers)
+            return any(is_due(s) for is_due in step_by_step)
 
-        self._next_check = self.stats.next_checked_step(run, due_by, due if own or samplers else None)
+        self._next_check = self.stats.next_checked_step(run, due_by, due if step_by_step else None)
 
     def before_backward(self, run: Run, loss: Tensor, *, scaled: bool = True) -> None:
         """The loss of one micro-batch, as handed to backward (scaled under fp16 AMP).

@@ -51,6 +51,7 @@ from healthmon.numerics.curvature_estimate import (
 )
 from healthmon.numerics.curvature_findings import SKIPPED, judge_curvature, spectrum_values
 from healthmon.numerics.estimate_plan import (
+    EstimatePlan,
     plan_estimate,
     select_hvp_method,
     solver_memory_factor,
@@ -369,16 +370,7 @@ class HessianEigenMonitor(Monitor):
                     self._method = select_hvp_method(
                         lambda m: self._operator(run, m), self.tol, self._generator
                     )
-                plan = plan_estimate(
-                    run.global_step,
-                    budgeted=self.budgeted,
-                    early_until=self._early.until,
-                    estimates_done=self.estimates,
-                    tol=self.tol,
-                    early_tol=self.early_tol,
-                    negative_curvature=self.negative_curvature,
-                    negative_every=self.negative_every,
-                )
+                plan = self._plan(run.global_step, self.estimates)
                 op = self._operator(run, self._method)
                 warm = (self._warm.top, self._warm.bottom, self._warm.precond)
                 if any(v is not None and v.shape[0] != op.n for v in warm):
@@ -406,16 +398,8 @@ class HessianEigenMonitor(Monitor):
         self.estimates += 1
         self.last_estimate = result.spectrum
         if self.budgeted:  # all of it: finding the parameters and the product method too
-            following = plan_estimate(  # the next estimate the clock schedules (past the early ones)
-                max(run.global_step + 1, self._early.until),
-                budgeted=True,
-                early_until=self._early.until,
-                estimates_done=self.estimates,
-                tol=self.tol,
-                early_tol=self.early_tol,
-                negative_curvature=self.negative_curvature,
-                negative_every=self.negative_every,
-            )
+            # the next estimate the clock schedules comes after the early ones
+            following = self._plan(max(run.global_step + 1, self._early.until), self.estimates)
             self._clock.spent(
                 run.global_step,
                 time.perf_counter() - started,
@@ -425,6 +409,19 @@ class HessianEigenMonitor(Monitor):
             )
         self._warm.keep(result.spectrum, result.pre)
         self._report(run, result, clip)
+
+    def _plan(self, step: int, estimates_done: int) -> EstimatePlan:
+        """The tolerance and ``lambda_min`` switch of an estimate at ``step`` (see :func:`plan_estimate`)."""
+        return plan_estimate(
+            step,
+            budgeted=self.budgeted,
+            early_until=self._early.until,
+            estimates_done=estimates_done,
+            tol=self.tol,
+            early_tol=self.early_tol,
+            negative_curvature=self.negative_curvature,
+            negative_every=self.negative_every,
+        )
 
     def _gradient_norm(self, run: Run, op: HessianOperator) -> float:
         """The whole probe gradient's norm (clipping scales by it), also when ``op`` is restricted."""
