@@ -100,9 +100,12 @@ def test_a_planned_estimate_waits_when_the_steps_turned_out_faster_than_planned(
 
 
 def test_an_estimate_that_seeks_lambda_min_is_priced_as_such_before_it_runs() -> None:
-    """A 6,000-step run of the benchmark MLP once spent 5.7% of its time on estimates under a 2%
+    """Each kind of estimate is priced from its own kind.
+
+    A 6,000-step run of the benchmark MLP once spent 5.7% of its time on estimates under a 2%
     budget: the fourth later estimate, with lambda_min (110 products), was planned at the cost of
-    the last top-only one (7 products). Each kind is now priced from its own kind."""
+    the last top-only one (7 products).
+    """
     t = [0.0]
     clock = BudgetClock(0.1, calibration=2, negative_products=100, now=lambda: t[0])
     for step in range(3):  # 1 s a step
