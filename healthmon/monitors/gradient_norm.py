@@ -99,7 +99,7 @@ class GradientNormMonitor(Monitor):
     Args:
         every_n_steps: steps at which the statistics are computed; None (default): the driver's
             checked steps (every step unless that costs more than ``overhead_budget`` of the step
-            time; the trend rules then see every k-th step), an int forces its own cadence.
+            time; the trend rules then see at least every k-th step), an int forces its own cadence.
         spike_factor: how far above the running level a norm is an explosion.
         warmup_steps: steps before the spike and collapse rules judge.
         collapse_orders: orders of magnitude of decay that count as a collapse.

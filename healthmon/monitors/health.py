@@ -29,8 +29,9 @@ class HealthMonitor(BundleResults, LightningHooks):
         log_every_n_steps: how often scalars are written; None follows the Trainer's setting.
         overhead_budget: the share of the step time the checks may take (default 0.01). On a
             model whose step is so short that checking every step would cost more, the gradients
-            are checked every k-th step (k a power of two up to 64, planned after the first 20
-            steps, which are all checked; log steps always are, and paid for first) and the loss
+            are checked at least every k-th step (k a power of two up to 64, planned after the first
+            20 steps, which are all checked; log steps always are, and paid for first; k counts
+            from the last checked step) and the loss
             is still checked for NaN/Inf on every step. Where even then the log steps and the
             sampled checks (underflow counts, logits checks, every 100 steps by default) overrun
             the budget, the samples space out (every 200, 400, up to 800 steps). None: check
