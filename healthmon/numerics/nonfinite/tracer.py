@@ -75,14 +75,14 @@ _SKIP_FUNCS = frozenset(
 )
 
 
-def _written(args: tuple[Any, ...], kwargs: dict[str, Any], out: Any, before: _Before | None) -> list[Tensor]:
+def _written(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> list[Tensor]:
     """The floating tensors a call wrote: its results, and the target of an in-place call.
 
     An input a call returns as it is (``F.dropout`` with ``p=0``, ``contiguous`` of a contiguous
     tensor) was not written: it keeps its provenance.
     """
     outputs = [t for t in tensors_in(out) if is_floating(t)]
-    if before is not None:
+    if is_inplace(func, args, kwargs) and args and is_floating(args[0]):
         if not any(t is args[0] for t in outputs):
             outputs.append(args[0])
         return outputs
@@ -166,7 +166,7 @@ class NonFiniteTracer(TorchFunctionMode):
         out: Any,
         before: _Before | None = None,
     ) -> None:
-        outputs = _written(args, kwargs, out, before)
+        outputs = _written(func, args, kwargs, out)
         if not outputs:
             return
         self.ops += 1
