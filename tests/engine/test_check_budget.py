@@ -368,3 +368,12 @@ def test_the_next_checked_step_is_the_one_a_step_by_step_scan_finds() -> None:
                 ahead += 1
             planned = stats.next_checked_step(run, (step // period + 1) * period)
             assert planned == step + ahead, (step, stats.budget.stride, period)
+
+
+def test_next_check_is_the_first_step_that_checks() -> None:
+    budget = CheckBudget(TINY, calibration=5)
+    budget.stride = 8
+    for last in (None, 4, 9, 30):
+        for step in range(40):
+            expected = next(s for s in range(step, step + 64) if budget.checks(s, last))
+            assert budget.next_check(step, last) == expected, (step, last)

@@ -342,3 +342,15 @@ def test_clipping_scales_the_sharpness_that_counts(tmp_path, clipped: bool) -> N
     else:
         assert "healthmon/hessian/clip_factor" not in mon.driver.last
         assert sharp and sharp[0].step == 0
+
+
+@pytest.mark.parametrize("negative_every", [1, 2, 4, 5])
+def test_the_clock_learns_the_next_estimates_kind(tmp_path, negative_every: int) -> None:
+    """The clock prices the next estimate as what it will be.
+
+    Past the early steps, every ``negative_every``-th estimate also seeks lambda_min.
+    """
+    mon = HessianEigenMonitor(negative_every=negative_every)
+    trainer(tmp_path, [mon], max_steps=200, tensorboard=False).fit(DigitsClassifier(), digits_loader())
+    assert mon.estimates >= 4  # steps 0, 1, 4 and 16 at least
+    assert mon._clock.next_negative is ((mon.estimates + 1) % negative_every == 0)
