@@ -201,27 +201,35 @@ class LightningHooks(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if (ctx := self._step()) is not None:
-            ctx[0].batch_start(ctx[1], batch, batch_idx)
+        driver, run = self._lightning_driver, self._lightning_run  # the per-step hooks: inline
+        if driver is not None and run is not None:
+            run.refresh()
+            driver.batch_start(run, batch, batch_idx)
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
-        if (ctx := self._step()) is not None:
-            ctx[0].before_backward(ctx[1], loss)
+        driver, run = self._lightning_driver, self._lightning_run
+        if driver is not None and run is not None:
+            run.refresh()
+            driver.before_backward(run, loss)
 
     @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        if (ctx := self._step()) is not None:
-            ctx[0].before_optimizer_step(ctx[1], optimizer)
+        driver, run = self._lightning_driver, self._lightning_run
+        if driver is not None and run is not None:
+            run.refresh()
+            driver.before_optimizer_step(run, optimizer)
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if (ctx := self._step()) is not None:
-            ctx[0].batch_end(ctx[1], batch, batch_idx)
+        driver, run = self._lightning_driver, self._lightning_run
+        if driver is not None and run is not None:
+            run.refresh()
+            driver.batch_end(run, batch, batch_idx)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -294,7 +294,8 @@ class GradientNormMonitor(Monitor):
         where = f"optimizer {index}" if self._several_optimizers else None
         rules = self.rules(index)
         for step, loss in pending:
-            for found in judge_loss(rules, loss, None, where):
+            found = judge_loss(rules, loss, None, where)
+            if found is not None:
                 self.driver.report(run, found, where=where, step=step)
 
     @override

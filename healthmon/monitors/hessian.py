@@ -95,7 +95,8 @@ class HessianEigenMonitor(Monitor):
     previous estimate's eigenvectors), and compares ``lambda_max`` with the optimizer's
     stability limit, read from the first optimizer at that moment (learning-rate schedules
     included). Under DDP each rank uses its own probe shard and products are averaged across
-    ranks (every rank gets the same eigenvalues; rank zero logs).
+    ranks (every rank gets the same eigenvalues; rank zero logs). The driver plans the steps an
+    estimate may be due on (:meth:`needs_step`) with its checked steps; no other step calls it.
 
     Alerts:
         ``hessian.sharpness``: SGD-type: ``lambda_max > 2/lr`` (momentum: ``(2 + 2 beta)/lr``);
@@ -158,6 +159,10 @@ class HessianEigenMonitor(Monitor):
         log_every_n_steps: unused for the estimates (every estimate is logged); kept for the
             common signature.
     """
+
+    #: Steps that may estimate are planned by the driver (:meth:`needs_step`): none of its points
+    #: is called on other steps.
+    unchecked_points = frozenset()
 
     def __init__(
         self,
@@ -285,6 +290,14 @@ class HessianEigenMonitor(Monitor):
             else:
                 self._estimate(run)
         self._quiet_until = self._next_possible(step)
+
+    @override
+    def needs_step(self, step: int) -> bool:
+        return step >= self._quiet_until if self.budgeted else self.due_at(step)
+
+    @override
+    def next_needed(self, step: int) -> int | None:
+        return max(self._quiet_until, step + 1) if self.budgeted else self.next_due(step)
 
     def _next_possible(self, step: int) -> int:
         """The first step after ``step`` at which the default schedule may estimate."""

@@ -61,7 +61,9 @@ def judge_trends(
         )
     if loss is None:
         return
-    yield from judge_loss(rules, loss, norm, where)
+    diverged = judge_loss(rules, loss, norm, where)
+    if diverged is not None:
+        yield diverged
     trend = rules["opposing"].update(norm, loss)
     if trend is not None:
         yield Finding(
@@ -73,13 +75,15 @@ def judge_trends(
 
 def judge_loss(
     rules: Mapping[str, Any], loss: float, norm: float | None = None, where: str | None = None
-) -> Iterator[Finding]:
+) -> Finding | None:
     """Feed one step's loss to the divergence rule (with its gradient norm when it was measured).
 
     A step whose gradients were not checked (the overhead budget's stride) still has its loss:
-    the divergence rule sees every step's loss, the norm rules the checked steps' norms.
+    the divergence rule sees every step's loss, the norm rules the checked steps' norms. Returns
+    the finding when the loss diverges at this step, else None (every step: kept cheap).
     """
     reason = rules["divergence"].update(loss, norm)
-    if reason is not None:
-        of = f" ({where})" if where else ""
-        yield Finding("loss.divergence", f"The loss{of} {reason}.", value=loss)
+    if reason is None:
+        return None
+    of = f" ({where})" if where else ""
+    return Finding("loss.divergence", f"The loss{of} {reason}.", value=loss)

@@ -7,7 +7,9 @@ rules that look at their whole window only every ``check_every`` steps.
 from __future__ import annotations
 
 import math
+import operator
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -37,11 +39,12 @@ def linear_trend(ys: list[float]) -> tuple[float, float]:
     n = len(ys)
     if n < 3:
         return 0.0, 0.0
-    mean_t = (n - 1) / 2
     mean_y = sum(ys) / n
-    stt = sum((t - mean_t) ** 2 for t in range(n))
-    syy = sum((y - mean_y) ** 2 for y in ys)
-    sty = sum((t - mean_t) * (y - mean_y) for t, y in enumerate(ys))
+    deviations = [y - mean_y for y in ys]
+    stt = n * (n * n - 1) / 12  # the sum of (t - mean_t)^2 over t = 0..n-1
+    syy = sum(map(operator.mul, deviations, deviations))
+    # sum of (t - mean_t)(y - mean_y): mean_t times the deviations' sum (rounding only) is taken off
+    sty = sum(map(operator.mul, range(n), deviations)) - (n - 1) / 2 * sum(deviations)
     if syy <= 0.0:
         return 0.0, 0.0
     return sty / stt, sty / math.sqrt(stt * syy)
@@ -274,12 +277,20 @@ class DivergenceRule:
     # the baseline and the early envelope, computed once the first losses are all in (every step
     # reads them: the divergence rule sees every step's loss)
     _fixed: tuple[float, float] | None = field(default=None, init=False, repr=False, compare=False)
+    # the last ``recent`` losses, whose median is the level (kept apart: read at every loss)
+    _recent: deque = field(default_factory=deque, init=False, repr=False, compare=False)
 
     STATE: ClassVar[tuple[str, ...]] = ("early", "history", "norms", "first_norm", "seen", "over", "rising")
 
     def __post_init__(self) -> None:
         self.history = deque(self.history, maxlen=max(self.window, self.recent))
         self.norms = deque(self.norms, maxlen=self.recent)
+        self.after_load()
+
+    def after_load(self) -> None:
+        """Derive again what comes from the losses (after :func:`load_rule_state` restored them)."""
+        self._fixed = None
+        self._recent = deque(list(self.history)[-self.recent :], maxlen=self.recent)
 
     @property
     def baseline(self) -> float | None:
@@ -301,12 +312,13 @@ class DivergenceRule:
 
         The reason reads "blew up ..." or "rose steadily ...".
         """
-        if not _finite(loss):
+        if not math.isfinite(loss):
             return None
         self.seen += 1
         if len(self.early) < self.baseline_steps:
             self.early.append(loss)
         self.history.append(loss)
+        self._recent.append(loss)
         if norm is not None and _finite(norm) and norm > 0.0:
             self.norms.append(norm)
             if self.first_norm is None and self.seen == 1:
@@ -320,11 +332,10 @@ class DivergenceRule:
         return reason
 
     def _blowup(self) -> str | None:
-        if len(self.history) < self.recent:
+        if len(self._recent) < self.recent:
             self.over = 0
             return None
-        history, recent = self.history, self.recent
-        level = _median([history[i] for i in range(-recent, 0)])
+        level = _median(self._recent)
         fixed = self._fixed
         if fixed is not None and level <= min(
             max(self.blowup * fixed[0], fixed[1]), self.blowup * self.early[0]
@@ -419,7 +430,7 @@ class OpposingTrendRule:
         return None
 
 
-def _median(values: list[float]) -> float:
+def _median(values: Iterable[float]) -> float:
     ordered = sorted(values)
     mid = len(ordered) // 2
     return ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
@@ -464,5 +475,6 @@ def load_rule_state(rule: Any, state: dict[str, Any]) -> None:
             current[:] = value
         else:
             setattr(rule, name, value)
-    if getattr(rule, "_fixed", None) is not None:
-        rule._fixed = None  # derived from the restored losses: computed again
+    after_load = getattr(rule, "after_load", None)
+    if callable(after_load):
+        after_load()  # values derived from the restored ones are computed again

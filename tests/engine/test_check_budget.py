@@ -22,6 +22,7 @@ from models import DigitsClassifier, digits_loader, trainer
 from healthmon import GradientNormMonitor, HealthMonitor, LogitsCheck
 from healthmon.engine.step_stats import StepStatistics
 from healthmon.monitors.bundle import default_monitors
+from healthmon.monitors.hessian import HessianEigenMonitor
 from healthmon.monitors.underflow import GradientUnderflowMonitor
 from healthmon.schedules import CheckBudget, SampledEvery
 
@@ -200,6 +201,44 @@ def test_a_forward_sampler_gets_its_steps_whole_and_is_not_called_on_other_steps
     assert not {70, 140, 210} & set(steps)  # whole steps for the interceptor, no gradient checks
     # called at its sampled steps and the checked ones (the calibration, log steps, the stride)
     assert set(starts) == set(steps) | set(sampled)
+
+
+def test_the_hessian_monitor_is_called_only_on_steps_it_may_estimate_and_misses_none(tmp_path: Any) -> None:
+    """Under the largest stride, the budgeted Hessian monitor's steps are planned with the checks.
+
+    After each call at step ``s``, the monitor says the first step it may estimate again
+    (:meth:`next_needed`): the driver's next call must come no later (an estimate is never
+    missed), and the steps between are not given to it unless checked for another reason.
+    """
+    hessian = HessianEigenMonitor(budget=0.5)  # a large budget: the clock asks for many estimates
+    monitors = [m for m in default_monitors() if not isinstance(m, HessianEigenMonitor)]
+    monitor = HealthMonitor(overhead_budget=TINY, monitors=[*monitors, hessian], summary=False)
+    calls: list[tuple[int, int]] = []  # (step, the next step it may estimate, said after the call)
+    estimated: list[int] = []
+    original_start, original_estimate = hessian.on_batch_start, hessian._estimate
+
+    def on_batch_start(run: Any, batch: Any, batch_idx: int) -> None:
+        original_start(run, batch, batch_idx)
+        calls.append((run.global_step, hessian.next_needed(run.global_step)))
+
+    def estimate(run: Any) -> None:
+        estimated.append(run.global_step)
+        original_estimate(run)
+
+    hessian.on_batch_start = on_batch_start  # type: ignore[method-assign]
+    hessian._estimate = estimate  # type: ignore[method-assign]
+    steps = checked_steps(monitor)
+    t = trainer(tmp_path, [monitor], max_steps=600, log_every_n_steps=100)
+    t.fit(DigitsClassifier(), digits_loader())
+    assert monitor.driver.stats.budget.stride == STRIDE
+    assert estimated[:4] == [0, 1, 4, 16] and len(estimated) >= 8  # the clock's too, past step 20
+    called = [s for s, _ in calls]
+    for (step, next_one), later in zip(calls, called[1:], strict=False):
+        assert later <= next_one, (step, next_one, later)  # the step it asked for reached it
+    planned = {next_one for _, next_one in calls}
+    sampled = {s for s in range(600) if s % 100 == 0 or s < 3}  # LogitsCheck's default sampled steps
+    assert set(called) <= set(steps) | planned | sampled
+    assert len(called) < 600 // 4  # most steps never call it
 
 
 def test_without_a_budget_every_step_is_checked(tmp_path: Any) -> None:
