@@ -184,7 +184,8 @@ LIBRARY_RECIPES = [
         "timm_vit_tiny",
         # ViT-Tiny itself (192 wide, 64 patches of 4x4, 12 or 4 blocks, lr 1e-3) did not learn in 200
         # steps on an H200 (final loss 2.14, no alert): from scratch on 1,800 images a ViT must be
-        # small, like the Hugging Face recipe's (16 patches, 2 blocks): this one was not run yet
+        # small, like the Hugging Face recipe's (16 patches, 2 blocks). This one learns, slowly: from
+        # 2.30 (chance) to a last-tenth mean of 1.73 on an H200, no alert; hence its own final_loss
         tm(
             "vit_tiny_patch16_224",
             img_size=32,
@@ -202,7 +203,7 @@ LIBRARY_RECIPES = [
         bug="one image of the data set has NaN pixels",
         code="batch.nonfinite",
         healthy_loss=cross_entropy(0.1),
-        final_loss=1.5,
+        final_loss=1.9,
     ),
     library_recipe(
         "timm_convnext_atto",
