@@ -14,7 +14,8 @@ Checked steps: the monitors' ``on_optimizer_step`` runs on the steps the
 :class:`~healthmon.schedules.CheckBudget` selects (every step, unless that would cost more than
 ``overhead_budget`` of the step time), on the steps a monitor's own ``every_n_steps`` asks for,
 on log steps, and on any step whose loss is NaN/Inf. Other steps fetch only the loss, which the
-monitors that judge losses see through ``on_unchecked_loss``.
+monitors that judge losses see through ``on_unchecked_losses``, handed over together before the
+next checked step: an unchecked step calls no monitor beyond its ``unchecked_points``.
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ class Driver:
         self._per_step: dict[str, list[Monitor]] = {hook: [] for hook in PER_STEP}
         self._own_cadence: list[Monitor] = []  # step checkers with an every_n_steps of their own
         self._loss_watchers: list[Monitor] = []  # monitors that judge the loss of unchecked steps
+        self._unchecked_losses: list[tuple[int, float]] = []  # (step, loss) not yet handed to them
+        self._losses_optimizer: Any = None  # the optimizer whose steps those losses are
         self._step_samplers: list[Monitor] = []  # monitors that name steps they need whole (needs_step)
         self._unchecked: dict[str, list[Monitor]] = {hook: [] for hook in PER_STEP}
         self._light = False  # this batch's optimizer step will not be checked
@@ -83,7 +86,7 @@ class Driver:
             ]
         self._own_cadence = [m for m in self._per_step["on_optimizer_step"] if m.every_n_steps is not None]
         self._loss_watchers = [
-            m for m in self.monitors if type(m).on_unchecked_loss is not Monitor.on_unchecked_loss
+            m for m in self.monitors if type(m).on_unchecked_losses is not Monitor.on_unchecked_losses
         ]
         self._step_samplers = [m for m in self.monitors if type(m).needs_step is not Monitor.needs_step]
         for hook in PER_STEP:
@@ -236,6 +239,7 @@ class Driver:
         """The loop is about to take its first step: monitors read the loop's settings."""
         self._one_optimizer = len(run.optimizers) == 1
         self._light, self._next_check, self._deferred_sampled = False, 0, False
+        self._unchecked_losses, self._losses_optimizer = [], None
         for m in self.monitors:
             m.on_start(run)
         self.output.start()
@@ -304,6 +308,7 @@ class Driver:
             self._light = False  # a second optimizer step of the batch (manual optimization)
         if not self._light and self.checks(run, optimizer):
             stats.mark_checked()
+            self._hand_over_losses(run)
             for m in self._per_step["on_optimizer_step"]:
                 m.on_optimizer_step(run, optimizer)
             periods = [p for m in self._own_cadence if (p := m.sample_period) and m.due_at(step)]
@@ -323,15 +328,27 @@ class Driver:
             if loss is not None and not math.isfinite(loss):
                 self._light = False  # every monitor sees this step through
                 stats.mark_checked()
+                self._hand_over_losses(run)
                 for m in self._per_step["on_optimizer_step"]:
                     m.on_optimizer_step(run, optimizer)
-            elif loss is not None:
-                for m in self._loss_watchers:
-                    m.on_unchecked_loss(run, optimizer, loss)
+            elif loss is not None and self._loss_watchers:
+                if optimizer is not self._losses_optimizer:  # several optimizers: each one's in turn
+                    self._hand_over_losses(run)
+                    self._losses_optimizer = optimizer
+                self._unchecked_losses.append((step, loss))
         if budget.plan(step) or step >= self._next_check:
             self._plan_next_check(run)
         stats.end_step()
         self.escalation.enforce(run, optimizer)
+
+    def _hand_over_losses(self, run: Run) -> None:
+        """Give the monitors that judge losses the unchecked steps' losses kept so far, in order."""
+        losses = self._unchecked_losses
+        if not losses:
+            return
+        self._unchecked_losses = []
+        for m in self._loss_watchers:
+            m.on_unchecked_losses(run, self._losses_optimizer, losses)
 
     def checks(self, run: Run, optimizer: Any) -> bool:
         """Whether this optimizer step gets the monitors' gradient checks (call once per step)."""
@@ -353,6 +370,7 @@ class Driver:
 
     def train_end(self, run: Run) -> None:
         """Training ended normally: monitors conclude and every rank's alerts are gathered."""
+        self._hand_over_losses(run)
         for m in self.monitors:
             m.on_training_end(run)
         self.stats.flush_deferred()  # the last step's deferred findings, before alerts are gathered

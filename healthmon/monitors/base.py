@@ -13,6 +13,7 @@ policy is the strictest of theirs.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import pytorch_lightning as pl
@@ -177,8 +178,12 @@ class Monitor(LightningHooks):
     def on_optimizer_step(self, run: Run, optimizer: Any) -> None:
         """Gradients are complete and unscaled, before clipping and the step."""
 
-    def on_unchecked_loss(self, run: Run, optimizer: Any, loss: float) -> None:
-        """A step whose gradients are not checked (the overhead budget's stride): its finite loss."""
+    def on_unchecked_losses(self, run: Run, optimizer: Any, losses: Sequence[tuple[int, float]]) -> None:
+        """The finite losses of steps whose gradients were not checked, as (global step, loss), in order.
+
+        Handed over together, so that an unchecked step calls no monitor: before the next step
+        whose ``on_optimizer_step`` runs, before another optimizer's, and when training ends.
+        """
 
     def needs_step(self, step: int) -> bool:
         """Whether global step ``step`` must reach this monitor's every point (override).

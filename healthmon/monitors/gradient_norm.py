@@ -8,6 +8,7 @@ module feeds them from the Lightning hooks and turns findings into alerts.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -280,12 +281,12 @@ class GradientNormMonitor(Monitor):
             self._judge(run, stats.norm, stats.loss, index)
 
     @override
-    def on_unchecked_loss(self, run: Run, optimizer: Any, loss: float) -> None:
+    def on_unchecked_losses(self, run: Run, optimizer: Any, losses: Sequence[tuple[int, float]]) -> None:
         # The divergence rule sees every step's loss, the norm rules the checked steps' norms. The
         # losses of unchecked steps are judged in order at the next checked step (or the run's
-        # end), each at its own step: nothing is lost, and an unchecked step costs an append.
+        # end), each at its own step: nothing is lost, and an unchecked step costs nothing here.
         index = optimizer_index(run, optimizer) if self._several_optimizers else 0
-        self._unjudged.setdefault(index, []).append((run.global_step, loss))
+        self._unjudged.setdefault(index, []).extend(losses)
 
     def _judge_unchecked_losses(self, run: Run, index: int) -> None:
         pending = self._unjudged.pop(index, None)

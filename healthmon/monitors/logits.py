@@ -72,9 +72,9 @@ class LogitsCheck(Monitor):
     """
 
     intercepts_forward = True
-    #: its sampled steps are planned by the driver (:meth:`needs_step`); other steps only make
-    #: sure no interceptor is left behind
-    unchecked_points = frozenset({"on_batch_end"})
+    #: its sampled steps are planned by the driver (:meth:`needs_step`), whole: no other step calls
+    #: it (the interceptor is pushed and popped within a sampled step, and at the fit's end)
+    unchecked_points = frozenset()
 
     def __init__(
         self,

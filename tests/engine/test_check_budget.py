@@ -241,6 +241,39 @@ def test_the_hessian_monitor_is_called_only_on_steps_it_may_estimate_and_misses_
     assert len(called) < 600 // 4  # most steps never call it
 
 
+def test_unchecked_losses_reach_the_divergence_rule_once_in_order_at_checked_steps(tmp_path: Any) -> None:
+    """An unchecked step calls no loss watcher: its loss is handed over before the next checked step."""
+    monitor = HealthMonitor(overhead_budget=TINY, summary=False)
+    norms = monitor.monitor(GradientNormMonitor)
+    assert norms is not None
+    handed: list[tuple[int, list[int]]] = []  # (the step handing over, the steps of its losses)
+    judged: list[float] = []
+    original = norms.on_unchecked_losses
+    divergence = norms.rules(0)["divergence"]
+    original_update = divergence.update
+
+    def on_unchecked_losses(run: Any, optimizer: Any, losses: Any) -> None:
+        handed.append((run.global_step, [step for step, _ in losses]))
+        original(run, optimizer, losses)
+
+    def update(loss: float, norm: float | None = None) -> Any:
+        judged.append(loss)
+        return original_update(loss, norm)
+
+    norms.on_unchecked_losses = on_unchecked_losses  # type: ignore[method-assign]
+    divergence.update = update  # type: ignore[method-assign]
+    steps = checked_steps(monitor)
+    t = trainer(tmp_path, [monitor], max_steps=300, log_every_n_steps=100)
+    t.fit(DigitsClassifier(), digits_loader())
+    assert monitor.driver.stats.budget.stride == STRIDE
+    unchecked = [s for _, ss in handed for s in ss]
+    assert unchecked == sorted(set(range(300)) - set(steps))  # each unchecked step once, in order
+    for at, ss in handed[:-1]:
+        assert at in steps and ss and max(ss) < at  # before the checked step's own judgement
+    assert handed[-1][0] == 300  # the last ones when training ends (the step count by then)
+    assert len(judged) == 300  # every step's loss, checked or not, reached the divergence rule
+
+
 def test_without_a_budget_every_step_is_checked(tmp_path: Any) -> None:
     monitor = HealthMonitor(overhead_budget=None, summary=False)
     steps = checked_steps(monitor)
