@@ -203,17 +203,15 @@ class StepStatistics:
         self._optimizer_steps[index] = count + 1
         self._current = (index, count)
         self.on_stride = self.budget.checks(count, self._last_checked.get(index))
-        return self.on_stride or self._checked(index, count, run.global_step, run)
+        return self.on_stride or self._logs_at(index, run.global_step, run)
 
     def mark_checked(self) -> None:
         """The step asked about last was checked (for whatever reason): the stride counts from it."""
         index, count = self._current
         self._last_checked[index] = count
 
-    def _checked(self, index: int, count: int, step: int, run: Run) -> bool:
-        """The ``count``-th step of optimizer ``index`` (global ``step``): on the stride, or a log step."""
-        if self.budget.checks(count, self._last_checked.get(index)):
-            return True
+    def _logs_at(self, index: int, step: int, run: Run) -> bool:
+        """Whether optimizer ``index`` logs at global ``step`` (its first step always does)."""
         cadence = self._log_cadence.get(index)
         return cadence is None or cadence.would_log(step, self.log_every(run))
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import json
 import random
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
@@ -154,6 +155,24 @@ def checked_steps(monitor: HealthMonitor) -> list[int]:
     return steps
 
 
+def spy(obj: Any, name: str, record: Callable[..., Any], *, after: bool = False) -> None:
+    """Replace the method ``obj.name`` by a call that also hands its arguments to ``record``.
+
+    ``record`` runs before the method, or after it with ``after=True`` (to read what it changed).
+    """
+    original = getattr(obj, name)
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if not after:
+            record(*args, **kwargs)
+        result = original(*args, **kwargs)
+        if after:
+            record(*args, **kwargs)
+        return result
+
+    setattr(obj, name, call)
+
+
 def test_past_calibration_only_the_stride_log_steps_and_own_cadences_are_checked(tmp_path: Any) -> None:
     monitors = [m for m in default_monitors() if not isinstance(m, GradientNormMonitor)]
     monitors.append(GradientNormMonitor(every_n_steps=90))  # its own cadence forces a check
@@ -180,19 +199,13 @@ def test_a_forward_sampler_gets_its_steps_whole_and_is_not_called_on_other_steps
     monitor = HealthMonitor(overhead_budget=TINY, monitors=[*monitors, logits], summary=False)
     starts: list[int] = []
     sampled: list[int] = []
-    original_start, original_finish = logits.on_batch_start, logits._finish
 
-    def on_batch_start(run: Any, batch: Any, batch_idx: int) -> None:
-        starts.append(run.global_step)
-        original_start(run, batch, batch_idx)
-
-    def finish(run: Any) -> None:
+    def finishing(run: Any) -> None:  # before the interceptor is popped: was this step sampled?
         if logits.active:
             sampled.append(run.global_step)
-        original_finish(run)
 
-    logits.on_batch_start = on_batch_start  # type: ignore[method-assign]
-    logits._finish = finish  # type: ignore[method-assign]
+    spy(logits, "on_batch_start", lambda run, *_: starts.append(run.global_step))
+    spy(logits, "_finish", finishing)
     steps = checked_steps(monitor)
     t = trainer(tmp_path, [monitor], max_steps=260, log_every_n_steps=100)
     t.fit(DigitsClassifier(), digits_loader())
@@ -215,18 +228,12 @@ def test_the_hessian_monitor_is_called_only_on_steps_it_may_estimate_and_misses_
     monitor = HealthMonitor(overhead_budget=TINY, monitors=[*monitors, hessian], summary=False)
     calls: list[tuple[int, int]] = []  # (step, the next step it may estimate, said after the call)
     estimated: list[int] = []
-    original_start, original_estimate = hessian.on_batch_start, hessian._estimate
 
-    def on_batch_start(run: Any, batch: Any, batch_idx: int) -> None:
-        original_start(run, batch, batch_idx)
+    def called(run: Any, *_: Any) -> None:
         calls.append((run.global_step, hessian.next_needed(run.global_step)))
 
-    def estimate(run: Any) -> None:
-        estimated.append(run.global_step)
-        original_estimate(run)
-
-    hessian.on_batch_start = on_batch_start  # type: ignore[method-assign]
-    hessian._estimate = estimate  # type: ignore[method-assign]
+    spy(hessian, "on_batch_start", called, after=True)
+    spy(hessian, "_estimate", lambda run: estimated.append(run.global_step))
     steps = checked_steps(monitor)
     t = trainer(tmp_path, [monitor], max_steps=600, log_every_n_steps=100)
     t.fit(DigitsClassifier(), digits_loader())
@@ -248,20 +255,12 @@ def test_unchecked_losses_reach_the_divergence_rule_once_in_order_at_checked_ste
     assert norms is not None
     handed: list[tuple[int, list[int]]] = []  # (the step handing over, the steps of its losses)
     judged: list[float] = []
-    original = norms.on_unchecked_losses
-    divergence = norms.rules(0)["divergence"]
-    original_update = divergence.update
 
-    def on_unchecked_losses(run: Any, optimizer: Any, losses: Any) -> None:
+    def handing(run: Any, optimizer: Any, losses: Any) -> None:
         handed.append((run.global_step, [step for step, _ in losses]))
-        original(run, optimizer, losses)
 
-    def update(loss: float, norm: float | None = None) -> Any:
-        judged.append(loss)
-        return original_update(loss, norm)
-
-    norms.on_unchecked_losses = on_unchecked_losses  # type: ignore[method-assign]
-    divergence.update = update  # type: ignore[method-assign]
+    spy(norms, "on_unchecked_losses", handing)
+    spy(norms.rules(0)["divergence"], "update", lambda loss, norm=None: judged.append(loss))
     steps = checked_steps(monitor)
     t = trainer(tmp_path, [monitor], max_steps=300, log_every_n_steps=100)
     t.fit(DigitsClassifier(), digits_loader())
@@ -432,10 +431,12 @@ def test_the_next_checked_step_is_the_one_a_step_by_step_scan_finds() -> None:
             stats.checks(run, optimizer)
             stats.is_log_step(run, 0)  # the checks' one pass asks it
             stats.mark_checked()
-            count = stats._optimizer_steps[0]
+            count, last = stats._optimizer_steps[0], stats._last_checked.get(0)
             ahead = 1
-            while not (
-                stats._checked(0, count + ahead - 1, step + ahead, run) or (step + ahead) % period == 0
+            while not (  # on the stride, a log step, or on the cadence
+                stats.budget.checks(count + ahead - 1, last)
+                or stats._logs_at(0, step + ahead, run)
+                or (step + ahead) % period == 0
             ):
                 ahead += 1
             planned = stats.next_checked_step(run, (step // period + 1) * period)

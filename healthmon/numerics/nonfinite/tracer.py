@@ -75,14 +75,16 @@ _SKIP_FUNCS = frozenset(
 )
 
 
-def _written(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> list[Tensor]:
+def _written(
+    func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any, inplace: bool
+) -> list[Tensor]:
     """The floating tensors a call wrote: its results, and the target of an in-place call.
 
     An input a call returns as it is (``F.dropout`` with ``p=0``, ``contiguous`` of a contiguous
     tensor) was not written: it keeps its provenance.
     """
     outputs = [t for t in tensors_in(out) if is_floating(t)]
-    if is_inplace(func, args, kwargs) and args and is_floating(args[0]):
+    if inplace and args and is_floating(args[0]):
         if not any(t is args[0] for t in outputs):
             outputs.append(args[0])
         return outputs
@@ -123,23 +125,20 @@ class NonFiniteTracer(TorchFunctionMode):
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
     ) -> Any:
         kwargs = kwargs or {}
+        if raw_name(func) in _SKIP_FUNCS:
+            return func(*args, **kwargs)
         before: _Before | None = None
-        if (
-            is_inplace(func, args, kwargs)
-            and args
-            and is_floating(args[0])
-            and raw_name(func) not in _SKIP_FUNCS
-        ):
+        inplace = is_inplace(func, args, kwargs)
+        if inplace and args and is_floating(args[0]):
             try:  # an in-place op overwrites its input: remember what it held
                 before = self._before_inplace(func, args[0])
             except Exception as exc:
                 self._note_error(func, exc)
         out = func(*args, **kwargs)
-        if raw_name(func) not in _SKIP_FUNCS:
-            try:
-                self._observe(func, args, kwargs, out, before)
-            except Exception as exc:  # the tracer must never break the user's step
-                self._note_error(func, exc)
+        try:
+            self._observe(func, args, kwargs, out, inplace, before)
+        except Exception as exc:  # the tracer must never break the user's step
+            self._note_error(func, exc)
         return out
 
     def _note_error(self, func: Any, exc: Exception) -> None:
@@ -164,9 +163,10 @@ class NonFiniteTracer(TorchFunctionMode):
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         out: Any,
+        inplace: bool,
         before: _Before | None = None,
     ) -> None:
-        outputs = _written(func, args, kwargs, out)
+        outputs = _written(func, args, kwargs, out, inplace)
         if not outputs:
             return
         self.ops += 1
