@@ -249,13 +249,15 @@ def overhead_models() -> None:
     from healthmon.numerics.hessian import estimate_spectrum as estimate
 
     torch.set_num_threads(1)
+    torch.manual_seed(0)  # the batches (shuffled loaders) and the models' init: one run is the next
     mlp_data = next(iter(overhead.digits_loader()))
     lm_data = next(iter(overhead.token_loader()))
-    for name, model, batch in (
-        ("MLP 64-512-512-10, batch 64", overhead.MLP(False), mlp_data),
-        ("transformer LM 4x256, seq 128, batch 16", overhead.TinyLM(False), lm_data),
+    for name, make, batch in (
+        ("MLP 64-512-512-10, batch 64", overhead.MLP, mlp_data),
+        ("transformer LM 4x256, seq 128, batch 16", overhead.TinyLM, lm_data),
     ):
         torch.manual_seed(0)
+        model = make(False)
         model.log = lambda *a, **k: None  # type: ignore[method-assign]
         n = sum(p.numel() for p in model.parameters())
 

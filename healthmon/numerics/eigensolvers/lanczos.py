@@ -217,10 +217,10 @@ def _start_vector(
     # (a Hessian is nearly low-rank; a plain random vector would put ~all its norm in
     # the null space and leave a new top direction a component of ~1/sqrt(n))
     start = matvec(start).reshape(n)
-    filtered = torch.linalg.vector_norm(start)
-    if bool(torch.isfinite(filtered)) and float(filtered) > 0:
-        return warm / norm + random_weight * start / filtered, 1
-    return warm / norm, 1
+    filtered = float(torch.linalg.vector_norm(start))
+    if math.isfinite(filtered) and filtered > 0:  # in place: no temporary of the model's size
+        return start.mul_(random_weight / filtered).add_(warm, alpha=1 / float(norm)), 1
+    return warm.div_(norm), 1
 
 
 def _ritz(t: Tensor, which: str) -> tuple[Tensor, Tensor]:
