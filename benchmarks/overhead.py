@@ -3,7 +3,10 @@
 Runs the same training three ways, interleaved in one process so machine noise hits all alike:
 plain; with ``HealthMonitor()``; and with Lightning's own ``grad_norm`` utility logged through
 ``self.log_dict`` every step (the anchor: what users do today). Prints, per model, the ratio of
-median step times (steady state) and of mean step times (amortised: periodic checks count).
+median step times (steady state) and of mean step times (amortised: periodic checks count),
+with a 95% interval of the median: two runs of the same training differ by a few percent (where
+their memory lands), so (a) takes 41 paired repeats of healthmon against plain (~4 minutes) and
+runs the comparisons in the first 9.
 
     python benchmarks/overhead.py                     # both models, default sizes
     python benchmarks/overhead.py --models mlp --mlp-steps 300 --repeats 2   # quick look
