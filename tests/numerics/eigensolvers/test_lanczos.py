@@ -94,6 +94,20 @@ def test_warm_start_finds_a_new_top_orthogonal_to_the_old_one(n: int) -> None:
         assert true.item() <= 1e-3 * abs(res.eigenvalues[0])  # the residual it claims is the true one
 
 
+def test_the_warm_start_vectors_are_read_not_written() -> None:
+    """The start vector is combined in place, in buffers of its own.
+
+    The caller's warm vectors (kept by the monitor for the next estimate) come back unchanged,
+    one column or several.
+    """
+    q, _, matvec = _crossing(200, 0)
+    for v0 in (q[:, 1].clone(), q[:, :2].clone()):
+        kept = v0.clone()
+        res = lanczos(matvec, v0=v0, n=200, tol=0.1, verify=False, generator=torch.Generator().manual_seed(0))
+        assert res.converged[0]
+        assert torch.equal(v0, kept)
+
+
 @pytest.mark.parametrize("n", [200, 20_000])
 def test_a_loose_unverified_early_estimate_is_a_lower_bound_within_its_tolerance(n: int) -> None:
     """The default schedule's early estimates (tol 0.1, the recurrence's residual trusted).
